@@ -1,0 +1,315 @@
+"""`slm`: one command per workflow. Thin: each command parses flags and calls a library function.
+
+Flags shared by several commands come from one dataclass (e.g. `SamplingParams`) through `dataclass_options`,
+so they are declared once and `--help` shows their docs. Heavy libraries load inside commands, which keeps
+`slm --help` fast.
+"""
+
+
+import dataclasses
+import functools
+import inspect
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from slmkit.errors import SlmError
+from slmkit.generate import SamplingParams
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="slmkit: build, adapt, combine, evaluate and ship small language models.")
+out = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo name, model directory, .gguf "
+                                                 "file or hub id. Default: the embedded SmolLM2-135M.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU has bf16 units), fp32, bf16, fp16.")]
+
+
+def dataclass_options(cls, name: str):
+    """Add the fields of dataclass `cls` to a command as --options; the command receives one `cls` instance
+    in its parameter `name`. This is how shared argument groups are declared once."""
+
+    def decorate(fn):
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(cls)
+        extra = []
+        for f in dataclasses.fields(cls):
+            # a list field (a repeatable flag) defaults to None on the command line, to its factory in cls
+            has_default = f.default is not dataclasses.MISSING
+            annotation = hints[f.name] if has_default else hints[f.name] | None
+            option = typer.Option("--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
+            extra.append(inspect.Parameter(f"{name}__{f.name}", inspect.Parameter.KEYWORD_ONLY,
+                                           default=f.default if has_default else None,
+                                           annotation=Annotated[annotation, option]))
+        params = [p for p in sig.parameters.values() if p.name != name] + extra
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            values = {f.name: kwargs.pop(f"{name}__{f.name}") for f in dataclasses.fields(cls)}
+            values = {k: v for k, v in values.items() if v is not None}
+            return fn(**kwargs, **{name: cls(**values)})
+
+        wrapper.__signature__ = sig.replace(parameters=params)
+        return wrapper
+
+    return decorate
+
+
+# --- zoo -------------------------------------------------------------------------------------------------
+
+
+def zoo_table(rows):
+    from rich.table import Table
+
+    from slmkit.zoo import human
+
+    table = Table(title="slmkit model zoo: parameters counted from each config on the meta device; "
+                  "nano specs dimmed", title_justify="left")
+    for col in ("name", "arch", "layers", "width", "heads", "vocab", "ctx", "params", "paper", "Δ", "tokenizer"):
+        table.add_column(col, no_wrap=True,
+                         justify="right" if col in ("params", "paper", "Δ", "vocab", "ctx") else "left")
+    for r in rows:
+        delta = "" if r["delta"] is None else f"{r['delta'] * 100:+.1f}%"
+        name = f"[bold]{r['name']}[/]" + (" (default)" if r["embedded"] else "")
+        table.add_row(name, r["architecture"], str(r["layers"]), str(r["width"]), r["heads"], str(r["vocab"]),
+                      str(r["context"]), human(r["params"]), human(r["reference"]) if r["reference"] else "",
+                      delta, r["tokenizer"], style="dim" if r["nano"] else None)
+    return table
+
+
+@app.command()
+def zoo(
+    name: Annotated[str | None, typer.Argument(help="Show one spec (and its config).")] = None,
+    init: Annotated[Path | None, typer.Option(help="Write a randomly initialised HF checkpoint of NAME "
+                                                 "to this directory.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for --init.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON lines.")] = False,
+):
+    """List the model families: real-size specs, nano specs (dim rows) and the embedded default."""
+    from slmkit import zoo as z
+
+    if init is not None:
+        if name is None:
+            raise SlmError("--init needs a NAME, e.g. `slm zoo tinyllama-nano --init runs/tiny`")
+        path = z.init_checkpoint(name, init, seed=seed)
+        out.print(f"wrote a random {z.get(name).name} checkpoint to {path}")
+        return
+    names = [z.get(name).name] if name else None
+    rows = z.table_rows(names)
+    if as_json:
+        for r in rows:
+            sys.stdout.write(json.dumps(r) + "\n")
+        return
+    out.print(zoo_table(rows))
+    if name:
+        out.print_json(z.get(name).build_config().to_json_string())
+
+
+# --- generate / chat -------------------------------------------------------------------------------------
+
+
+def read_prompts(prompt: str | None, input_file: Path | None) -> list[str | list[dict]]:
+    """Prompts from the argument, a JSONL file ({"prompt": ...} or {"messages": [...]}) or stdin."""
+    if input_file is not None:
+        if not input_file.is_file():
+            raise SlmError(f"input file not found: {input_file}")
+        prompts = []
+        for n, line in enumerate(input_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SlmError(f"{input_file}:{n}: invalid JSON ({e.msg})") from e
+            if not isinstance(row, dict) or not ({"prompt", "messages"} & row.keys()):
+                raise SlmError(f"{input_file}:{n}: expected an object with a \"prompt\" or \"messages\" field")
+            prompts.append(row.get("prompt", row.get("messages")))
+        if not prompts:
+            raise SlmError(f"{input_file} holds no prompts")
+        return prompts
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise SlmError("give a prompt, --input FILE.jsonl, or pipe text on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise SlmError("the prompt is empty")
+    return [prompt]
+
+
+@app.command()
+@dataclass_options(SamplingParams, "sampling")
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' or none reads stdin.")] = None,
+    model: ModelOpt = None,
+    input: Annotated[Path | None, typer.Option("--input", "-i", help="JSONL file of prompts ({\"prompt\": ...} "
+                                               "or {\"messages\": [...]}), run in batches.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts decoded together from --input.")] = 8,
+    system: Annotated[str | None, typer.Option(help="System prompt for chat models "
+                                               "(default: \"You are a helpful assistant.\").")] = None,
+    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Apply the chat template "
+                                                 "(default: when the model has one).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
+    dtype: DtypeOpt = "auto",
+    sampling: SamplingParams = None,
+):
+    """Generate text: streamed to the terminal, or as JSON lines for scripts."""
+    from slmkit import generate as g
+    from slmkit.models import load
+
+    prompts = read_prompts(prompt, input)
+    sampling.validate()
+    loaded = load(model, dtype=dtype)
+    if len(prompts) == 1 and not as_json:
+        stream_to_terminal(loaded, prompts[0], sampling, system=system, chat=chat)
+        return
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        for c in g.generate(loaded, batch, sampling, system=system, chat=chat):
+            if as_json:
+                sys.stdout.write(json.dumps({"prompt": c.prompt, "text": c.text, "prompt_tokens": c.prompt_tokens,
+                                             "completion_tokens": c.completion_tokens,
+                                             "finish_reason": c.finish_reason}) + "\n")
+                sys.stdout.flush()
+            else:
+                out.rule()
+                out.print(c.text, markup=False, highlight=False)
+
+
+def stream_to_terminal(loaded, prompt, sampling, *, system=None, chat=None) -> str:
+    from slmkit import generate as g
+
+    parts = []
+    for delta in g.stream(loaded, prompt, sampling, system=system, chat=chat):
+        parts.append(delta)
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(parts)
+
+
+@app.command()
+@dataclass_options(SamplingParams, "sampling")
+def chat(
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option(help="System prompt "
+                                               "(default: \"You are a helpful assistant.\").")] = None,
+    dtype: DtypeOpt = "auto",
+    sampling: SamplingParams = None,
+):
+    """Interactive multi-turn chat. Commands: /reset clears history, /system TEXT sets the system prompt,
+    /exit quits. Works through a pipe: one user message per line."""
+    from slmkit.models import load
+
+    sampling.validate()
+    loaded = load(model, dtype=dtype)
+    from slmkit.generate import is_chat_model
+
+    if not is_chat_model(loaded.tokenizer):
+        raise SlmError(f"{loaded.name} has no chat template; use `slm generate` for plain text")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        err.print(f"[bold]{loaded.name}[/] — /reset clears history, /system TEXT, /exit quits")
+    history: list[dict] = []
+    while True:
+        if interactive:
+            sys.stdout.write(">>> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = []
+            err.print("[dim](history cleared)[/]")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history = []
+            err.print("[dim](system prompt set; history cleared)[/]")
+            continue
+        history.append({"role": "user", "content": line})
+        reply = stream_to_terminal(loaded, history, sampling, system=system, chat=True)
+        history.append({"role": "assistant", "content": reply})
+
+
+# --- quickstart ------------------------------------------------------------------------------------------
+
+
+QUICKSTART_PROMPTS = [
+    "What is the capital of France?",
+    "Give me three tips for writing clear code.",
+    "Write a haiku about small language models.",
+]
+
+
+@app.command()
+def quickstart(
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 80,
+):
+    """Load the embedded default model, answer a few prompts (streamed), show the zoo, print what to try next."""
+    import time
+
+    from slmkit import zoo as z
+    from slmkit.models import load
+
+    out.rule("[bold]slmkit quickstart")
+    t0 = time.perf_counter()
+    loaded = load(None)
+    out.print(f"loaded [bold]{loaded.name}[/] ({z.human(loaded.model.num_parameters())} parameters, "
+              f"{str(loaded.model.dtype).removeprefix('torch.')}) in {time.perf_counter() - t0:.1f}s")
+    for prompt in QUICKSTART_PROMPTS:
+        out.print(f"\n[bold cyan]>>> {prompt}[/]")
+        t0 = time.perf_counter()
+        text = stream_to_terminal(loaded, prompt, SamplingParams(max_new_tokens=max_new_tokens))
+        n = len(loaded.tokenizer(text).input_ids)
+        out.print(f"[dim]{n} tokens, {n / (time.perf_counter() - t0):.1f} tok/s[/]")
+    out.print()
+    out.print(zoo_table(z.table_rows()))
+    out.print("""
+[bold]Next:[/]
+  slm generate "Write a limerick about CPUs." --temperature 0.7 --seed 1
+  slm generate --input prompts.jsonl --json          # batched, one JSON object per prompt
+  echo "Hi there" | slm chat                         # or just `slm chat` for a REPL
+  slm zoo tinyllama-nano --init runs/tinyllama-nano  # a random HF checkpoint of any spec
+  slm generate -m path/to/model.gguf "Hello"         # any HF directory, .gguf file or hub id
+""")
+
+
+# --- entry point -----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SlmError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("[dim]interrupted[/]")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors come as click exceptions
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,293 @@
+"""Batched and streaming text generation with a KV cache, for decoder-only and encoder-decoder models.
+
+The decode loop is written out here rather than delegated to `model.generate`: one forward per step
+over the cached keys/values, the few sampling transforms a user asks for, and nothing else per token.
+`stream()` yields text as it is produced; `generate()` runs a batch (left-padded) to completion.
+Both stop at EOS, at a stop string (cut from the output) or at `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from slmkit.errors import SlmError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. Temperature 0 is greedy decoding."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens to generate per prompt."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy; >0 samples (0.7 is typical)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling: keep the smallest set of tokens "
+                                                         "whose probability adds up to this."})
+    top_k: int = field(default=0, metadata={"help": "Sample only among the k likeliest tokens (0 = all)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalise tokens already seen "
+                                                                      "(1.0 = off, 1.1-1.3 typical)."})
+    seed: int | None = field(default=None, metadata={"help": "Random seed for reproducible sampling."})
+    stop: list[str] = field(default_factory=list, metadata={"help": "Stop when this text appears "
+                                                                     "(repeatable); it is cut from the output."})
+
+    def validate(self) -> SamplingParams:
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1 (got {self.max_new_tokens})"),
+            (self.temperature >= 0, f"temperature must be >= 0 (got {self.temperature})"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
+            (self.top_k >= 0, f"top_k must be >= 0 (got {self.top_k})"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (got {self.repetition_penalty})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SlmError(message)
+        return self
+
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+
+
+# --- prompts ---------------------------------------------------------------------------------------------
+
+
+def is_chat_model(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def format_prompt(tokenizer, prompt: str | list[dict], *, system: str | None = None,
+                  chat: bool | None = None) -> str:
+    """Apply the chat template for chat models (or when given messages); plain text otherwise.
+
+    Chat prompts get slmkit's generic system prompt unless the messages or `system` give one: templates
+    that insert their own identity prompt (SmolLM2's "You are ... named SmolLM") otherwise steer short
+    prompts off course (the embedded model then fails to complete "The capital of France is").
+    """
+    if chat is None:
+        chat = is_chat_model(tokenizer)
+    if isinstance(prompt, list):
+        messages = prompt
+    elif chat:
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        return prompt
+    if not is_chat_model(tokenizer):
+        raise SlmError("this model's tokenizer has no chat template; use plain prompts (--no-chat)")
+    if not any(m.get("role") == "system" for m in messages):
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM if system is None else system}, *messages]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(i) for i in eos)
+    return ids
+
+
+# --- sampling --------------------------------------------------------------------------------------------
+
+
+def next_tokens(logits, params: SamplingParams, seen, generator):
+    """Pick one token per row from last-position logits (batch, vocab), in float32."""
+    import torch
+
+    logits = logits.float()
+    if params.repetition_penalty != 1.0:
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
+        logits = logits.scatter(1, seen, picked)
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# --- the decode loop -------------------------------------------------------------------------------------
+
+
+def decode_tokens(model, input_ids, attention_mask, params: SamplingParams, eos: set[int]) -> Iterator:
+    """Yield a (batch,) tensor of next tokens each step; finished rows repeat EOS. Keeps one KV cache."""
+    import torch
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    batch = input_ids.shape[0]
+    generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+    eos_t = torch.tensor(sorted(eos) or [-1])
+    pad = int(eos_t[0]) if eos else 0
+    done = torch.zeros(batch, dtype=torch.bool)
+    seen = input_ids
+    with torch.inference_mode():
+        if model.config.is_encoder_decoder:
+            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+            start = model.config.decoder_start_token_id
+            step_ids = torch.full((batch, 1), start if start is not None else pad, dtype=torch.long)
+
+            def forward(ids):
+                return model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                             decoder_input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        else:
+            cache = DynamicCache(config=model.config)
+            mask = attention_mask
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            step_ids = input_ids
+
+            def forward(ids):
+                nonlocal mask, positions
+                if ids is not input_ids:  # a decode step: one new column of mask and positions
+                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+                    positions = positions[:, -1:] + 1
+                return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                             use_cache=True, logits_to_keep=1).logits[:, -1]
+
+        for _ in range(params.max_new_tokens):
+            logits = forward(step_ids)
+            tokens = next_tokens(logits, params, seen, generator)
+            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
+            done |= torch.isin(tokens, eos_t)
+            yield tokens
+            if bool(done.all()):
+                return
+            step_ids = tokens[:, None]
+            if params.repetition_penalty != 1.0:
+                seen = torch.cat([seen, step_ids], dim=1)
+
+
+class _TextTracker:
+    """Turns one row's growing token list into text deltas, holding back half-decoded characters and any
+    tail that could still become a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str], eos: set[int]):
+        self.tokenizer, self.stop, self.eos = tokenizer, stop, eos
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.finished: str | None = None
+
+    def add(self, token: int) -> str:
+        if self.finished:
+            return ""
+        if token in self.eos:
+            self.finished = "stop"
+            return self._flush(self.text)
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = self.text.find(s)
+            if at != -1:
+                self.finished = "stop"
+                self.text = self.text[:at]
+                return self._flush(self.text)
+        safe = len(self.text)
+        if self.text.endswith("\ufffd"):
+            safe = len(self.text.rstrip("\ufffd"))
+        for s in self.stop:  # hold back a tail that is a prefix of a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if self.text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._flush(self.text[:safe])
+
+    def close(self) -> str:
+        self.finished = self.finished or "length"
+        return self._flush(self.text)
+
+    def _flush(self, upto: str) -> str:
+        delta = upto[self.emitted:] if len(upto) > self.emitted else ""
+        self.emitted = max(self.emitted, len(upto))
+        return delta
+
+
+def encode(tokenizer, prompts: list[str], context: int | None, max_new_tokens: int, encoder_decoder: bool,
+           templated: bool = False):
+    """Left-pad a batch; refuse prompts that do not fit the context; clamp max_new_tokens to what fits.
+    Chat-templated text already holds its special tokens, so none are added to it."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not templated)
+    length = batch.input_ids.shape[1]
+    if context and not encoder_decoder:
+        if length >= context:
+            raise SlmError(f"prompt is {length} tokens but the model's context is {context} tokens; shorten it")
+        max_new_tokens = min(max_new_tokens, context - length)
+    return batch.input_ids, batch.attention_mask, max_new_tokens
+
+
+def _prepare(loaded, prompts, params: SamplingParams, system, chat):
+    if loaded.task not in ("causal-lm", "seq2seq"):
+        raise SlmError(f"{loaded.name} is a {loaded.task} model; only causal-lm and seq2seq models generate text")
+    if loaded.tokenizer is None:
+        raise SlmError(f"{loaded.name} has no tokenizer; save one beside the model to generate text")
+    params.validate()
+    tok = loaded.tokenizer
+    texts = [format_prompt(tok, p, system=system, chat=chat) for p in prompts]
+    templated = any(isinstance(p, list) for p in prompts) or (chat if chat is not None else is_chat_model(tok))
+    ids, mask, max_new = encode(tok, texts, loaded.context_length, params.max_new_tokens,
+                                loaded.model.config.is_encoder_decoder, templated)
+    run_params = SamplingParams(**{**params.__dict__, "max_new_tokens": max_new})
+    eos = stop_token_ids(loaded.model, tok)
+    return texts, ids, mask, run_params, eos
+
+
+def stream(loaded, prompt: str | list[dict], params: SamplingParams | None = None, *,
+           system: str | None = None, chat: bool | None = None) -> Iterator[str]:
+    """Yield text deltas for one prompt as tokens are generated. Returns the Completion at the end
+    (available as `StopIteration.value`, or use `generate(..., on_text=...)`)."""
+    params = params or SamplingParams()
+    texts, ids, mask, run_params, eos = _prepare(loaded, [prompt], params, system, chat)
+    tracker = _TextTracker(loaded.tokenizer, list(params.stop), eos)
+    for tokens in decode_tokens(loaded.model, ids, mask, run_params, eos):
+        delta = tracker.add(int(tokens[0]))
+        if delta:
+            yield delta
+        if tracker.finished:
+            break
+    delta = tracker.close()
+    if delta:
+        yield delta
+    return Completion(texts[0], tracker.text, ids.shape[1], len(tracker.ids), tracker.finished or "length")
+
+
+def generate(loaded, prompts: list[str | list[dict]], params: SamplingParams | None = None, *,
+             system: str | None = None, chat: bool | None = None, on_text=None) -> list[Completion]:
+    """Generate for a batch of prompts at once. `on_text(row, delta)` receives text as it is produced."""
+    params = params or SamplingParams()
+    texts, ids, mask, run_params, eos = _prepare(loaded, prompts, params, system, chat)
+    trackers = [_TextTracker(loaded.tokenizer, list(params.stop), eos) for _ in prompts]
+    for tokens in decode_tokens(loaded.model, ids, mask, run_params, eos):
+        for row, tracker in enumerate(trackers):
+            delta = tracker.add(int(tokens[row]))
+            if delta and on_text:
+                on_text(row, delta)
+        if all(t.finished for t in trackers):
+            break
+    results = []
+    for row, tracker in enumerate(trackers):
+        delta = tracker.close()
+        if delta and on_text:
+            on_text(row, delta)
+        prompt_tokens = int(mask[row].sum())
+        results.append(Completion(texts[row], tracker.text, prompt_tokens, len(tracker.ids), tracker.finished))
+    return results

@@ -1,0 +1,53 @@
+"""Shared fixtures: the embedded model is loaded once per session; tiny random models are built per test
+from zoo-style configs with the embedded model's real tokenizer."""
+
+import os
+
+import pytest
+
+# No test may reach outside this machine: point hub look-ups at a closed loopback port.
+os.environ.setdefault("HF_ENDPOINT", "http://127.0.0.1:9")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    from slmkit.models import load
+
+    return load(None, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smol):
+    return smol.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tokenizer):
+    """A 2-layer random Llama over the embedded tokenizer's vocabulary, fp32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmkit.models import Loaded
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    return Loaded(model, tokenizer, "tiny-llama", None, "causal-lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_seq2seq(tokenizer):
+    """A 2+2-layer random T5 v1.1 over the embedded tokenizer's vocabulary, fp32."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from slmkit.models import Loaded
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", decoder_start_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = T5ForConditionalGeneration(config).eval()
+    return Loaded(model, tokenizer, "tiny-t5", None, "seq2seq")

@@ -1,0 +1,97 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from slmkit import zoo
+from slmkit.errors import SlmError
+from slmkit.models import embedded_gguf, gguf_cache_path, load, resolve, save_pretrained_atomic
+
+
+@pytest.fixture
+def nano_dir(tmp_path):
+    return zoo.init_checkpoint("tinyllama-nano", tmp_path / "nano")
+
+
+def test_resolve_kinds(tmp_path, nano_dir):
+    assert resolve(None) == ("zoo", None)
+    assert resolve("phi-nano") == ("zoo", None)
+    assert resolve(str(nano_dir)) == ("dir", nano_dir)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    assert resolve(str(gguf)) == ("gguf", gguf)
+    assert resolve("someorg/somemodel") == ("hub", None)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("tinylama", "unknown model 'tinylama'; did you mean tinyllama"),
+    ("./nowhere/model", "model path not found"),
+    ("missing.gguf", "model path not found"),
+])
+def test_bad_names_give_one_line_errors(source, message):
+    with pytest.raises(SlmError, match=message) as e:
+        load(source)
+    assert "\n" not in str(e.value)
+
+
+def test_hub_id_fails_clearly_without_a_hub():
+    with pytest.raises(SlmError, match="Hub cannot be reached"):
+        load("someorg/somemodel")
+
+
+def test_corrupt_and_partial_checkpoints(nano_dir):
+    weights = nano_dir / "model.safetensors"
+    tensors = load_file(weights)
+    # partial: a weight is missing
+    save_file({k: v for k, v in tensors.items() if "layers.0.mlp" not in k}, weights, metadata={"format": "pt"})
+    with pytest.raises(SlmError, match="partial checkpoint"):
+        load(str(nano_dir))
+    # corrupt: the file is cut short
+    save_file(tensors, weights, metadata={"format": "pt"})
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlmError, match="cannot load the checkpoint"):
+        load(str(nano_dir))
+    weights.unlink()
+    with pytest.raises(SlmError, match="has no weights"):
+        load(str(nano_dir))
+    (nano_dir / "config.json").write_text("{not json")
+    with pytest.raises(SlmError, match="config.json: invalid JSON"):
+        load(str(nano_dir))
+
+
+def test_unreadable_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(os.urandom(4096))
+    with pytest.raises(SlmError, match="cannot read GGUF file"):
+        load(str(bad), progress=False)
+    other = tmp_path / "weights.bin"
+    other.write_bytes(b"0")
+    with pytest.raises(SlmError, match="not a .gguf model"):
+        load(str(other))
+
+
+def test_atomic_save_replaces_whole_directory(tmp_path):
+    model = zoo.build_model(zoo.SPECS["roberta-nano"])
+    out = save_pretrained_atomic(model, None, tmp_path / "ck")
+    (out / "stale.txt").write_text("old")
+    save_pretrained_atomic(model, None, out)
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+
+
+def test_embedded_model_cached_copy_matches_gguf_tokenizer(smol):
+    """The cached safetensors copy must tokenise like the GGUF and stop at <|im_end|> (assets.md)."""
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf()
+    assert smol.path == gguf_cache_path(gguf)
+    assert json.loads((smol.path / "config.json").read_text())["model_type"] == "llama"
+    original = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    text = "Hello world! <|im_start|>user\nWhat's 2+2?<|im_end|>\n ünïcödé 😀"
+    assert smol.tokenizer(text).input_ids == original(text).input_ids
+    assert smol.tokenizer.eos_token == "<|im_end|>" and smol.tokenizer.eos_token_id == 2
+    assert smol.model.num_parameters() == 134515008
+    assert smol.model.dtype in (torch.bfloat16, torch.float32)
