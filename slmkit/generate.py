@@ -26,6 +26,8 @@ class SamplingParams:
     repetition_penalty: float = field(default=1.0, metadata={"help": "Penalise tokens already seen "
                                                                       "(1.0 = off, 1.1-1.3 typical)."})
     seed: int | None = field(default=None, metadata={"help": "Random seed for reproducible sampling."})
+    ignore_eos: bool = field(default=False, metadata={"help": "Keep generating past the end-of-sequence token "
+                                                               "(for benchmarks)."})
     stop: list[str] = field(default_factory=list, metadata={"help": "Stop when this text appears "
                                                                      "(repeatable); it is cut from the output."})
 
@@ -123,6 +125,56 @@ def next_tokens(logits, params: SamplingParams, seen, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+# --- CPU weight packing ---------------------------------------------------------------------------------
+
+
+def _packed_linear_class():
+    import torch
+
+    class PackedLinear(torch.nn.Linear):
+        """An nn.Linear that, in inference, multiplies by a copy of its weight pre-packed into oneDNN's
+        blocked layout (the layout torch.compile's CPU backend uses). Batch-1 decoding is a chain of
+        matrix-vector products bound by how fast weights stream from memory; the packed layout reads them
+        about 3x faster than the plain bf16 kernel on the large LM head here. Training, or any call with
+        grad enabled, uses the plain weight; a weight changed in place (an optimizer step) is repacked."""
+
+        def repack(self):
+            weight = self.weight.detach()
+            self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, 1), persistent=False)
+            self.packed_version = self.weight._version
+
+        def forward(self, x):
+            if torch.is_grad_enabled() or x.dtype != self.weight.dtype:
+                return super().forward(x)
+            if self.packed_version != self.weight._version:
+                self.repack()
+            flat = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed, self.bias,
+                                                      "none", [], "")
+            return flat.reshape(*x.shape[:-1], flat.shape[-1])
+
+    return PackedLinear
+
+
+def pack_linear_weights(model) -> bool:
+    """Switch a bf16 CPU model's Linear layers to pre-packed oneDNN weights (see PackedLinear). Weights,
+    state_dict keys and outputs stay the same; it costs one extra copy of the linear weights in memory.
+    Returns whether the model is packed. fp32 models are left alone (little gain, slightly different sums)."""
+    import torch
+
+    if getattr(model, "_slmkit_packed", False):
+        return True
+    if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    cls = _packed_linear_class()
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = cls
+            module.repack()
+    model._slmkit_packed = True
+    return True
+
+
 # --- the decode loop -------------------------------------------------------------------------------------
 
 
@@ -131,6 +183,7 @@ def decode_tokens(model, input_ids, attention_mask, params: SamplingParams, eos:
     import torch
     from transformers import DynamicCache, EncoderDecoderCache
 
+    pack_linear_weights(model)
     batch = input_ids.shape[0]
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     eos_t = torch.tensor(sorted(eos) or [-1])
@@ -247,7 +300,7 @@ def _prepare(loaded, prompts, params: SamplingParams, system, chat):
     ids, mask, max_new = encode(tok, texts, loaded.context_length, params.max_new_tokens,
                                 loaded.model.config.is_encoder_decoder, templated)
     run_params = SamplingParams(**{**params.__dict__, "max_new_tokens": max_new})
-    eos = stop_token_ids(loaded.model, tok)
+    eos = set() if params.ignore_eos else stop_token_ids(loaded.model, tok)
     return texts, ids, mask, run_params, eos
 
 

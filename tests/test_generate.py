@@ -128,3 +128,32 @@ def test_embedded_model_knows_paris(smol):
                    SamplingParams(max_new_tokens=24))
     assert all("Paris" in c.text for c in out), [c.text for c in out]
     assert all(c.finish_reason == "stop" for c in out)  # the chat model ends its answer with <|im_end|>
+
+
+def test_packed_bf16_weights_match_plain_and_follow_updates():
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmkit.generate import pack_linear_weights
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    plain = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    packed = copy.deepcopy(plain)
+    assert pack_linear_weights(packed)
+    assert type(packed.lm_head).__name__ == "PackedLinear"
+    assert packed.state_dict().keys() == plain.state_dict().keys()
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.inference_mode():
+        a, b = plain(input_ids=ids).logits, packed(input_ids=ids).logits
+    assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+    with torch.no_grad():  # an in-place update (as an optimizer step does) must reach the packed copy
+        for m in (plain, packed):
+            m.lm_head.weight.mul_(2.0)
+    with torch.inference_mode():
+        a, b = plain(input_ids=ids).logits, packed(input_ids=ids).logits
+    assert torch.allclose(a.float(), b.float(), atol=4e-2, rtol=2e-2)
+    fp32 = LlamaForCausalLM(config).eval()
+    assert not pack_linear_weights(fp32)  # fp32 models are left as they are
