@@ -181,14 +181,21 @@ def generate(
                 out.print(c.text, markup=False, highlight=False)
 
 
-def stream_to_terminal(loaded, prompt, sampling, *, system=None, chat=None) -> str:
+def stream_to_terminal(loaded, prompt, sampling, *, system=None, chat=None, interruptible=False) -> str:
+    """Print text as it is generated; return all of it. With `interruptible`, Ctrl-C ends this reply early
+    (and keeps what was said) instead of the program."""
     from slmkit import generate as g
 
     parts = []
-    for delta in g.stream(loaded, prompt, sampling, system=system, chat=chat):
-        parts.append(delta)
-        sys.stdout.write(delta)
-        sys.stdout.flush()
+    try:
+        for delta in g.stream(loaded, prompt, sampling, system=system, chat=chat):
+            parts.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        err.print("\n[dim](reply interrupted)[/]")
     sys.stdout.write("\n")
     sys.stdout.flush()
     return "".join(parts)
@@ -239,8 +246,23 @@ def chat(
             err.print("[dim](system prompt set; history cleared)[/]")
             continue
         history.append({"role": "user", "content": line})
-        reply = stream_to_terminal(loaded, history, sampling, system=system, chat=True)
+        history = fit_history(loaded, history, sampling.max_new_tokens, system)
+        reply = stream_to_terminal(loaded, history, sampling, system=system, chat=True, interruptible=True)
         history.append({"role": "assistant", "content": reply})
+
+
+def fit_history(loaded, history: list[dict], max_new_tokens: int, system: str | None) -> list[dict]:
+    """Drop the oldest exchanges until the conversation plus the reply fits the model's context."""
+    from slmkit.generate import format_prompt
+
+    context = loaded.context_length
+    while context and len(history) > 1:
+        text = format_prompt(loaded.tokenizer, history, system=system, chat=True)
+        if len(loaded.tokenizer(text, add_special_tokens=False).input_ids) + max_new_tokens <= context:
+            break
+        history = history[2:]
+        err.print("[dim](oldest exchange dropped to fit the context)[/]")
+    return history
 
 
 # --- quickstart ------------------------------------------------------------------------------------------

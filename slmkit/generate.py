@@ -188,43 +188,40 @@ def decode_tokens(model, input_ids, attention_mask, params: SamplingParams, eos:
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     eos_t = torch.tensor(sorted(eos) or [-1])
     pad = int(eos_t[0]) if eos else 0
-    done = torch.zeros(batch, dtype=torch.bool)
-    seen = input_ids
+    state = {"done": torch.zeros(batch, dtype=torch.bool), "seen": input_ids, "mask": attention_mask,
+             "positions": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
+    # Each step runs under inference_mode; it is not held across `yield`, so the caller's code is unaffected.
     with torch.inference_mode():
         if model.config.is_encoder_decoder:
             cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
             encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
             start = model.config.decoder_start_token_id
             step_ids = torch.full((batch, 1), start if start is not None else pad, dtype=torch.long)
-
-            def forward(ids):
-                return model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                             decoder_input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
         else:
             cache = DynamicCache(config=model.config)
-            mask = attention_mask
-            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             step_ids = input_ids
 
-            def forward(ids):
-                nonlocal mask, positions
-                if ids is not input_ids:  # a decode step: one new column of mask and positions
-                    mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
-                    positions = positions[:, -1:] + 1
-                return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1).logits[:, -1]
+    def forward(ids):
+        if model.config.is_encoder_decoder:
+            return model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
+                         decoder_input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        if ids is not input_ids:  # a decode step: one new column of mask and positions
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(batch, 1)], dim=1)
+            state["positions"] = state["positions"][:, -1:] + 1
+        return model(input_ids=ids, attention_mask=state["mask"], position_ids=state["positions"], cache=cache,
+                     use_cache=True, logits_to_keep=1).logits[:, -1]
 
-        for _ in range(params.max_new_tokens):
-            logits = forward(step_ids)
-            tokens = next_tokens(logits, params, seen, generator)
-            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
-            done |= torch.isin(tokens, eos_t)
-            yield tokens
-            if bool(done.all()):
-                return
+    for _ in range(params.max_new_tokens):
+        with torch.inference_mode():
+            tokens = next_tokens(forward(step_ids), params, state["seen"], generator)
+            tokens = torch.where(state["done"], torch.full_like(tokens, pad), tokens)
+            state["done"] = state["done"] | torch.isin(tokens, eos_t)
             step_ids = tokens[:, None]
             if params.repetition_penalty != 1.0:
-                seen = torch.cat([seen, step_ids], dim=1)
+                state["seen"] = torch.cat([state["seen"], step_ids], dim=1)
+        yield tokens
+        if bool(state["done"].all()):
+            return
 
 
 class _TextTracker:
