@@ -293,14 +293,16 @@ def quickstart(
     for prompt in QUICKSTART_PROMPTS:
         out.print(f"\n[bold cyan]>>> {prompt}[/]")
         t0 = time.perf_counter()
-        text = stream_to_terminal(loaded, prompt, SamplingParams(max_new_tokens=max_new_tokens))
+        # greedy with a light repetition penalty: deterministic, and a 135M model does not loop
+        text = stream_to_terminal(loaded, prompt, SamplingParams(max_new_tokens=max_new_tokens,
+                                                                 repetition_penalty=1.1))
         n = len(loaded.tokenizer(text).input_ids)
         out.print(f"[dim]{n} tokens, {n / (time.perf_counter() - t0):.1f} tok/s[/]")
     out.print()
     out.print(zoo_table(z.table_rows()))
     out.print("""
 [bold]Next:[/]
-  slm generate "Write a limerick about CPUs." --temperature 0.7 --seed 1
+  slm generate "Write a limerick about CPUs." --temperature 0.7 --top-p 0.9 --seed 1
   slm generate --input prompts.jsonl --json          # batched, one JSON object per prompt
   echo "Hi there" | slm chat                         # or just `slm chat` for a REPL
   slm zoo tinyllama-nano --init runs/tinyllama-nano  # a random HF checkpoint of any spec
