@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.console import Console
 
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
+from slmkit.train import TrainArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="slmkit: build, adapt, combine, evaluate and ship small language models.")
@@ -263,6 +265,88 @@ def fit_history(loaded, history: list[dict], max_new_tokens: int, system: str | 
         history = history[2:]
         err.print("[dim](oldest exchange dropped to fit the context)[/]")
     return history
+
+
+# --- data, tokenizers, pretraining ----------------------------------------------------------------------
+
+data_app = typer.Typer(no_args_is_help=True, help="Corpora: list the packaged ones, tokenise into a cache.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Tokenizers: train a byte-level BPE on a corpus.")
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+DataArg = Annotated[str, typer.Argument(help="A packaged corpus (`slm data list`), a .txt/.jsonl file or directory, "
+                                        "or a saved HF datasets directory.")]
+
+
+@data_app.command("list")
+def data_list():
+    """The corpora packaged with slmkit (they need no download)."""
+    from rich.table import Table
+
+    from slmkit.data.corpora import CORPORA
+
+    table = Table("name", "contents", "source on this machine")
+    for c in CORPORA.values():
+        table.add_row(c.name, c.description, c.origin)
+    out.print(table)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    data: DataArg,
+    tokenizer: Annotated[str, typer.Option(help="llama2, a model or tokenizer path, or bpe:N.")] = "bpe:8192",
+    val_fraction: Annotated[float, typer.Option(help="Fraction of documents held out for validation.")] = 0.05,
+):
+    """Tokenise a corpus into a memory-mapped token cache with a train/validation split (by document)."""
+    from slmkit.data.packing import PackedTokens
+    from slmkit.data.prepare import prepare_corpus, resolve_tokenizer
+
+    tok = resolve_tokenizer(tokenizer, data)
+    path = prepare_corpus(data, tok, val_fraction=val_fraction)
+    meta = PackedTokens.open(path, "train").meta
+    out.print(f"{data}: {meta['documents']} documents, {meta['tokens']['train']:,} train / "
+              f"{meta['tokens']['val']:,} validation tokens (vocab {meta['vocab_size']}) -> {path}")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: DataArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the tokenizer files.")],
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size (GPT-2: 50257).")] = 8192,
+):
+    """Train a GPT-2-style byte-level BPE (with <|endoftext|>, <pad>, <mask>) on a corpus."""
+    from slmkit.data import corpora
+    from slmkit.data.tokenizers import train_bpe
+
+    tok = train_bpe(corpora.documents(data), vocab_size, out_dir)
+    sample = "def hello(name):\n    return f'Hello, {name}!'"
+    out.print(f"trained {len(tok)} tokens -> {out_dir}; {sample!r} is {len(tok(sample).input_ids)} tokens")
+
+
+@app.command()
+@dataclass_options(TrainArgs, "train_args")
+def pretrain(
+    model: Annotated[str, typer.Option("--model", "-m", help="A zoo spec to build fresh (e.g. tinyllama-nano, "
+                                       "roberta-nano) or a checkpoint to continue.")] = "tinyllama-nano",
+    data: Annotated[str, typer.Option(help="Corpus name, .txt/.jsonl file or directory.")] = "python-docs",
+    tokenizer: Annotated[str | None, typer.Option(help="llama2, a model/tokenizer path, or bpe:N (trained on the "
+                                                  "data). Default: bpe:8192 for a fresh spec.")] = None,
+    objective: Annotated[str | None, typer.Option(help="clm (causal LM) or mlm (RoBERTa masking); default "
+                                                  "from the model.")] = None,
+    name: Annotated[str, typer.Option(help="Run name: output goes to RUNS_DIR/NAME.")] = "pretrain",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs are written.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
+    train_args: TrainArgs = None,
+):
+    """Pretrain a causal LM (TinyLlama/LiteLlama/Phi recipe) or a masked LM (RoBERTa recipe) on a corpus."""
+    from slmkit.methods.pretrain import pretrain as run_pretrain
+
+    s = run_pretrain(model=model, data=data, tokenizer=tokenizer, objective=objective, run=name,
+                     runs_dir=runs_dir, resume=resume, train_args=train_args)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one process reports
+        return
+    baseline = f" (unigram baseline {s['unigram_ppl']:.1f})" if "unigram_ppl" in s else ""
+    out.print(f"done: validation loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.1f}{baseline}; "
+              f"model in {s['run_dir']}/model, curves in {s['run_dir']}/loss.png")
 
 
 # --- quickstart ------------------------------------------------------------------------------------------

@@ -1,0 +1,121 @@
+"""Documents for training: packaged corpora by name, or the user's files (.txt, .jsonl, HF `datasets` dir).
+
+Every source yields documents (strings). A malformed line in a user's JSONL file stops with an error that
+names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmkit.errors import SlmError
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    description: str
+    documents: Callable[[], Iterator[str]]
+    origin: str  # where the text comes from on this machine
+
+
+def _python_docs() -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield topics[key].strip()
+
+
+def _python_stdlib() -> Iterator[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield text
+
+
+CORPORA = {c.name: c for c in [
+    Corpus("python-docs", "English reference text: the Python language and library topics (~0.5 MB)",
+           _python_docs, "Python's own pydoc_data.topics"),
+    Corpus("python-stdlib", "Python source code: the standard library's top-level modules (~4.7 MB)",
+           _python_stdlib, "the Python installation's stdlib directory"),
+]}
+
+
+def record_text(row: dict, where: str) -> str:
+    """The trainable text of one JSONL record, for pretraining: text, prompt+completion, or chat messages."""
+    if "text" in row:
+        value = row["text"]
+    elif "prompt" in row and "completion" in row:
+        value = f"{row['prompt']}{row['completion']}"
+    elif "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "content" in m for m in msgs):
+            raise SlmError(f"{where}: field \"messages\" must be a list of {{\"role\", \"content\"}} objects")
+        value = "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in msgs)
+    else:
+        raise SlmError(f"{where}: expected a \"text\", \"prompt\"+\"completion\" or \"messages\" field")
+    if not isinstance(value, str):
+        raise SlmError(f"{where}: the text field must be a string, got {type(value).__name__}")
+    return value
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    """Yield (location, record) for each non-empty line; a bad line raises with file:line."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SlmError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(row, dict):
+                raise SlmError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def documents(source: str) -> Iterator[str]:
+    """Documents of a packaged corpus name, a .txt file (one document), a .jsonl file (one per line), a
+    directory of .txt/.jsonl files, or a saved HF `datasets` directory."""
+    if source in CORPORA:
+        yield from CORPORA[source].documents()
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        import difflib
+
+        close = difflib.get_close_matches(source, list(CORPORA), n=2, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (`slm data list` shows the packaged corpora)"
+        raise SlmError(f"no corpus or file named '{source}'{hint}")
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        yield from _hf_dataset(path)
+        return
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise SlmError(f"{path} holds no .txt or .jsonl files")
+    for file in files:
+        if file.suffix == ".jsonl":
+            for where, row in read_jsonl(file):
+                yield record_text(row, where)
+        elif file.suffix == ".txt":
+            yield file.read_text(encoding="utf-8", errors="replace")
+        else:
+            raise SlmError(f"{file}: unsupported file type (use .txt or .jsonl)")
+
+
+def _hf_dataset(path: Path) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise SlmError(f"{path} is a Hugging Face datasets directory: `pip install datasets` to read it") from e
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    for i, row in enumerate(ds):
+        yield record_text(row, f"{path}[{i}]")

