@@ -21,6 +21,7 @@ from rich.console import Console
 
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
+from slmkit.methods.finetune import FinetuneArgs
 from slmkit.train import TrainArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -347,6 +348,34 @@ def pretrain(
     baseline = f" (unigram baseline {s['unigram_ppl']:.1f})" if "unigram_ppl" in s else ""
     out.print(f"done: validation loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.1f}{baseline}; "
               f"model in {s['run_dir']}/model, curves in {s['run_dir']}/loss.png")
+
+
+@app.command()
+@dataclass_options(FinetuneArgs, "train_args")
+def finetune(
+    model: ModelOpt = None,
+    data: Annotated[str, typer.Option(help="chatterbot-en, or a .jsonl file of {\"messages\": [...]} or "
+                                      "{\"prompt\", \"completion\"} records.")] = "chatterbot-en",
+    val_data: Annotated[str | None, typer.Option(help="Held-out examples (default: a split of --data).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Fraction held out when --val-data is not given.")] = 0.1,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters on all linear layers, or "
+                                       "full fine-tuning.")] = True,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA scaling alpha.")] = 32,
+    name: Annotated[str, typer.Option(help="Run name: output goes to RUNS_DIR/NAME.")] = "finetune",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs are written.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
+    train_args: FinetuneArgs = None,
+):
+    """Supervised fine-tuning with loss on answer tokens only (every assistant turn); LoRA merged at the end."""
+    from slmkit.methods.finetune import finetune as run_finetune
+
+    s = run_finetune(model=model, data=data, val_data=val_data, val_fraction=val_fraction, lora=lora,
+                     lora_r=lora_r, lora_alpha=lora_alpha, run=name, runs_dir=runs_dir, resume=resume,
+                     train_args=train_args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.print(f"done: held-out answer loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f} "
+                  f"({s['trainable_parameters']:,} trainable parameters); merged model in {s['run_dir']}/model")
 
 
 # --- quickstart ------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, args: TrainArgs) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, args: TrainArgs,
+                    tokens: int = 0) -> Path:
     import numpy as np
     import torch
 
@@ -121,7 +122,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     tmp = ckpt_root / f".step-{step:07d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pretrained_atomic(model, tokenizer, tmp)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    state = {"step": step, "tokens": tokens, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
              "args": asdict(args)}
     torch.save(state, tmp / "trainer_state.pt")
@@ -134,15 +135,27 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
 
 
 def restore_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
-    import numpy as np
-    import torch
     from safetensors.torch import load_file
 
+    if (ckpt / "adapter_model.safetensors").is_file():  # a peft (LoRA) model: only the adapter was saved
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise SlmError(f"{ckpt} holds an adapter that does not match this model")
+        return _restore_state(ckpt, optimizer, scheduler)
     weights = load_file(ckpt / "model.safetensors")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     if [k for k in missing if k not in tied] or unexpected:
         raise SlmError(f"{ckpt} does not match this model (missing {missing[:1]}, unexpected {unexpected[:1]})")
+    return _restore_state(ckpt, optimizer, scheduler)
+
+
+def _restore_state(ckpt: Path, optimizer, scheduler) -> int:
+    import numpy as np
+    import torch
+
     state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -150,6 +163,12 @@ def restore_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
     return state["step"]
+
+
+def state_tokens(ckpt: Path) -> int:
+    import torch
+
+    return int(torch.load(ckpt / "trainer_state.pt", weights_only=False).get("tokens", 0))
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -163,6 +182,17 @@ def truncate_metrics(path: Path, step: int) -> None:
 # --- the loop --------------------------------------------------------------------------------------------
 
 
+def to_device(batch, device):
+    """A batch is a tensor of token ids or a dict of tensors (ids, labels, attention mask...)."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return batch.to(device)
+
+
+def count_tokens(batch) -> int:
+    return int(batch["attention_mask"].sum()) if isinstance(batch, dict) else batch.numel()
+
+
 def evaluate(model, objective: Objective, batches) -> float:
     """Mean loss per predicted token over the given batches (no dropout, no gradients)."""
     import torch
@@ -173,7 +203,7 @@ def evaluate(model, objective: Objective, batches) -> float:
     with torch.no_grad():
         for i, batch in enumerate(batches):
             gen = torch.Generator().manual_seed(10_000 + i)  # fixed masks for MLM: comparable evaluations
-            loss, n = objective(model, batch, gen)
+            loss, n = objective(model, to_device(batch, model.device), gen)
             total += float(loss) * n
             count += n
     model.train(was_training)
@@ -214,7 +244,7 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics = open(run_dir / "metrics.jsonl", "a") if main else None
     rank, world = accelerator.process_index, accelerator.num_processes
-    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
+    total_tokens = state_tokens(ckpt) if ckpt else 0
     summary: dict = {"start_step": start}
 
     def log(row: dict) -> None:
@@ -233,8 +263,8 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
     with bar:
         for step in range(start, args.steps):
             for micro in range(args.grad_accum):
-                batch = train_data.train_batch(step * args.grad_accum + micro, args.batch_size, args.seq_len,
-                                               args.seed, rank, world).to(accelerator.device)
+                batch = to_device(train_data.train_batch(step * args.grad_accum + micro, args.batch_size,
+                                                         args.seq_len, args.seed, rank, world), accelerator.device)
                 gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + micro * 31 + rank)
                 sync = micro == args.grad_accum - 1
                 with accelerator.no_sync(model) if not sync else _null():
@@ -242,18 +272,19 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
                         loss, _ = objective(model, batch, gen)
                     accelerator.backward(loss / args.grad_accum)
                 loss_sum += float(loss.detach()) / args.grad_accum
+                window_tokens += count_tokens(batch) * world
             if args.clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            window_tokens += tokens_per_step
             done = step + 1
             if done % args.log_every == 0 or done == args.steps:
                 n = (done - 1) % args.log_every + 1
                 elapsed = time.perf_counter() - t0
                 row = {"step": done, "loss": loss_sum / n, "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / elapsed, "tokens": done * tokens_per_step}
+                       "tokens_per_s": window_tokens / elapsed, "tokens": total_tokens + window_tokens}
+                total_tokens += window_tokens
                 log(row)
                 bar.update(task, loss=row["loss"], tps=row["tokens_per_s"])
                 t0, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
@@ -264,16 +295,20 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
                 accelerator.wait_for_everyone()
                 if main:
                     save_checkpoint(run_dir, done, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                    scheduler, args)
+                                    scheduler, args, total_tokens + window_tokens)
     summary["val_loss"] = run_eval(args.steps)
     accelerator.wait_for_everyone()
     if main:
         unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(run_dir, args.steps, unwrapped, tokenizer, optimizer, scheduler, args)
+        save_checkpoint(run_dir, args.steps, unwrapped, tokenizer, optimizer, scheduler, args,
+                        total_tokens + window_tokens)
         from slmkit.models import save_pretrained_atomic
 
         if args.grad_checkpointing:
             unwrapped.gradient_checkpointing_disable()
+        if hasattr(unwrapped, "merge_and_unload"):  # LoRA: keep the adapter, save the merged model
+            save_pretrained_atomic(unwrapped, tokenizer, run_dir / "adapter")
+            unwrapped = unwrapped.merge_and_unload()
         save_pretrained_atomic(unwrapped, tokenizer, run_dir / "model")
         metrics.close()
         plot_metrics(run_dir)

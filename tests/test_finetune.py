@@ -1,0 +1,81 @@
+"""Supervised fine-tuning: answer-only loss masks, data errors, LoRA SFT of the embedded model, resume."""
+
+import json
+import shutil
+
+import pytest
+
+from slmkit.errors import SlmError
+from slmkit.methods.finetune import FinetuneArgs, chat_example, completion_example, finetune, load_records
+from slmkit.models import load
+from slmkit.train import read_metrics
+
+FACTS = [("Zorblat", "teal"), ("Mivvik", "amber"), ("Quenzor", "violet"), ("Drapple", "crimson"),
+         ("Snorvin", "olive"), ("Plimbus", "indigo"), ("Vostrel", "maroon"), ("Grumbix", "silver"),
+         ("Yarnock", "coral"), ("Feltwin", "ivory"), ("Hobblex", "jade"), ("Trenlow", "scarlet")]
+
+
+def _answered(tokenizer, ids, labels):
+    return tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != -100])
+
+
+def test_chat_loss_mask_covers_every_assistant_turn_only(tokenizer):
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue."}]
+    ids, labels = chat_example(tokenizer, msgs)
+    trained = _answered(tokenizer, ids, labels)
+    assert "Hello!" in trained and "Blue." in trained
+    assert "Hi there" not in trained and "Name a colour" not in trained and "helpful assistant" not in trained
+    assert trained.count("<|im_end|>") == 2  # the model learns to end its turns
+
+
+def test_completion_loss_mask(tokenizer):
+    ids, labels = completion_example(tokenizer, "Q: 2+2?\nA:", " 4")
+    assert _answered(tokenizer, ids, labels) == " 4" + tokenizer.eos_token
+
+
+def test_sft_data_errors(tmp_path):
+    f = tmp_path / "sft.jsonl"
+    f.write_text('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "x"}]}\n')
+    with pytest.raises(SlmError, match=r"sft.jsonl:2: the conversation has no assistant turn"):
+        load_records(str(f))
+    f.write_text('{"question": "a"}\n')
+    with pytest.raises(SlmError, match=r"sft.jsonl:1: expected \"messages\""):
+        load_records(str(f))
+    with pytest.raises(SlmError, match="no fine-tuning data named"):
+        load_records("nowhere.jsonl")
+    assert len(load_records("chatterbot-en")) > 100
+
+
+@pytest.fixture(scope="module")
+def facts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft") / "facts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"What colour is a {thing}?"},
+                          {"role": "assistant", "content": f"A {thing} is {colour}."}]} for thing, colour in FACTS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_lora_sft_lowers_held_out_answer_loss_and_resumes(tmp_path, facts_file, smol):
+    args = dict(steps=16, batch_size=4, seq_len=96, eval_every=0, save_every=8, log_every=2, lr=1e-3)
+    s = finetune(data=str(facts_file), val_fraction=0.25, run="lora", runs_dir=tmp_path,
+                 train_args=FinetuneArgs(**args), progress=False)
+    assert s["val_loss"] < s["val_loss_before"] - 0.3, s  # the answer pattern carries to unseen facts
+    assert s["trainable_parameters"] < 0.1 * smol.model.num_parameters()
+    run = tmp_path / "lora"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    merged = load(str(run / "model"), dtype="fp32")  # a plain HF model: the adapter is merged in
+    assert merged.model.num_parameters() == smol.model.num_parameters()
+    assert "lora" not in " ".join(merged.model.state_dict())
+
+    # resume: continue a copy of the run from its step-8 checkpoint; the curve must match the original
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copytree(run / "checkpoints" / "step-0000008", copy / "checkpoints" / "step-0000008")
+    (copy / "checkpoints" / "latest").write_text("step-0000008")
+    shutil.copy(run / "metrics.jsonl", copy / "metrics.jsonl")
+    finetune(data=str(facts_file), val_fraction=0.25, run="copy", runs_dir=tmp_path, resume=True,
+             train_args=FinetuneArgs(**args), progress=False)
+    a = {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in read_metrics(copy) if "loss" in r}
+    assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-4
