@@ -27,7 +27,7 @@ from slmkit.train import TrainArgs
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="slmkit: build, adapt, combine, evaluate and ship small language models.")
 out = Console(width=None if sys.stdout.isatty() else 140)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo name, model directory, .gguf "
                                                  "file or hub id. Default: the embedded SmolLM2-135M.")]
@@ -376,6 +376,25 @@ def finetune(
     if int(os.environ.get("RANK", "0")) == 0:
         out.print(f"done: held-out answer loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f} "
                   f"({s['trainable_parameters']:,} trainable parameters); merged model in {s['run_dir']}/model")
+
+
+@app.command("run")
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value: KEY=VALUE, e.g. "
+                                                   "train.steps=10 or data=my.jsonl (repeatable).")] = None,
+    check: Annotated[bool, typer.Option(help="Only validate the recipe.")] = False,
+):
+    """Run a YAML recipe: a workflow (pretrain, finetune) with its arguments, validated before it starts."""
+    from slmkit.recipes import load_recipe
+
+    fn, kwargs = load_recipe(recipe, set_)
+    if check:
+        out.print(f"{recipe}: valid {fn.__name__} recipe")
+        return
+    summary = fn(**kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.print_json(json.dumps(summary))
 
 
 # --- quickstart ------------------------------------------------------------------------------------------
