@@ -308,6 +308,23 @@ def data_prepare(
               f"{meta['tokens']['val']:,} validation tokens (vocab {meta['vocab_size']}) -> {path}")
 
 
+@data_app.command("filter")
+def data_filter(
+    data: DataArg,
+    out_file: Annotated[Path, typer.Option("--out", help="JSONL of kept documents (text, score).")],
+    keep: Annotated[float, typer.Option(help="Fraction of documents to keep (the highest-scoring).")] = 0.5,
+    seed: Annotated[Path | None, typer.Option(help="Labelled seed set, JSONL {\"text\", \"label\": 0|1} "
+                                              "(default: slmkit's textbook-quality seed).")] = None,
+):
+    """Phi-style "textbook quality" filter: a classifier on MiniLM sentence embeddings, trained on a small
+    labelled seed set, scores every document; the top fraction is written out (plus a score histogram)."""
+    from slmkit.data.quality import filter_corpus
+
+    s = filter_corpus(data, out_file, seed=seed, keep=keep)
+    out.print(f"kept {s['kept']} of {s['documents']} documents (score >= {s['threshold']:.3f}) -> {s['out']}; "
+              f"histogram {s['plot']}")
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(
     data: DataArg,

@@ -19,7 +19,7 @@ def source_key(source: str) -> str:
         return source
     path = Path(source).expanduser().resolve()
     if not path.exists():
-        list(corpora.documents(source))  # raises the helpful error
+        next(corpora.documents(source), None)  # raises the helpful "no corpus or file named" error
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     stamp = "|".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem)[:40]

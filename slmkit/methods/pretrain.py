@@ -99,16 +99,13 @@ def pretrain(
     `objective`: `clm` or `mlm` (default from the model: masked-LM specs get `mlm`).
     """
     from slmkit import zoo
-    from slmkit.data import corpora
     from slmkit.data.packing import PackedTokens, unigram_perplexity
-    from slmkit.data.prepare import prepare_corpus, resolve_tokenizer
+    from slmkit.data.prepare import prepare_corpus, resolve_tokenizer, source_key
 
     args = (train_args or TrainArgs()).validate()
     fresh = zoo.is_zoo_name(model) and not zoo.get(model).embedded
     tok_name = tokenizer or ("bpe:8192" if fresh else model)
-    if fresh and zoo.get(model).task == "masked-lm" and tokenizer is None:
-        tok_name = "bpe:8192"
-    list(corpora.documents(data))[:0]  # fail early on a bad corpus name, before building anything
+    source_key(data)  # fail early on a bad corpus name or path, before building anything
     tok = resolve_tokenizer(tok_name, data)
     net, task = build_or_load(model, tok, args.seq_len, args.seed)
     objective = objective or ("mlm" if task == "masked-lm" else "clm")
