@@ -79,7 +79,7 @@ def zoo_table(rows):
                          justify="right" if col in ("params", "paper", "Δ", "vocab", "ctx") else "left")
     for r in rows:
         delta = "" if r["delta"] is None else f"{r['delta'] * 100:+.1f}%"
-        name = f"[bold]{r['name']}[/]" + (" (default)" if r["embedded"] else "")
+        name = f"[bold]{r['name']}[/]" + (" (default)" if r["default"] else "")
         table.add_row(name, r["architecture"], str(r["layers"]), str(r["width"]), r["heads"], str(r["vocab"]),
                       str(r["context"]), human(r["params"]), human(r["reference"]) if r["reference"] else "",
                       delta, r["tokenizer"], style="dim" if r["nano"] else None)
@@ -371,12 +371,15 @@ def pretrain(
 @dataclass_options(FinetuneArgs, "train_args")
 def finetune(
     model: ModelOpt = None,
-    data: Annotated[str, typer.Option(help="chatterbot-en, or a .jsonl file of {\"messages\": [...]} or "
-                                      "{\"prompt\", \"completion\"} records.")] = "chatterbot-en",
+    data: Annotated[str, typer.Option(help="chat: chatterbot-en or a .jsonl of {\"messages\": [...]} or "
+                                      "{\"prompt\", \"completion\"}; classify: chatterbot-topics or a .jsonl of "
+                                      "{\"text\", \"label\"}.")] = "chatterbot-en",
+    task: Annotated[str, typer.Option(help="chat (causal LM, answer-only loss) or classify (encoder + "
+                                      "classification head; default model all-minilm-l6-v2).")] = "chat",
     val_data: Annotated[str | None, typer.Option(help="Held-out examples (default: a split of --data).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Fraction held out when --val-data is not given.")] = 0.1,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters on all linear layers, or "
-                                       "full fine-tuning.")] = True,
+    lora: Annotated[bool | None, typer.Option("--lora/--full", help="LoRA adapters on all linear layers, or "
+                                              "full fine-tuning (default: LoRA for chat, full for classify).")] = None,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
     lora_alpha: Annotated[int, typer.Option(help="LoRA scaling alpha.")] = 32,
     name: Annotated[str, typer.Option(help="Run name: output goes to RUNS_DIR/NAME.")] = "finetune",
@@ -384,34 +387,18 @@ def finetune(
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
     train_args: FinetuneArgs = None,
 ):
-    """Supervised fine-tuning with loss on answer tokens only (every assistant turn); LoRA merged at the end."""
+    """Fine-tune: chat SFT with loss on answer tokens only (LoRA merged at the end), or a classifier head."""
     from slmkit.methods.finetune import finetune as run_finetune
 
-    s = run_finetune(model=model, data=data, val_data=val_data, val_fraction=val_fraction, lora=lora,
+    s = run_finetune(model=model, data=data, task=task, val_data=val_data, val_fraction=val_fraction, lora=lora,
                      lora_r=lora_r, lora_alpha=lora_alpha, run=name, runs_dir=runs_dir, resume=resume,
                      train_args=train_args)
-    if int(os.environ.get("RANK", "0")) == 0:
-        out.print(f"done: held-out answer loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f} "
-                  f"({s['trainable_parameters']:,} trainable parameters); merged model in {s['run_dir']}/model")
-
-
-@app.command("run")
-def run_recipe(
-    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value: KEY=VALUE, e.g. "
-                                                   "train.steps=10 or data=my.jsonl (repeatable).")] = None,
-    check: Annotated[bool, typer.Option(help="Only validate the recipe.")] = False,
-):
-    """Run a YAML recipe: a workflow (pretrain, finetune) with its arguments, validated before it starts."""
-    from slmkit.recipes import load_recipe
-
-    fn, kwargs = load_recipe(recipe, set_)
-    if check:
-        out.print(f"{recipe}: valid {fn.__name__} recipe")
+    if int(os.environ.get("RANK", "0")) != 0:
         return
-    summary = fn(**kwargs)
-    if int(os.environ.get("RANK", "0")) == 0:
-        out.print_json(json.dumps(summary))
+    out.print(f"done: held-out loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f} "
+              f"({s['trainable_parameters']:,} trainable parameters); model in {s['run_dir']}/model")
+    if "val_accuracy" in s:
+        out.print(f"held-out accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy']:.3f}")
 
 
 # --- quickstart ------------------------------------------------------------------------------------------

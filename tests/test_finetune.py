@@ -79,3 +79,42 @@ def test_lora_sft_lowers_held_out_answer_loss_and_resumes(tmp_path, facts_file, 
     a = {r["step"]: r["loss"] for r in read_metrics(run) if "loss" in r}
     b = {r["step"]: r["loss"] for r in read_metrics(copy) if "loss" in r}
     assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-4
+
+
+def test_minilm_classifier_learns_chatterbot_topics(tmp_path):
+    """A real encoder (packaged MiniLM) with a new head, on a real 4-topic question set."""
+    s = finetune(task="classify", data="chatterbot-topics", val_fraction=0.2, run="topics", runs_dir=tmp_path,
+                 train_args=FinetuneArgs(steps=40, batch_size=16, seq_len=64, lr=1e-4, warmup_steps=4,
+                                         eval_every=0, save_every=0, log_every=10), progress=False)
+    assert s["val_accuracy"] >= 0.75 and s["val_accuracy"] > s["val_accuracy_before"] + 0.3, s
+    classifier = load(str(tmp_path / "topics" / "model"), dtype="fp32")
+    assert classifier.task == "classifier"
+    assert set(classifier.model.config.id2label.values()) == {"ai", "coding", "psychology", "trivia"}
+
+
+def test_classification_data_errors(tmp_path):
+    from slmkit.methods.finetune import load_classification
+
+    f = tmp_path / "cls.jsonl"
+    f.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    with pytest.raises(SlmError, match=r"cls.jsonl:2: a classification example needs"):
+        load_classification(str(f))
+    f.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "x"}\n')
+    with pytest.raises(SlmError, match="at least two different labels"):
+        load_classification(str(f))
+
+
+def test_answer_only_head_matches_the_full_model_loss(tiny_causal, tokenizer):
+    """sft_objective computes logits only where answers are scored; the loss must equal HF's own."""
+    import torch
+
+    from slmkit.methods.finetune import SFTData, sft_objective
+
+    records = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Answer " * i}]
+               for i in range(1, 5)]
+    batch = SFTData(tokenizer, records, seq_len=128).collate(SFTData(tokenizer, records, 128).examples)
+    with torch.no_grad():
+        ours, n = sft_objective(tiny_causal.model, batch, None)
+        full = tiny_causal.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 labels=batch["labels"]).loss
+    assert n == int((batch["labels"][:, 1:] != -100).sum()) and abs(float(ours) - float(full)) < 1e-5

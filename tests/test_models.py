@@ -95,3 +95,14 @@ def test_embedded_model_cached_copy_matches_gguf_tokenizer(smol):
     assert smol.tokenizer.eos_token == "<|im_end|>" and smol.tokenizer.eos_token_id == 2
     assert smol.model.num_parameters() == 134515008
     assert smol.model.dtype in (torch.bfloat16, torch.float32)
+
+
+def test_packaged_encoder_loads_by_zoo_name():
+    from transformers import AutoTokenizer
+
+    minilm = load("all-minilm-l6-v2", dtype="fp32")
+    assert minilm.task == "encoder" and minilm.model.config.hidden_size == 384
+    assert isinstance(minilm.tokenizer, type(AutoTokenizer.from_pretrained(minilm.path)))
+    with torch.no_grad():
+        out = minilm.model(**minilm.tokenizer(["a sentence"], return_tensors="pt"))
+    assert out.last_hidden_state.shape == (1, 4, 384)

