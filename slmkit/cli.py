@@ -401,6 +401,25 @@ def finetune(
         out.print(f"held-out accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy']:.3f}")
 
 
+@app.command("run")
+def run_recipe(
+    recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value: KEY=VALUE, e.g. "
+                                                   "train.steps=10 or data=my.jsonl (repeatable).")] = None,
+    check: Annotated[bool, typer.Option(help="Only validate the recipe.")] = False,
+):
+    """Run a YAML recipe: a workflow (pretrain, finetune) with its arguments, validated before it starts."""
+    from slmkit.recipes import load_recipe
+
+    fn, kwargs = load_recipe(recipe, set_)
+    if check:
+        out.print(f"{recipe}: valid {fn.__name__} recipe")
+        return
+    summary = fn(**kwargs)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.print_json(json.dumps(summary))
+
+
 # --- quickstart ------------------------------------------------------------------------------------------
 
 
@@ -450,25 +469,12 @@ def quickstart(
 
 
 def main() -> None:
+    """Entry point: usage errors are click's (exit 2); slmkit's errors are one red line (exit 1)."""
     try:
-        app(standalone_mode=False)
+        app()
     except SlmError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err.print("[dim]interrupted[/]")
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors come as click exceptions
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

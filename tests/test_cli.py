@@ -113,3 +113,8 @@ def test_data_and_tokenizer_commands(tmp_path):
     corpus.write_text('{"text": "ok"}\n{"text": 5}\n')
     r = slm("data", "prepare", str(corpus), "--tokenizer", str(tmp_path / "tok"))
     assert r.returncode == 1 and "notes.jsonl:2: the text field must be a string" in r.stderr
+
+
+def test_unknown_command_is_a_usage_error_not_a_traceback():
+    r = slm("nonexistent-command")
+    assert r.returncode == 2 and "No such command" in r.stderr and "Traceback" not in r.stderr
