@@ -121,8 +121,8 @@ def pretrain(
               "train_tokens": len(train_data.tokens), "val_tokens": len(val_data.tokens)}
     summary = train(net, tok, train_data, val_data, loss_fn, args, Path(runs_dir) / run, resume=resume,
                     config=config, progress=progress)
-    if objective == "clm":
-        summary["unigram_ppl"] = unigram_perplexity(train_data, val_data, len(tok))
+    # the baseline to beat: token frequencies alone (for MLM, predicting each masked token by its frequency)
+    summary["unigram_ppl"] = unigram_perplexity(train_data, val_data, len(tok))
     summary.update(run_dir=str(Path(runs_dir) / run), parameters=net.num_parameters(),
                    val_ppl=math.exp(min(summary["val_loss"], 50)))
     return summary
