@@ -65,8 +65,9 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def format_prompt(tokenizer, prompt: str | list[dict], *, system: str | None = None,
-                  chat: bool | None = None) -> str:
-    """Apply the chat template for chat models (or when given messages); plain text otherwise.
+                  chat: bool | None = None, generation_prompt: bool = True) -> str:
+    """Apply the chat template for chat models (or when given messages); plain text otherwise. With
+    `generation_prompt=False` the text ends after the last message (how training renders a conversation).
 
     Chat prompts get slmkit's generic system prompt unless the messages or `system` give one: templates
     that insert their own identity prompt (SmolLM2's "You are ... named SmolLM") otherwise steer short
@@ -84,7 +85,7 @@ def format_prompt(tokenizer, prompt: str | list[dict], *, system: str | None = N
         raise SlmError("this model's tokenizer has no chat template; use plain prompts (--no-chat)")
     if not any(m.get("role") == "system" for m in messages):
         messages = [{"role": "system", "content": DEFAULT_SYSTEM if system is None else system}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

@@ -17,6 +17,7 @@ loss curve continues the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -267,7 +268,7 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
                                                          args.seq_len, args.seed, rank, world), accelerator.device)
                 gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + micro * 31 + rank)
                 sync = micro == args.grad_accum - 1
-                with accelerator.no_sync(model) if not sync else _null():
+                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
                     with accelerator.autocast():
                         loss, _ = objective(model, batch, gen)
                     accelerator.backward(loss / args.grad_accum)
@@ -314,14 +315,6 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
         plot_metrics(run_dir)
     summary["val_ppl"] = math.exp(min(summary["val_loss"], 50))
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress(enabled: bool):

@@ -106,7 +106,7 @@ class PackedTokens:
         for j in range(batch_size):
             g = (step * world + rank) * batch_size + j
             epoch, pos = divmod(g, n)
-            order = _epoch_order(n, seed, epoch)
+            order = epoch_order(n, seed, epoch)
             rows.append(self.window(int(order[pos]), seq_len))
         return torch.from_numpy(np.stack(rows))
 
@@ -126,7 +126,8 @@ class PackedTokens:
 _ORDER_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
 
 
-def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded random order of n items in one epoch (cached: every batch of the epoch reuses it)."""
     key = (n, seed, epoch)
     if key not in _ORDER_CACHE:
         _ORDER_CACHE.clear()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slmkit.data.packing import epoch_order
 from slmkit.errors import SlmError
 from slmkit.train import TrainArgs, evaluate, train
 
@@ -107,7 +108,7 @@ def chat_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]
     """Token ids and labels of a conversation; labels are -100 except on assistant turns."""
     from slmkit.generate import format_prompt
 
-    full = _without_generation_prompt(tokenizer, messages)
+    full = format_prompt(tokenizer, messages, generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant" and i > 0:
@@ -115,19 +116,11 @@ def chat_example(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]
             if not full.startswith(prefix):
                 raise SlmError("the chat template does not render conversations incrementally; use "
                                "prompt/completion data for this model")
-            spans.append((len(prefix), len(_without_generation_prompt(tokenizer, messages[:i + 1]))))
+            spans.append((len(prefix), len(format_prompt(tokenizer, messages[:i + 1], generation_prompt=False))))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     labels = [tid if any(s <= a and b <= e for s, e in spans) and b > a else -100
               for tid, (a, b) in zip(enc.input_ids, enc.offset_mapping, strict=True)]
     return enc.input_ids, labels
-
-
-def _without_generation_prompt(tokenizer, messages):
-    from slmkit.generate import DEFAULT_SYSTEM
-
-    if not any(m["role"] == "system" for m in messages):
-        messages = [{"role": "system", "content": DEFAULT_SYSTEM}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
 
 def completion_example(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -171,7 +164,7 @@ class SFTData:
         items = []
         for j in range(batch_size):
             epoch, pos = divmod((step * world + rank) * batch_size + j, n)
-            items.append(self.examples[int(np.random.default_rng([seed, epoch]).permutation(n)[pos])])
+            items.append(self.examples[int(epoch_order(n, seed, epoch)[pos])])
         return self.collate(items)
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int):
