@@ -325,6 +325,27 @@ def data_filter(
               f"histogram {s['plot']}")
 
 
+@data_app.command("synthesize")
+def data_synthesize(
+    topics: Annotated[str, typer.Argument(help="A file with one topic per line, or a comma-separated list.")],
+    out_file: Annotated[Path, typer.Option("--out", help="JSONL to append to (text, topic, kind, sample).")],
+    teacher: Annotated[str | None, typer.Option(help="Teacher model (zoo name, directory, .gguf); default: "
+                                                "the embedded model.")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="textbook and/or exercise (repeatable; default both).")] = None,
+    per_topic: Annotated[int, typer.Option(help="Samples per topic and kind.")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest text in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+):
+    """Phi-style synthetic data: a teacher writes textbook sections and exercises on your topics;
+    exact and near-duplicates (MiniLM cosine >= 0.92) are dropped. Re-running resumes."""
+    from slmkit.data.synthesize import synthesize
+
+    s = synthesize(topics, out_file, teacher=teacher, kinds=tuple(kind or ("textbook", "exercise")),
+                   per_topic=per_topic, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    out.print(f"wrote {s['written']} new texts ({s['duplicates']} duplicates dropped) -> {s['out']}")
+
+
 @tokenizer_app.command("train")
 def tokenizer_train(
     data: DataArg,
