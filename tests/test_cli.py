@@ -89,6 +89,11 @@ def test_zoo_table_and_init(tmp_path):
     assert (tmp_path / "phi" / "model.safetensors").is_file()
     cfg = json.loads((tmp_path / "phi" / "config.json").read_text())
     assert cfg["model_type"] == "phi" and cfg["hidden_size"] == 128
+    # a TinyLlama checkpoint comes with the Llama-2 tokenizer, so it generates at once (random text)
+    assert slm("zoo", "tinyllama-nano", "--init", str(tmp_path / "tl")).returncode == 0
+    r = slm("generate", "-m", str(tmp_path / "tl"), "Hello", "--max-new-tokens", "5", "--json", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["completion_tokens"] == 5
 
 
 def test_quickstart_runs(smol):

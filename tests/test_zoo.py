@@ -50,6 +50,7 @@ def test_nano_builds_saves_reloads_bit_exactly_and_runs(name, tmp_path):
     assert 1e6 <= n <= 20e6, n
     loaded = load(str(path), dtype="fp32")
     assert loaded.task == spec.task
+    assert (loaded.tokenizer is not None) == (spec.packaged_tokenizer is not None)
     a, b = original.state_dict(), loaded.model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
