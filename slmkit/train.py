@@ -130,12 +130,14 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     write_atomic(ckpt_root / "latest", target.name)
-    for old in sorted(p for p in ckpt_root.glob("step-*") if p != target)[:-max(0, args.keep_checkpoints - 1) or None]:
+    older = sorted(p for p in ckpt_root.glob("step-*") if p != target)
+    for old in older[:max(0, len(older) - (args.keep_checkpoints - 1))]:  # keep the newest keep_checkpoints
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def restore_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
+def restore_checkpoint(ckpt: Path, model, optimizer, scheduler) -> tuple[int, int]:
+    """Load weights (or a LoRA adapter), optimizer, scheduler and RNG state; return (step, tokens seen)."""
     from safetensors.torch import load_file
 
     if (ckpt / "adapter_model.safetensors").is_file():  # a peft (LoRA) model: only the adapter was saved
@@ -153,7 +155,7 @@ def restore_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
     return _restore_state(ckpt, optimizer, scheduler)
 
 
-def _restore_state(ckpt: Path, optimizer, scheduler) -> int:
+def _restore_state(ckpt: Path, optimizer, scheduler) -> tuple[int, int]:
     import numpy as np
     import torch
 
@@ -163,13 +165,7 @@ def _restore_state(ckpt: Path, optimizer, scheduler) -> int:
     torch.set_rng_state(state["rng"]["torch"])
     np.random.set_state(state["rng"]["numpy"])
     random.setstate(state["rng"]["python"])
-    return state["step"]
-
-
-def state_tokens(ckpt: Path) -> int:
-    import torch
-
-    return int(torch.load(ckpt / "trainer_state.pt", weights_only=False).get("tokens", 0))
+    return state["step"], int(state.get("tokens", 0))
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -199,12 +195,13 @@ def evaluate(model, objective: Objective, batches) -> float:
     import torch
 
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for i, batch in enumerate(batches):
             gen = torch.Generator().manual_seed(10_000 + i)  # fixed masks for MLM: comparable evaluations
-            loss, n = objective(model, to_device(batch, model.device), gen)
+            loss, n = objective(model, to_device(batch, device), gen)
             total += float(loss) * n
             count += n
     model.train(was_training)
@@ -239,13 +236,12 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
     model.train()
     optimizer = make_optimizer(model, args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
-    start = restore_checkpoint(ckpt, model, optimizer, scheduler) if ckpt else 0
+    start, total_tokens = restore_checkpoint(ckpt, model, optimizer, scheduler) if ckpt else (0, 0)
     if ckpt and main:
         truncate_metrics(run_dir / "metrics.jsonl", start)
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics = open(run_dir / "metrics.jsonl", "a") if main else None
     rank, world = accelerator.process_index, accelerator.num_processes
-    total_tokens = state_tokens(ckpt) if ckpt else 0
     summary: dict = {"start_step": start}
 
     def log(row: dict) -> None:

@@ -64,15 +64,10 @@ def build_or_load(model: str, tokenizer, seq_len: int, seed: int):
             raise SlmError(f"{spec.name} is a {spec.task} model; `slm pretrain` trains causal-LM and masked-LM specs")
         config = dict(spec.config)
         config["vocab_size"] = len(tokenizer)
-        key = "max_position_embeddings"
-        if spec.task == "masked-lm":
-            config[key] = max(config[key], seq_len + 2)
-            config.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
-        else:
-            config[key] = max(config[key], seq_len)
-            config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+        offset = 2 if spec.task == "masked-lm" else 0  # RoBERTa positions start after the padding index
+        config["max_position_embeddings"] = max(config["max_position_embeddings"], seq_len + offset)
+        config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
         return zoo.build_model(replace(spec, config=config), seed=seed), spec.task
     loaded = load(model, dtype="fp32")
     if loaded.model.get_input_embeddings().num_embeddings < len(tokenizer):
