@@ -268,6 +268,35 @@ def fit_history(loaded, history: list[dict], max_new_tokens: int, system: str | 
     return history
 
 
+# --- serve ----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for all interfaces).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="Most requests decoded together (continuous batching).")] = 16,
+    served_name: Annotated[str | None, typer.Option(help="Model name clients use (default: the model's).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="SLMKIT_API_KEY", help="Require this bearer token.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Default max_tokens when a request gives none.")] = 512,
+    dtype: DtypeOpt = "auto",
+):
+    """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (both stream with "stream": true),
+    /v1/models, /health. Concurrent requests are batched. Use it with any OpenAI client:
+    `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")`, or as a teacher: `http://127.0.0.1:8000/v1#NAME`."""
+    from slmkit.serve import serve as run_server
+
+    def ready(server):
+        err.print(f"serving [bold]{server.name}[/] at {server.url} (max batch {max_batch}); Ctrl-C stops")
+
+    try:
+        run_server(model, host=host, port=port, max_batch=max_batch, served_name=served_name, api_key=api_key,
+                   max_tokens=max_tokens, dtype=dtype, on_ready=ready)
+    except KeyboardInterrupt:
+        err.print("stopped")
+
+
 # --- data, tokenizers, pretraining ----------------------------------------------------------------------
 
 data_app = typer.Typer(no_args_is_help=True, help="Corpora: list the packaged ones, tokenise into a cache.")
@@ -329,8 +358,8 @@ def data_filter(
 def data_synthesize(
     topics: Annotated[str, typer.Argument(help="A file with one topic per line, or a comma-separated list.")],
     out_file: Annotated[Path, typer.Option("--out", help="JSONL to append to (text, topic, kind, sample).")],
-    teacher: Annotated[str | None, typer.Option(help="Teacher model (zoo name, directory, .gguf); default: "
-                                                "the embedded model.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: a model (zoo name, directory, .gguf; default the "
+                                                "embedded one) or an endpoint http://host:port/v1#model.")] = None,
     kind: Annotated[list[str] | None, typer.Option(help="textbook and/or exercise (repeatable; default both).")] = None,
     per_topic: Annotated[int, typer.Option(help="Samples per topic and kind.")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Longest text in tokens.")] = 256,

@@ -179,49 +179,129 @@ def pack_linear_weights(model) -> bool:
 # --- the decode loop -------------------------------------------------------------------------------------
 
 
+class CachedLM:
+    """One model's running KV cache over a left-padded batch. `step(ids)` feeds new tokens (one or a few
+    per row) and returns their logits; `crop`, `select` and `merge` let speculative decoding roll back and
+    the server's continuous batching drop finished rows and add new ones. EFT keeps three of these.
+
+    Decoder-only rows carry an attention mask and position ids, so rows of different lengths share one
+    cache; an encoder-decoder model runs its encoder once and caches the decoder (crop works, not merge)."""
+
+    def __init__(self, model, input_ids, attention_mask):
+        import torch
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        pack_linear_weights(model)
+        self.model, self.encoder_decoder = model, bool(model.config.is_encoder_decoder)
+        self.mask = attention_mask
+        with torch.inference_mode():
+            if self.encoder_decoder:
+                self.cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                self.encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+                self.decoded = 0
+            else:
+                self.cache = DynamicCache(config=model.config)
+                self.positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, time)
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    def prefill(self, input_ids, keep: int = 1):
+        """Run the prompt (decoder-only) or the decoder start token (encoder-decoder); last `keep` logits."""
+        if self.encoder_decoder:
+            start = self.model.config.decoder_start_token_id
+            input_ids = self.mask.new_full((self.batch, 1), start if start is not None else 0)
+        return self._forward(input_ids, self.positions if not self.encoder_decoder else None, keep)
+
+    def step(self, ids, keep: int | None = None):
+        """Append `ids` (batch, k) to every row and return logits (batch, keep or k, vocab)."""
+        k = ids.shape[1]
+        if self.encoder_decoder:
+            return self._forward(ids, None, keep or k)
+        import torch
+
+        new_positions = self.positions[:, -1:] + torch.arange(1, k + 1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.batch, k)], dim=1)
+        self.positions = torch.cat([self.positions, new_positions], dim=1)
+        return self._forward(ids, new_positions, keep or k)
+
+    def _forward(self, ids, positions, keep):
+        import torch
+
+        with torch.inference_mode():
+            if self.encoder_decoder:
+                self.decoded += ids.shape[1]
+                return self.model(encoder_outputs=self.encoder_outputs, attention_mask=self.mask,
+                                  decoder_input_ids=ids, cache=self.cache, use_cache=True).logits[:, -keep:]
+            return self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
+                              use_cache=True, logits_to_keep=keep).logits
+
+    def length(self) -> int:
+        return self.decoded if self.encoder_decoder else self.mask.shape[1]
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` columns (rejected speculative tokens)."""
+        if self.encoder_decoder:
+            self.cache.self_attention_cache.crop(length)
+            self.decoded = length
+            return
+        self.cache.crop(length)
+        self.mask, self.positions = self.mask[:, :length], self.positions[:, :length]
+
+    def select(self, rows) -> None:
+        """Keep only these rows (finished requests leave) and drop columns that are padding in every row."""
+        import torch
+
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+        first = int(self.mask.any(0).float().argmax()) if len(rows) else 0
+        self.mask, self.positions = self.mask[:, first:], self.positions[:, first:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[rows, :, first:], layer.values[rows, :, first:]
+
+    def merge(self, other: CachedLM) -> None:
+        """Append the rows of `other` (same model), left-padding the shorter history with masked columns."""
+        import torch
+        from torch.nn.functional import pad
+
+        if self.encoder_decoder:
+            raise SlmError("encoder-decoder caches cannot be merged")
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def left(t, dim_from_end):
+            return pad(t, (0, 0) * (dim_from_end - 1) + (width - t.shape[-dim_from_end], 0))
+
+        self.mask = torch.cat([left(self.mask, 1), left(other.mask, 1)])
+        self.positions = torch.cat([left(self.positions, 1), left(other.positions, 1)])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([left(mine.keys, 2), left(theirs.keys, 2)])
+            mine.values = torch.cat([left(mine.values, 2), left(theirs.values, 2)])
+
+
 def decode_tokens(model, input_ids, attention_mask, params: SamplingParams, eos: set[int]) -> Iterator:
     """Yield a (batch,) tensor of next tokens each step; finished rows repeat EOS. Keeps one KV cache."""
     import torch
-    from transformers import DynamicCache, EncoderDecoderCache
 
-    pack_linear_weights(model)
     batch = input_ids.shape[0]
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     eos_t = torch.tensor(sorted(eos) or [-1])
     pad = int(eos_t[0]) if eos else 0
-    state = {"done": torch.zeros(batch, dtype=torch.bool), "seen": input_ids, "mask": attention_mask,
-             "positions": (attention_mask.cumsum(-1) - 1).clamp(min=0)}
-    # Each step runs under inference_mode; it is not held across `yield`, so the caller's code is unaffected.
-    with torch.inference_mode():
-        if model.config.is_encoder_decoder:
-            cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
-            start = model.config.decoder_start_token_id
-            step_ids = torch.full((batch, 1), start if start is not None else pad, dtype=torch.long)
-        else:
-            cache = DynamicCache(config=model.config)
-            step_ids = input_ids
-
-    def forward(ids):
-        if model.config.is_encoder_decoder:
-            return model(encoder_outputs=encoder_outputs, attention_mask=attention_mask,
-                         decoder_input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
-        if ids is not input_ids:  # a decode step: one new column of mask and positions
-            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(batch, 1)], dim=1)
-            state["positions"] = state["positions"][:, -1:] + 1
-        return model(input_ids=ids, attention_mask=state["mask"], position_ids=state["positions"], cache=cache,
-                     use_cache=True, logits_to_keep=1).logits[:, -1]
-
+    done = torch.zeros(batch, dtype=torch.bool)
+    seen = input_ids
+    lm = CachedLM(model, input_ids, attention_mask)
+    tokens = None
     for _ in range(params.max_new_tokens):
+        logits = (lm.prefill(input_ids) if tokens is None else lm.step(tokens[:, None]))[:, -1]
+        # each step runs under inference_mode; it is not held across `yield`, so the caller's code is unaffected
         with torch.inference_mode():
-            tokens = next_tokens(forward(step_ids), params, state["seen"], generator)
-            tokens = torch.where(state["done"], torch.full_like(tokens, pad), tokens)
-            state["done"] = state["done"] | torch.isin(tokens, eos_t)
-            step_ids = tokens[:, None]
+            tokens = next_tokens(logits, params, seen, generator)
+            tokens = torch.where(done, torch.full_like(tokens, pad), tokens)
+            done = done | torch.isin(tokens, eos_t)
             if params.repetition_penalty != 1.0:
-                state["seen"] = torch.cat([state["seen"], step_ids], dim=1)
+                seen = torch.cat([seen, tokens[:, None]], dim=1)
         yield tokens
-        if bool(state["done"].all()):
+        if bool(done.all()):
             return
 
 

@@ -45,19 +45,18 @@ def _normal(text: str) -> str:
 def synthesize(topics: str, out: Path, *, teacher: str | None = None, kinds: tuple[str, ...] = ("textbook", "exercise"),
                per_topic: int = 1, max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.95,
                seed: int = 0, batch_size: int = 8, near_duplicate: float = 0.92, progress: bool = True) -> dict:
-    """Ask `teacher` (a local model; default: the embedded one) for texts; append new, non-duplicate ones."""
+    """Ask `teacher` (a local model, default the embedded one, or an endpoint `http://host:port/v1#model`)
+    for texts; append the new, non-duplicate ones."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from slmkit.client import open_lm
     from slmkit.data.quality import Embedder
-    from slmkit.generate import SamplingParams, generate
-    from slmkit.models import load
+    from slmkit.generate import SamplingParams
 
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise SlmError(f"unknown kind '{unknown[0]}' (choose from {', '.join(KINDS)})")
-    if teacher and teacher.startswith(("http://", "https://")):
-        raise SlmError("an OpenAI-compatible endpoint cannot be a teacher yet; give a local model")
     out = Path(out)
     done, texts = set(), []
     if out.is_file():
@@ -70,7 +69,7 @@ def synthesize(topics: str, out: Path, *, teacher: str | None = None, kinds: tup
     summary = {"requested": len(jobs), "written": 0, "duplicates": 0, "out": str(out)}
     if not jobs:
         return summary
-    loaded = load(teacher)
+    lm = open_lm(teacher)
     embed = Embedder()
     vectors = embed(texts) if texts else torch.empty(0, 384)
     seen = {hashlib.sha256(_normal(t).encode()).hexdigest() for t in texts}
@@ -84,8 +83,8 @@ def synthesize(topics: str, out: Path, *, teacher: str | None = None, kinds: tup
             prompts = [KINDS[k].format(topic=t, audience=_audience(t, i)) for t, k, i in batch]
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     seed=seed + start)
-            for (t, k, i), c in zip(batch, generate(loaded, prompts, params), strict=True):
-                text = c.text.strip()
+            for (t, k, i), text in zip(batch, lm.generate(prompts, params), strict=True):
+                text = text.strip()
                 key = hashlib.sha256(_normal(text).encode()).hexdigest()
                 vec = embed([text])
                 if not text or key in seen or (len(vectors) and float((vectors @ vec.T).max()) >= near_duplicate):
