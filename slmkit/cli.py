@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import sys
 import typing
@@ -145,35 +146,61 @@ def read_prompts(prompt: str | None, input_file: Path | None) -> list[str | list
     return [prompt]
 
 
+PromptArg = Annotated[str | None, typer.Argument(help="The prompt; '-' or none reads stdin.")]
+InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help="JSONL file of prompts ({\"prompt\": ...} "
+                                              "or {\"messages\": [...]}), run in batches.")]
+BatchOpt = Annotated[int, typer.Option(help="Prompts decoded together from --input.")]
+SystemOpt = Annotated[str | None, typer.Option(help="System prompt for chat models "
+                                               "(default: \"You are a helpful assistant.\").")]
+ChatOpt = Annotated[bool | None, typer.Option("--chat/--no-chat", help="Apply the chat template "
+                                              "(default: when the model has one).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")]
+BetaOpt = Annotated[float, typer.Option(help="EFT strength: 1 = up-scaling, >1 amplifies the fine-tuning, "
+                                        "0 = the large base alone.")]
+SpeculativeOpt = Annotated[int, typer.Option(help="EFT speculative decoding: the small fine-tuned model drafts this "
+                                             "many tokens per round (greedy, one prompt; 0 = off).")]
+
+
 @app.command()
 @dataclass_options(SamplingParams, "sampling")
 def generate(
-    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' or none reads stdin.")] = None,
+    prompt: PromptArg = None,
     model: ModelOpt = None,
-    input: Annotated[Path | None, typer.Option("--input", "-i", help="JSONL file of prompts ({\"prompt\": ...} "
-                                               "or {\"messages\": [...]}), run in batches.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts decoded together from --input.")] = 8,
-    system: Annotated[str | None, typer.Option(help="System prompt for chat models "
-                                               "(default: \"You are a helpful assistant.\").")] = None,
-    chat: Annotated[bool | None, typer.Option("--chat/--no-chat", help="Apply the chat template "
-                                                 "(default: when the model has one).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
+    input: InputOpt = None,
+    batch_size: BatchOpt = 8,
+    system: SystemOpt = None,
+    chat: ChatOpt = None,
+    as_json: JsonOpt = False,
     dtype: DtypeOpt = "auto",
+    eft_ft: Annotated[str | None, typer.Option(help="Emulated fine-tuning: a small fine-tuned model whose "
+                                               "fine-tuning is added to --model (see `slm eft`).")] = None,
+    eft_base: Annotated[str | None, typer.Option(help="EFT: the small fine-tuned model's base.")] = None,
+    beta: BetaOpt = 1.0,
+    speculative: SpeculativeOpt = 0,
     sampling: SamplingParams = None,
 ):
     """Generate text: streamed to the terminal, or as JSON lines for scripts."""
-    from slmkit import generate as g
+    if (eft_ft is None) != (eft_base is None):
+        raise SlmError("EFT needs both --eft-ft and --eft-base")
+    if eft_ft is not None:
+        return run_eft(prompt, model, eft_ft, eft_base, beta, speculative, input, batch_size, system, chat, as_json,
+                       dtype, sampling)
     from slmkit.models import load
 
     prompts = read_prompts(prompt, input)
     sampling.validate()
-    loaded = load(model, dtype=dtype)
+    print_generations(load(model, dtype=dtype), prompts, sampling, batch_size, system, chat, as_json)
+
+
+def print_generations(loaded, prompts, sampling, batch_size, system, chat, as_json, decode=None):
+    from slmkit import generate as g
+
     if len(prompts) == 1 and not as_json:
-        stream_to_terminal(loaded, prompts[0], sampling, system=system, chat=chat)
+        stream_to_terminal(loaded, prompts[0], sampling, system=system, chat=chat, decode=decode)
         return
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        for c in g.generate(loaded, batch, sampling, system=system, chat=chat):
+        for c in g.generate(loaded, batch, sampling, system=system, chat=chat, decode=decode):
             if as_json:
                 sys.stdout.write(json.dumps({"prompt": c.prompt, "text": c.text, "prompt_tokens": c.prompt_tokens,
                                              "completion_tokens": c.completion_tokens,
@@ -184,14 +211,90 @@ def generate(
                 out.print(c.text, markup=False, highlight=False)
 
 
-def stream_to_terminal(loaded, prompt, sampling, *, system=None, chat=None, interruptible=False) -> str:
+def run_eft(prompt, large, small_ft, small_base, beta, speculative, input, batch_size, system, chat, as_json, dtype,
+            sampling):
+    from slmkit.methods import eft
+
+    prompts = read_prompts(prompt, input)
+    sampling.validate()
+    models = eft.load_eft(large, small_ft, small_base, dtype=dtype)
+    print_generations(models.small_ft, prompts, sampling, 1 if speculative else batch_size, system, chat, as_json,
+                      decode=eft.decoder(models, beta, speculative))
+
+
+@app.command("eft")
+@dataclass_options(SamplingParams, "sampling")
+def eft_command(
+    prompt: PromptArg = None,
+    small_ft: Annotated[str, typer.Option(help="The small fine-tuned model (its chat template formats "
+                                          "prompts).")] = ...,
+    small_base: Annotated[str, typer.Option(help="The small model's base, before fine-tuning.")] = ...,
+    large: Annotated[str | None, typer.Option(help="The large base model (default: the embedded model). For "
+                                              "down-scaling give a small base here and a large pair above.")] = None,
+    beta: BetaOpt = 1.0,
+    speculative: SpeculativeOpt = 0,
+    input: InputOpt = None,
+    batch_size: BatchOpt = 8,
+    system: SystemOpt = None,
+    chat: ChatOpt = None,
+    as_json: JsonOpt = False,
+    dtype: DtypeOpt = "auto",
+    sampling: SamplingParams = None,
+):
+    """Emulated fine-tuning / LM up-scaling: sample from log p_large + β·(log p_small_ft − log p_small_base)
+    per token. No training; the three models must share a vocabulary (checked). Local models only: an endpoint
+    does not return the full next-token distribution EFT needs."""
+    run_eft(prompt, large, small_ft, small_base, beta, speculative, input, batch_size, system, chat, as_json, dtype,
+            sampling)
+
+
+@app.command("eft-eval")
+def eft_eval_command(
+    small_ft: Annotated[str, typer.Option(help="The small fine-tuned model.")],
+    small_base: Annotated[str, typer.Option(help="The small model's base.")],
+    large: Annotated[str | None, typer.Option(help="The large base (default: the embedded model).")] = None,
+    data: Annotated[str, typer.Option(help="Chat or prompt/completion data; the split `slm finetune` holds out "
+                                      "(same --val-fraction and --seed) is scored.")] = "chatterbot-en",
+    val_fraction: Annotated[float, typer.Option(help="Held-out fraction (as in `slm finetune`).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Split seed (as in `slm finetune`).")] = 0,
+    betas: Annotated[str, typer.Option(help="Comma-separated β values to sweep.")] = "0,0.25,0.5,0.75,1,1.5,2",
+    limit: Annotated[int | None, typer.Option(help="Score at most this many held-out records.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where eft_eval.json and eft_beta.png go.")]
+    = Path("runs/eft-eval"),
+    dtype: DtypeOpt = "fp32",
+):
+    """EFT's miniature proof: held-out answer NLL of the large base alone, the small models alone, and the
+    up-scaled combination for each β (table, JSON and a plot)."""
+    from rich.table import Table
+
+    from slmkit.methods.eft import eft_eval
+
+    try:
+        beta_values = tuple(float(b) for b in betas.split(","))
+    except ValueError as e:
+        raise SlmError(f"--betas must be comma-separated numbers (got {betas!r})") from e
+    r = eft_eval(large, small_ft, small_base, data=data, val_fraction=val_fraction, seed=seed, betas=beta_values,
+                 limit=limit, out_dir=out_dir, dtype=dtype)
+    table = Table("model", "held-out answer NLL / token", "perplexity",
+                  title=f"EFT on {r['held_out']} held-out {data} records ({r['nll']['answer_tokens']} answer tokens)")
+    rows = [(f"large base alone ({r['large_base']})", "large_base"),
+            (f"small fine-tuned ({r['small_ft']})", "small_ft"),
+            (f"small base ({r['small_base']})", "small_base")]
+    rows += [(f"EFT β={b:g}" + (" (best)" if b == r["best_beta"] else ""), f"eft_beta_{b:g}") for b in beta_values]
+    for label, key in rows:
+        table.add_row(label, f"{r['nll'][key]:.3f}", f"{math.exp(r['nll'][key]):.2f}")
+    out.print(table)
+    out.print(f"results -> {Path(out_dir) / 'eft_eval.json'}, plot -> {r['plot']}")
+
+
+def stream_to_terminal(loaded, prompt, sampling, *, system=None, chat=None, interruptible=False, decode=None) -> str:
     """Print text as it is generated; return all of it. With `interruptible`, Ctrl-C ends this reply early
     (and keeps what was said) instead of the program."""
     from slmkit import generate as g
 
     parts = []
     try:
-        for delta in g.stream(loaded, prompt, sampling, system=system, chat=chat):
+        for delta in g.stream(loaded, prompt, sampling, system=system, chat=chat, decode=decode):
             parts.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()

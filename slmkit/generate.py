@@ -242,12 +242,13 @@ class CachedLM:
 
     def crop(self, length: int) -> None:
         """Forget everything after the first `length` columns (rejected speculative tokens)."""
+        cache = self.cache.self_attention_cache if self.encoder_decoder else self.cache
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
         if self.encoder_decoder:
-            self.cache.self_attention_cache.crop(length)
             self.decoded = length
-            return
-        self.cache.crop(length)
-        self.mask, self.positions = self.mask[:, :length], self.positions[:, :length]
+        else:
+            self.mask, self.positions = self.mask[:, :length], self.positions[:, :length]
 
     def select(self, rows) -> None:
         """Keep only these rows (finished requests leave) and drop columns that are padding in every row."""
@@ -279,8 +280,10 @@ class CachedLM:
             mine.values = torch.cat([left(mine.values, 2), left(theirs.values, 2)])
 
 
-def decode_tokens(model, input_ids, attention_mask, params: SamplingParams, eos: set[int]) -> Iterator:
-    """Yield a (batch,) tensor of next tokens each step; finished rows repeat EOS. Keeps one KV cache."""
+def decode_tokens(model, input_ids, attention_mask, params: SamplingParams, eos: set[int], *,
+                  lm_class=CachedLM) -> Iterator:
+    """Yield a (batch,) tensor of next tokens each step; finished rows repeat EOS. Keeps one KV cache
+    (`lm_class` may combine several models: anything with CachedLM's `prefill` and `step`)."""
     import torch
 
     batch = input_ids.shape[0]
@@ -289,7 +292,7 @@ def decode_tokens(model, input_ids, attention_mask, params: SamplingParams, eos:
     pad = int(eos_t[0]) if eos else 0
     done = torch.zeros(batch, dtype=torch.bool)
     seen = input_ids
-    lm = CachedLM(model, input_ids, attention_mask)
+    lm = lm_class(model, input_ids, attention_mask)
     tokens = None
     for _ in range(params.max_new_tokens):
         logits = (lm.prefill(input_ids) if tokens is None else lm.step(tokens[:, None]))[:, -1]
@@ -383,13 +386,14 @@ def _prepare(loaded, prompts, params: SamplingParams, system, chat):
 
 
 def stream(loaded, prompt: str | list[dict], params: SamplingParams | None = None, *,
-           system: str | None = None, chat: bool | None = None) -> Iterator[str]:
+           system: str | None = None, chat: bool | None = None, decode=None) -> Iterator[str]:
     """Yield text deltas for one prompt as tokens are generated. Returns the Completion at the end
-    (available as `StopIteration.value`, or use `generate(..., on_text=...)`)."""
+    (available as `StopIteration.value`, or use `generate(..., on_text=...)`). `decode` replaces the token
+    loop (same signature as `decode_tokens`; EFT passes its combined-model loop)."""
     params = params or SamplingParams()
     texts, ids, mask, run_params, eos = _prepare(loaded, [prompt], params, system, chat)
     tracker = _TextTracker(loaded.tokenizer, list(params.stop), eos)
-    for tokens in decode_tokens(loaded.model, ids, mask, run_params, eos):
+    for tokens in (decode or decode_tokens)(loaded.model, ids, mask, run_params, eos):
         delta = tracker.add(int(tokens[0]))
         if delta:
             yield delta
@@ -402,12 +406,13 @@ def stream(loaded, prompt: str | list[dict], params: SamplingParams | None = Non
 
 
 def generate(loaded, prompts: list[str | list[dict]], params: SamplingParams | None = None, *,
-             system: str | None = None, chat: bool | None = None, on_text=None) -> list[Completion]:
-    """Generate for a batch of prompts at once. `on_text(row, delta)` receives text as it is produced."""
+             system: str | None = None, chat: bool | None = None, on_text=None, decode=None) -> list[Completion]:
+    """Generate for a batch of prompts at once. `on_text(row, delta)` receives text as it is produced;
+    `decode` replaces the token loop as in `stream`."""
     params = params or SamplingParams()
     texts, ids, mask, run_params, eos = _prepare(loaded, prompts, params, system, chat)
     trackers = [_TextTracker(loaded.tokenizer, list(params.stop), eos) for _ in prompts]
-    for tokens in decode_tokens(loaded.model, ids, mask, run_params, eos):
+    for tokens in (decode or decode_tokens)(loaded.model, ids, mask, run_params, eos):
         for row, tracker in enumerate(trackers):
             delta = tracker.add(int(tokens[row]))
             if delta and on_text:
