@@ -371,6 +371,44 @@ def fit_history(loaded, history: list[dict], max_new_tokens: int, system: str | 
     return history
 
 
+@app.command("supericl")
+def supericl_command(
+    data: Annotated[str, typer.Option(help="Labelled {\"text\", \"label\"} JSONL or a packaged set.")]
+    = "chatterbot-topics",
+    test_data: Annotated[str | None, typer.Option(help="Held-out labelled set (default: a split of --data).")]
+    = None,
+    test_fraction: Annotated[float, typer.Option(help="Held-out fraction when --test-data is not given.")] = 0.3,
+    plugin: Annotated[str | None, typer.Option(help="A trained classifier directory (default: fine-tune "
+                                               "--plugin-base on the training split).")] = None,
+    plugin_base: Annotated[str, typer.Option(help="Encoder to fine-tune as the plug-in.")] = "all-minilm-l6-v2",
+    plugin_steps: Annotated[int, typer.Option(help="Plug-in fine-tuning steps.")] = 60,
+    large: Annotated[str | None, typer.Option(help="The large model: local (default: the embedded model) or an "
+                                              "endpoint http://host:port/v1#model.")] = None,
+    shots: Annotated[int, typer.Option(help="Demonstrations per prompt.")] = 8,
+    retrieval: Annotated[str, typer.Option(help="knn (MiniLM nearest neighbours) or random demonstrations.")]
+    = "knn",
+    explain: Annotated[bool, typer.Option(help="Ask the large model to explain when it overrides the plug-in.")]
+    = False,
+    limit: Annotated[int | None, typer.Option(help="Evaluate at most this many held-out examples.")] = None,
+    seed: Annotated[int, typer.Option(help="Split, sampling and training seed.")] = 0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where supericl.json and predictions.jsonl go.")]
+    = Path("runs/supericl"),
+):
+    """SuperICL: a small fine-tuned classifier's predictions and confidences go into the large model's
+    in-context demonstrations; reports plug-in alone, ICL alone and SuperICL accuracy on held-out data."""
+    from slmkit.methods.supericl import supericl
+
+    r = supericl(data, test_data=test_data, test_fraction=test_fraction, plugin=plugin, plugin_base=plugin_base,
+                 plugin_steps=plugin_steps, large=large, shots=shots, retrieval=retrieval, explain=explain,
+                 limit=limit, seed=seed, out_dir=out_dir)
+    acc = r["accuracy"]
+    out.print(f"{r['test_examples']} held-out examples, {shots} {retrieval} demonstrations, large model {r['large']}")
+    for name, label in (("plugin", "plug-in alone"), ("icl", "ICL alone"), ("supericl", "SuperICL")):
+        out.print(f"  {label:14s} {acc[name]:.3f}")
+    out.print(f"  SuperICL overrode the plug-in {r['overrides']} times ({r['overrides_correct']} correctly); "
+              f"results -> {Path(out_dir) / 'supericl.json'}")
+
+
 # --- serve ----------------------------------------------------------------------------------------------
 
 

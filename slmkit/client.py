@@ -1,7 +1,8 @@
 """The "large model" role: wherever a method needs a teacher or a black-box LLM it takes a local model or an
 OpenAI-compatible endpoint, written `http://host:port/v1#model-name` (the part after `#` picks the model;
 without it the server's first model is used). `open_lm(spec)` returns either kind behind one interface:
-`lm.generate(prompts, params, system=...) -> list[str]`.
+`lm.generate(prompts, params, system=...) -> list[str]` and `lm.choose(prompts, options) -> list[int | None]`
+(which option each prompt continues with: scored by log-likelihood locally, read from greedy text remotely).
 
 The endpoint client uses only the standard library: JSON over HTTP with a timeout per request, retries
 with exponential back-off on connection failures, 429 and 5xx, and a one-line error for anything else.
@@ -130,6 +131,16 @@ class LocalLM:
             texts += [c.text for c in generate(self.loaded, batch, params, system=system, chat=chat)]
         return texts
 
+    def choose(self, prompts: list[str], options: list[str]) -> list[int | None]:
+        """The option with the highest log p(option | prompt) (plain-text prompts)."""
+        from slmkit.evaluate import option_logprobs
+
+        picks = []
+        for prompt in prompts:
+            scores = option_logprobs(self.loaded, prompt, options)
+            picks.append(max(range(len(options)), key=scores.__getitem__))
+        return picks
+
 
 class RemoteLM:
     """An endpoint; prompts go out concurrently so the server can batch them."""
@@ -151,6 +162,23 @@ class RemoteLM:
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(one, enumerate(prompts)))
+
+    def choose(self, prompts: list[str], options: list[str]) -> list[int | None]:
+        """Greedy completions, read as the option they start with (None when they name no option). An
+        endpoint gives no log-likelihoods, so the answer is parsed from text."""
+        texts = self.generate(prompts, SamplingParams(max_new_tokens=16, stop=["\n"]), chat=False)
+        return [match_option(t, options) for t in texts]
+
+
+def match_option(text: str, options: list[str]) -> int | None:
+    """The option a reply starts with (case-insensitive), else the first option it mentions, else None."""
+    reply = text.strip().lower()
+    by_length = sorted(range(len(options)), key=lambda i: -len(options[i]))  # "positive" before "pos"
+    for i in by_length:
+        if reply.startswith(options[i].strip().lower()):
+            return i
+    found = [(reply.find(options[i].strip().lower()), i) for i in by_length if options[i].strip().lower() in reply]
+    return min(found)[1] if found else None
 
 
 def open_lm(spec: str | None, *, dtype: str = "auto", api_key: str | None = None, timeout: float = 120.0):

@@ -20,11 +20,15 @@ from slmkit.errors import SlmError
 
 
 def workflows() -> dict:
+    from slmkit.methods.eft import eft_eval
     from slmkit.methods.finetune import FinetuneArgs, finetune
     from slmkit.methods.pretrain import pretrain
+    from slmkit.methods.supericl import supericl
     from slmkit.train import TrainArgs
 
-    return {"pretrain": (pretrain, TrainArgs), "finetune": (finetune, FinetuneArgs)}
+    # workflow name -> (function, its `train:` dataclass or None when it does not train)
+    return {"pretrain": (pretrain, TrainArgs), "finetune": (finetune, FinetuneArgs), "eft_eval": (eft_eval, None),
+            "supericl": (supericl, None)}
 
 
 def _check_type(value, annotation, where: str):
@@ -37,6 +41,9 @@ def _check_type(value, annotation, where: str):
             return Path(value)
         if option is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if typing.get_origin(option) in (tuple, list) and isinstance(value, list):  # tuple[float, ...], list[str]
+            item = typing.get_args(option)[0]
+            return typing.get_origin(option)(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value))
         if isinstance(option, type) and isinstance(value, option) and not (option is int and isinstance(value, bool)):
             return value
     raise SlmError(f"{where}: expected {annotation}, got {value!r}")
@@ -55,7 +62,7 @@ def parse_recipe(recipe: dict, where: str):
     for key, value in recipe.items():
         if key in ("workflow", "description"):
             continue
-        if key == "train":
+        if key == "train" and args_cls is not None:
             if not isinstance(value, dict):
                 raise SlmError(f"{where}: 'train' must be a mapping of {args_cls.__name__} fields")
             fields = {f.name for f in dataclasses.fields(args_cls)}

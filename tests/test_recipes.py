@@ -25,8 +25,8 @@ def test_recipes_exist_for_every_pretraining_family():
 def test_recipe_validates(path):
     fn, kwargs = load_recipe(path)
     model = kwargs.get("model")
-    if model and zoo.is_zoo_name(model):
-        assert zoo.get(model).nano == ("nano" in path.stem)  # nano recipes use nano specs, real ones real specs
+    if model and zoo.is_zoo_name(model) and path.stem.startswith(zoo.get(model).family.lower()):
+        assert zoo.get(model).nano == ("nano" in path.stem)  # nano family recipes use nano specs, real ones real
 
 
 @pytest.mark.parametrize("recipe, message", [

@@ -166,6 +166,7 @@ def test_endpoint_client_and_remote_teacher(server, tmp_path):
                         SamplingParams(max_new_tokens=16))
     assert "Paris" in texts[0] and "Rom" in texts[1]  # the small model answers "Roma" in Italian
     assert endpoint.model == server.name
+    assert lm.choose(["The capital of France is", "The capital of Italy is"], [" Berlin", " Paris", " Rome"]) == [1, 2]
     assert "Paris" in Endpoint.parse(server.url.removesuffix("/v1") + "#" + server.name).complete(
         "The capital of France is", SamplingParams(max_new_tokens=4))
     with pytest.raises(SlmError, match="HTTP 404.*does not exist"):
