@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from openai import OpenAI
 
 from slmkit.models import load
@@ -89,9 +90,9 @@ def main():
     single = levels[0]["tokens_per_s"] if args.clients[0] == 1 else None
     for level in levels:
         level["vs_single_stream"] = round(level["tokens_per_s"] / single, 2) if single else None
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     result = {"model": server.name, "dtype": str(loaded.model.dtype), "new_tokens": args.new_tokens,
-              "machine": {"cpu": platform.processor() or platform.machine(), "threads": __import__("torch").get_num_threads()},
-              "levels": levels}
+              "machine": machine, "levels": levels}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if single:
