@@ -25,8 +25,10 @@ PROMPTS = ["What is the capital of France?", "Tell me a joke.", "What is your fa
            "How do computers work?", "Do you like music?"]
 
 
-def per_token_ms(fn, prompts, new_tokens: int) -> tuple[float, list[str]]:
+def per_token_ms(fn, prompts, after_warmup=None) -> tuple[float, list[str]]:
     fn(prompts[0])  # warm-up
+    if after_warmup:
+        after_warmup()
     times, texts = [], []
     for p in prompts:
         start = time.perf_counter()
@@ -62,11 +64,10 @@ def main():
                                               decode=eft.decoder(models, args.beta, args.draft, stats))[0],
     }
     results, texts = {}, {}
-    accepted = drafted = 0
     for name, fn in runs.items():
-        results[name], texts[name] = per_token_ms(fn, PROMPTS, args.new_tokens)
+        results[name], texts[name] = per_token_ms(fn, PROMPTS, stats.clear)
         if name == "speculative_eft":
-            accepted, drafted = stats.get("accepted", 0), stats.get("drafted", 0)  # the last prompt's round
+            accepted, drafted = stats.get("accepted", 0), stats.get("drafted", 0)
         print(f"{name:16s} {results[name]:6.1f} ms/token")
     same = sum(a == b for a, b in zip(texts["eft"], texts["speculative_eft"], strict=True))
     summary = {
@@ -75,7 +76,7 @@ def main():
         "ms_per_token": {k: round(v, 2) for k, v in results.items()},
         "eft_vs_large": round(results["eft"] / results["large_alone"], 3),
         "speculative_speedup_vs_eft": round(results["eft"] / results["speculative_eft"], 3),
-        "draft_acceptance_last_prompt": round(accepted / drafted, 3) if drafted else None,
+        "draft_acceptance": round(accepted / drafted, 3) if drafted else None,
         "speculative_output_equal_to_eft": f"{same}/{len(PROMPTS)}",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

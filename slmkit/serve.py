@@ -122,6 +122,7 @@ class BatchEngine:
         lm: CachedLM | None = None
         last = None  # each running row's newest token, not yet fed to the model
         while not self._stop.is_set():
+            admitted: list[Request] = []
             try:
                 admitted = self._admit(len(running), block=not running, allow=lm is None or not self.encoder_decoder)
                 if admitted:
@@ -137,8 +138,8 @@ class BatchEngine:
                     self._deliver(running, last)
                 if running:
                     lm, last, running = self._retire(lm, last, running)
-            except Exception as e:  # an engine failure ends the running requests with an error, not the server
-                for req in running:
+            except Exception as e:  # an engine failure ends the affected requests with an error, not the server
+                for req in {id(r): r for r in running + admitted}.values():
                     req.events.put((req.index, "error", f"generation failed: {type(e).__name__}: {e}"))
                 running, lm, last = [], None, None
 
@@ -240,12 +241,16 @@ def sampling_from(body: dict, default_max_tokens: int) -> SamplingParams:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    temperature = _number(body, "temperature", 1.0, float, 0, 2)
+    top_p = _number(body, "top_p", 1.0, float, 0, 1)
+    if top_p == 0:  # "only the likeliest token" is greedy decoding
+        temperature, top_p = 0.0, 1.0
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     return SamplingParams(
         max_new_tokens=_number({name: max_tokens}, name, default_max_tokens, int, 1, None),
-        temperature=_number(body, "temperature", 1.0, float, 0, 2),
-        top_p=_number(body, "top_p", 1.0, float, 0, 1) or 1.0,
+        temperature=temperature,
+        top_p=top_p,
         top_k=max(_number(body, "top_k", 0, int, -1, None), 0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, None),
         seed=_number(body, "seed", None, int),

@@ -112,8 +112,10 @@ class EFTLM:
 
 def speculative_tokens(model, input_ids, attention_mask, params: SamplingParams, eos: set[int], *, large, base,
                        beta: float, vocab: int, draft: int = 4, stats: dict | None = None):
-    """Greedy EFT with the small fine-tuned `model` drafting `draft` tokens per round (batch 1). Yields (1,)
-    tensors like `decode_tokens`; the tokens equal plain greedy EFT's. `stats` counts rounds and accepted drafts."""
+    """Greedy EFT with the small fine-tuned `model` drafting up to `draft` tokens per round (batch 1; the draft
+    length adapts to the acceptance). Yields (1,) tensors like `decode_tokens`; the tokens equal plain greedy
+    EFT's (exactly in fp32; bf16 rounding can differ between one-token and multi-token forwards). `stats`
+    accumulates rounds, drafted and accepted tokens."""
     import torch
 
     if input_ids.shape[0] != 1:
@@ -121,7 +123,8 @@ def speculative_tokens(model, input_ids, attention_mask, params: SamplingParams,
     if params.temperature > 0:
         raise SlmError("speculative EFT is exact for greedy decoding; use --temperature 0 or drop --speculative")
     stats = stats if stats is not None else {}
-    stats.update(rounds=0, drafted=0, accepted=0)
+    for key in ("rounds", "drafted", "accepted"):  # accumulated over calls
+        stats.setdefault(key, 0)
     large_lm, ft_lm, base_lm = (CachedLM(m, input_ids, attention_mask) for m in (large, model, base))
     seen = input_ids
 
@@ -130,7 +133,7 @@ def speculative_tokens(model, input_ids, attention_mask, params: SamplingParams,
 
     with torch.inference_mode():
         token = pick(combine(*(lm.prefill(input_ids)[:, -1, :vocab] for lm in (large_lm, ft_lm, base_lm)), beta), seen)
-    emitted = 0
+    emitted, draft_len = 0, draft
     while True:
         yield token
         emitted += 1
@@ -138,7 +141,7 @@ def speculative_tokens(model, input_ids, attention_mask, params: SamplingParams,
         if int(token) in eos or emitted >= params.max_new_tokens:
             return
         with torch.inference_mode():
-            k = min(draft, params.max_new_tokens - emitted)
+            k = min(draft_len, params.max_new_tokens - emitted)
             length = large_lm.length()  # cache length before this round's tokens
             ft_logits, drafts, x = [], [], token
             for _ in range(k):  # the small fine-tuned model drafts greedily from its own distribution
@@ -162,6 +165,9 @@ def speculative_tokens(model, input_ids, attention_mask, params: SamplingParams,
         stats["rounds"] += 1
         stats["drafted"] += k
         stats["accepted"] += accepted
+        # adapt the draft length to how well the drafter agrees (as HF's assisted generation does): longer
+        # after a fully accepted round, shorter after a rejection, never beyond `draft`
+        draft_len = min(draft, draft_len + 2) if accepted == k else max(1, draft_len - 1)
         for d in drafts[:accepted]:
             yield d
             emitted += 1

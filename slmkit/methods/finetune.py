@@ -72,8 +72,12 @@ def chatterbot_topics(categories=("ai", "coding", "psychology", "trivia"), per_c
     return rows
 
 
+TOPICS_14 = ("ai", "botprofile", "computers", "emotion", "food", "greetings", "literature", "money", "movies",
+             "politics", "psychology", "science", "sports", "trivia")  # every chatterbot topic with >= 10 questions
+
 PACKAGED = {"chatterbot-en": chatterbot_conversations}
-CLASSIFICATION = {"chatterbot-topics": chatterbot_topics}
+CLASSIFICATION = {"chatterbot-topics": chatterbot_topics,
+                  "chatterbot-topics14": lambda: chatterbot_topics(TOPICS_14)}
 
 
 def load_records(source: str) -> list[list[dict] | tuple[str, str]]:
