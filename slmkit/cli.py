@@ -23,6 +23,7 @@ from rich.console import Console
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
 from slmkit.methods.finetune import FinetuneArgs
+from slmkit.methods.ul2r import DEFAULT_DENOISERS
 from slmkit.train import TrainArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -407,6 +408,114 @@ def supericl_command(
         out.print(f"  {label:14s} {acc[name]:.3f}")
     out.print(f"  SuperICL overrode the plug-in {r['overrides']} times ({r['overrides_correct']} correctly); "
               f"results -> {Path(out_dir) / 'supericl.json'}")
+
+
+flan_app = typer.Typer(no_args_is_help=True, help="FLAN / Flan-T5 instruction tuning: build mixtures, train, "
+                       "evaluate on held-out task clusters.")
+app.add_typer(flan_app, name="flan")
+TasksOpt = Annotated[Path | None, typer.Option("--tasks", help="Your tasks/templates YAML (same shape as "
+                                               "slmkit/data/flan/tasks.yaml), added to the packaged ones.")]
+ExamplesOpt = Annotated[int, typer.Option(help="Examples in the mixture.")]
+CapOpt = Annotated[int, typer.Option(help="Per-task cap for examples-proportional mixing.")]
+FewShotOpt = Annotated[float, typer.Option(help="Fraction of examples rendered few-shot.")]
+CotOpt = Annotated[float, typer.Option(help="Fraction of rationale-bearing tasks' examples rendered as "
+                                       "chain of thought (0 = no CoT).")]
+
+
+@flan_app.command("list")
+def flan_list(tasks: TasksOpt = None):
+    """Task clusters and their tasks."""
+    from slmkit.methods.flan import load_collection
+
+    c = load_collection(tasks)
+    for cluster, names in sorted(c.clusters.items()):
+        out.print(f"[bold]{cluster}[/]: {', '.join(names)}")
+
+
+@flan_app.command("build")
+def flan_build_command(
+    out_file: Annotated[Path, typer.Option("--out", help="The mixture, prompt/completion JSONL.")],
+    tasks: TasksOpt = None,
+    cluster: Annotated[list[str] | None, typer.Option(help="Only these clusters (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Leave out these clusters (repeatable).")] = None,
+    examples: ExamplesOpt = 3000,
+    cap: CapOpt = 500,
+    few_shot: FewShotOpt = 0.2,
+    cot: CotOpt = 0.5,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same mixture.")] = 0,
+):
+    """Render tasks through their templates (zero-shot, few-shot, CoT, turned around, OPTIONS) into a mixture."""
+    from slmkit.methods.flan import flan_build
+
+    r = flan_build(out_file, tasks_file=tasks, clusters=cluster, exclude=exclude, examples=examples, cap=cap,
+                   few_shot=few_shot, cot=cot, seed=seed)
+    out.print(f"wrote {r['examples']} examples of {r['tasks']} tasks ({r['formats']}) -> {r['out']}")
+
+
+@flan_app.command("eval")
+@dataclass_options(FinetuneArgs, "train_args")
+def flan_eval_command(
+    held_out: Annotated[str, typer.Option(help="The cluster to hold out (see `slm flan list`).")] = "classification",
+    model: ModelOpt = None,
+    tasks: TasksOpt = None,
+    examples: ExamplesOpt = 2000,
+    cap: CapOpt = 500,
+    few_shot: FewShotOpt = 0.2,
+    cot: CotOpt = 0.5,
+    eval_per_task: Annotated[int, typer.Option(help="Held-out examples per task.")] = 50,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
+    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "flan",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    train_args: FinetuneArgs = None,
+):
+    """FLAN's held-out-cluster test: zero-shot accuracy on one cluster, instruction tuning on all the others,
+    zero-shot accuracy again."""
+    from rich.table import Table
+
+    from slmkit.methods.flan import flan_eval
+
+    r = flan_eval(model, held_out, tasks_file=tasks, examples=examples, cap=cap, few_shot=few_shot, cot=cot,
+                  eval_per_task=eval_per_task, lora=lora, run=run, runs_dir=runs_dir, seed=train_args.seed,
+                  train_args=train_args)
+    table = Table("held-out task", "zero-shot before", "after instruction tuning",
+                  title=f"FLAN: trained on {', '.join(r['trained_clusters'])}; held out: {held_out}")
+    for task, acc in r["before"]["tasks"].items():
+        table.add_row(task, f"{acc:.3f}", f"{r['after']['tasks'][task]:.3f}")
+    table.add_row("[bold]mean[/]", f"{r['before']['mean']:.3f}", f"[bold]{r['after']['mean']:.3f}[/]")
+    out.print(table)
+    out.print(f"results -> {Path(runs_dir) / run / 'flan_eval.json'}")
+
+
+@app.command("ul2r")
+@dataclass_options(TrainArgs, "train_args")
+def ul2r_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="The pretrained checkpoint to continue (e.g. "
+                                       "runs/NAME/model from `slm pretrain`).")],
+    data: Annotated[str, typer.Option(help="Corpus name, .txt/.jsonl file or directory.")] = "python-docs",
+    denoisers: Annotated[str, typer.Option(help="KIND:MEAN_SPAN:RATE:WEIGHT,... with KIND R (regular), X "
+                                           "(extreme) or S (sequential/prefix-LM).")] = DEFAULT_DENOISERS,
+    budget: Annotated[float, typer.Option(help="Extra compute as a fraction of the pretraining tokens (read from "
+                                          "the run's metrics, or --pretrain-tokens); --steps overrides.")] = 0.1,
+    pretrain_tokens: Annotated[int | None, typer.Option(help="Tokens the model was pretrained on.")] = None,
+    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "ul2r",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue runs/NAME from its latest checkpoint.")] = False,
+    train_args: TrainArgs = None,
+):
+    """UL2R: continued training with UL2's mixture of denoisers (prefix-LM for decoder-only models, span
+    corruption for T5); reports infilling loss and left-to-right perplexity before and after."""
+    from slmkit.methods.ul2r import ul2r
+
+    r = ul2r(model, data=data, denoisers=denoisers, budget=budget, pretrain_tokens=pretrain_tokens, run=run,
+             runs_dir=runs_dir, resume=resume, train_args=train_args)
+    b, a = r["before"], r["after"]
+    extra = f" ({r['extra_compute']:.1%} of pretraining)" if r["extra_compute"] else ""
+    out.print(f"UL2R: {r['steps']} steps, {r['extra_tokens']:,} tokens{extra}")
+    out.print(f"  infilling loss        {b['infilling_loss']:.3f} -> {a['infilling_loss']:.3f} (hidden text tokens "
+              f"only: {b['infilling_text_loss']:.3f} -> {a['infilling_text_loss']:.3f})")
+    if "l2r_ppl" in b:
+        out.print(f"  left-to-right ppl     {b['l2r_ppl']:.2f} -> {a['l2r_ppl']:.2f} ({r['l2r_ppl_change']:+.1%})")
+    out.print(f"results -> {Path(r['run_dir']) / 'ul2r.json'}")
 
 
 # --- serve ----------------------------------------------------------------------------------------------

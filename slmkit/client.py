@@ -171,14 +171,19 @@ class RemoteLM:
 
 
 def match_option(text: str, options: list[str]) -> int | None:
-    """The option a reply starts with (case-insensitive), else the first option it mentions, else None."""
-    reply = text.strip().lower()
+    """The option a reply starts with (case-insensitive, ignoring a leading bullet), else the option it
+    mentions first as a whole word, else None."""
+    import re
+
+    reply = re.sub(r"^[\s\-*•:]+", "", text).lower()
     by_length = sorted(range(len(options)), key=lambda i: -len(options[i]))  # "positive" before "pos"
     for i in by_length:
-        if reply.startswith(options[i].strip().lower()):
+        option = options[i].strip().lower()
+        if reply.startswith(option) and not reply[len(option):len(option) + 1].isalnum():
             return i
-    found = [(reply.find(options[i].strip().lower()), i) for i in by_length if options[i].strip().lower() in reply]
-    return min(found)[1] if found else None
+    mentions = [(m.start(), i) for i in by_length
+                if (m := re.search(r"(?<!\w)" + re.escape(options[i].strip().lower()) + r"(?!\w)", reply))]
+    return min(mentions)[1] if mentions else None
 
 
 def open_lm(spec: str | None, *, dtype: str = "auto", api_key: str | None = None, timeout: float = 120.0):

@@ -22,13 +22,15 @@ from slmkit.errors import SlmError
 def workflows() -> dict:
     from slmkit.methods.eft import eft_eval
     from slmkit.methods.finetune import FinetuneArgs, finetune
+    from slmkit.methods.flan import flan_eval
     from slmkit.methods.pretrain import pretrain
     from slmkit.methods.supericl import supericl
+    from slmkit.methods.ul2r import ul2r
     from slmkit.train import TrainArgs
 
     # workflow name -> (function, its `train:` dataclass or None when it does not train)
     return {"pretrain": (pretrain, TrainArgs), "finetune": (finetune, FinetuneArgs), "eft_eval": (eft_eval, None),
-            "supericl": (supericl, None)}
+            "supericl": (supericl, None), "flan_eval": (flan_eval, FinetuneArgs), "ul2r": (ul2r, TrainArgs)}
 
 
 def _check_type(value, annotation, where: str):

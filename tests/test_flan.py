@@ -1,0 +1,121 @@
+"""FLAN: task collection, templates and formats, deterministic mixing, scoring, and the held-out-cluster
+workflow end to end on a tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from slmkit.errors import SlmError
+from slmkit.methods import flan
+
+
+@pytest.fixture(scope="module")
+def collection():
+    return flan.load_collection()
+
+
+def test_packaged_collection_has_clusters_and_ten_templates(collection):
+    assert {"arithmetic", "algorithmic", "logic", "graphs", "classification"} <= collection.clusters.keys()
+    assert len(collection.templates) == 10 and all("{question}" in t for t in collection.templates)
+    assert len({t.name for t in collection.tasks}) == len(collection.tasks) >= 20
+
+
+def test_user_tasks_and_bad_task_files(tmp_path):
+    data = tmp_path / "capitals.jsonl"
+    data.write_text('{"question": "Capital of France?", "answer": "Paris"}\n'
+                    '{"question": "Capital of Italy?", "answer": "Rome"}\n')
+    extra = tmp_path / "mine.yaml"
+    extra.write_text(f"templates: ['Tell me: {{question}}']\n"
+                     f"tasks:\n  - {{name: capitals, cluster: geography, source: '{data}'}}\n")
+    c = flan.load_collection(extra)
+    assert c.clusters["geography"] == ["capitals"] and c.templates[-1] == "Tell me: {question}"
+    rows = flan.build_mixture(c, clusters=["geography"], examples=10, few_shot=0, seed=1)
+    assert {r["completion"] for r in rows} == {"Paris", "Rome"}
+    for text, message in [("tasks:\n  - {name: x, cluster: y}\n", "needs 'name', 'cluster' and 'source'"),
+                          ("tasks:\n  - {name: chain_sum, cluster: y, source: z}\n", "already exists"),
+                          ("tasks:\n  - {name: x, cluster: y, source: z, colour: red}\n", "unknown field 'colour'"),
+                          ("tasks:\n  - {name: x, cluster: y, source: z, templates: ['no slot']}\n", "no {question}")]:
+        extra.write_text(text)
+        with pytest.raises(SlmError, match=message):
+            flan.load_collection(extra)
+    with pytest.raises(SlmError, match="unknown cluster 'nope'"):
+        flan.build_mixture(c, exclude=["nope"])
+
+
+def test_mixture_is_deterministic_and_holds_out_a_cluster(collection):
+    a = flan.build_mixture(collection, exclude=["logic"], examples=400, seed=3)
+    b = flan.build_mixture(collection, exclude=["logic"], examples=400, seed=3)
+    assert a == b
+    assert "logic" not in {r["cluster"] for r in a}
+    formats = {r["format"] for r in a}
+    assert {"zero", "few", "cot"} <= formats
+    per_task = {}
+    for r in a:
+        per_task[r["task"]] = per_task.get(r["task"], 0) + 1
+    assert max(per_task.values()) - min(per_task.values()) <= 1  # equal sizes under the cap: equal shares
+    few = next(r for r in a if r["format"] == "few")
+    assert few["prompt"].count("\n\n") >= 2
+    # free-form tasks are sometimes rendered as multiple choice: the answer is one of four OPTIONS
+    mc = [r for r in a if r["task"] == "chain_sum" and "OPTIONS:" in r["prompt"]]
+    assert mc and all(f"- {r['completion']}\n" in r["prompt"] + "\n" for r in mc)
+    assert all(r["prompt"].split("OPTIONS:\n")[1].count("\n- ") == 3 for r in mc)
+    assert flan.build_mixture(collection, exclude=["logic"], examples=400, seed=4) != a
+
+
+def test_rendering_options_cot_and_rationales(collection):
+    chain = next(t for t in collection.tasks if t.name == "chain_sum")
+    item = flan.make_items(chain, 3, seed=0)[2]
+    prompt, target = flan.render(item, collection.templates[0], collection, "cot")
+    assert prompt.endswith("Let's think step by step.")
+    assert target.endswith(f"So the answer is {item.answer}.")
+    assert item.rationale.split("= ")[-1].rstrip(".") == item.answer  # the rationale computes the answer
+    topics = next(t for t in collection.tasks if t.cluster == "classification")
+    cls = flan.make_items(topics, 1, seed=0)[0]
+    prompt, target = flan.render(cls, topics.templates[0], collection)
+    assert "OPTIONS:\n- ai\n- botprofile" in prompt and target in cls.options
+    legs = flan.make_items(next(t for t in collection.tasks if t.name == "leg_counting"), 1, seed=0)[0]
+    assert legs.rationale.endswith(f"gives {legs.answer}.")
+
+
+def test_scoring(collection):
+    syllogism = flan.make_items(next(t for t in collection.tasks if t.name == "syllogism"), 2, seed=0)
+    item = syllogism[0]
+    other = "No" if item.answer == "Yes" else "Yes"
+    assert flan.is_correct(item, f"{item.answer}, because the premises say so.")
+    assert flan.is_correct(item, f"The answer is {item.answer}.")
+    assert not flan.is_correct(item, other)
+    chain = flan.make_items(next(t for t in collection.tasks if t.name == "chain_sum"), 1, seed=0)[0]
+    assert flan.is_correct(chain, f"Answer: {chain.answer}\nThat is all.")
+    assert not flan.is_correct(chain, "I do not know")
+    assert flan.extract_answer("Let me see... so the answer is 42.") == "42"
+
+
+def test_flan_eval_end_to_end_on_a_tiny_model(tiny_causal, tmp_path):
+    import copy
+
+    from slmkit.methods.finetune import FinetuneArgs
+
+    model = copy.deepcopy(tiny_causal.model)
+    model.config.max_position_embeddings = 1024  # room for few-shot prompts (rotary positions have no table)
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_causal.tokenizer.save_pretrained(tmp_path / "tiny")
+    r = flan.flan_eval(str(tmp_path / "tiny"), "logic", examples=40, eval_per_task=3, lora=False, run="f",
+                       runs_dir=tmp_path, train_args=FinetuneArgs(steps=3, batch_size=2, seq_len=128, eval_every=0,
+                                                                  save_every=0, log_every=1), progress=False)
+    assert set(r["before"]["tasks"]) == {"syllogism", "aiw"} and 0 <= r["after"]["mean"] <= 1
+    assert "logic" not in r["trained_clusters"]
+    rows = [json.loads(line) for line in (tmp_path / "f" / "mixture.jsonl").read_text().splitlines()]
+    assert rows and all(r["messages"][1]["role"] == "assistant" for r in rows)  # a chat model gets chat turns
+    assert json.loads((tmp_path / "f" / "flan_eval.json").read_text())["held_out"] == "logic"
+
+
+def test_flan_build_command(tmp_path):
+    out = tmp_path / "mix.jsonl"
+    r = subprocess.run([sys.executable, "-m", "slmkit.cli", "flan", "build", "--out", str(out), "--examples", "60",
+                        "--exclude", "classification", "--cot", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) >= 40 and not any(row["format"] == "cot" for row in rows)
+    assert {"prompt", "completion", "task", "cluster", "format"} <= rows[0].keys()
