@@ -463,6 +463,8 @@ def flan_eval_command(
     few_shot: FewShotOpt = 0.2,
     cot: CotOpt = 0.5,
     eval_per_task: Annotated[int, typer.Option(help="Held-out examples per task.")] = 50,
+    rank: Annotated[bool, typer.Option(help="Score OPTIONS tasks by rank classification (the likeliest option) "
+                                       "instead of reading the generated answer.")] = False,
     lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
     run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "flan",
     runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
@@ -475,7 +477,7 @@ def flan_eval_command(
     from slmkit.methods.flan import flan_eval
 
     r = flan_eval(model, held_out, tasks_file=tasks, examples=examples, cap=cap, few_shot=few_shot, cot=cot,
-                  eval_per_task=eval_per_task, lora=lora, run=run, runs_dir=runs_dir, seed=train_args.seed,
+                  eval_per_task=eval_per_task, rank=rank, lora=lora, run=run, runs_dir=runs_dir, seed=train_args.seed,
                   train_args=train_args)
     table = Table("held-out task", "zero-shot before", "after instruction tuning",
                   title=f"FLAN: trained on {', '.join(r['trained_clusters'])}; held out: {held_out}")

@@ -92,6 +92,14 @@ def test_scoring(collection):
     assert flan.extract_answer("Let me see... so the answer is 42.") == "42"
 
 
+def test_rank_classification_picks_the_likely_option(smol, collection):
+    assert flan.rank_choice(smol, "What is the capital of France?", ["Berlin", "Paris", "Rome"]) == "Paris"
+    topics = next(t for t in collection.tasks if t.cluster == "classification")
+    items = flan.make_items(topics, 4, seed=0)
+    r = flan.zero_shot_accuracy(smol, items, collection, rank=True, progress=False)
+    assert set(r["tasks"]) == {"chatterbot_topics"} and 0 <= r["mean"] <= 1
+
+
 def test_flan_eval_end_to_end_on_a_tiny_model(tiny_causal, tmp_path):
     import copy
 

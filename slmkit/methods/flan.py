@@ -267,9 +267,21 @@ def is_correct(item: Item, reply: str) -> bool:
     return answer.lower() == item.answer.lower()
 
 
+def rank_choice(loaded, prompt: str, options: list[str]) -> str:
+    """FLAN's rank classification: the option with the highest log-likelihood as the reply."""
+    from slmkit.evaluate import option_logprobs
+    from slmkit.generate import format_prompt, is_chat_model
+
+    chat = is_chat_model(loaded.tokenizer)
+    text = format_prompt(loaded.tokenizer, prompt) if chat else prompt + "\n"
+    scores = option_logprobs(loaded, text, options, templated=chat)
+    return options[max(range(len(options)), key=scores.__getitem__)]
+
+
 def zero_shot_accuracy(loaded, items: list[Item], collection: Collection, *, batch_size: int = 16,
-                       max_new_tokens: int = 32, progress: bool = True) -> dict:
-    """Greedy zero-shot answers (first generic template) scored per task; returns {"tasks", "mean"}."""
+                       max_new_tokens: int = 32, rank: bool = False, progress: bool = True) -> dict:
+    """Zero-shot accuracy per task with the first template: greedy generation, or with `rank` the likeliest
+    option for tasks that have OPTIONS (FLAN's rank classification). Returns {"tasks", "mean"}."""
     from rich.progress import Progress
 
     from slmkit.generate import SamplingParams, generate
@@ -281,8 +293,12 @@ def zero_shot_accuracy(loaded, items: list[Item], collection: Collection, *, bat
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             prompts = [render(it, (it.task.templates or collection.templates)[0], collection)[0] for it in batch]
-            for it, c in zip(batch, generate(loaded, prompts, params), strict=True):
-                correct.setdefault(it.task.name, []).append(int(is_correct(it, c.text)))
+            if rank and all(it.options for it in batch):
+                replies = [rank_choice(loaded, p, it.options) for p, it in zip(prompts, batch, strict=True)]
+            else:
+                replies = [c.text for c in generate(loaded, prompts, params)]
+            for it, reply in zip(batch, replies, strict=True):
+                correct.setdefault(it.task.name, []).append(int(is_correct(it, reply)))
             bar.advance(job, len(batch))
     tasks = {name: sum(v) / len(v) for name, v in correct.items()}
     return {"tasks": tasks, "mean": sum(tasks.values()) / len(tasks)}
@@ -332,6 +348,7 @@ def flan_eval(
     few_shot: float = 0.2,
     cot: float = 0.5,
     eval_per_task: int = 50,
+    rank: bool = False,
     lora: bool = True,
     run: str = "flan",
     runs_dir: Path = Path("runs"),
@@ -340,7 +357,8 @@ def flan_eval(
     progress: bool = True,
 ) -> dict:
     """FLAN's held-out-cluster evaluation: zero-shot accuracy on the `held_out` cluster's tasks, then
-    instruction tuning on a mixture of all other clusters, then zero-shot accuracy again."""
+    instruction tuning on a mixture of all other clusters, then zero-shot accuracy again (`rank`: OPTIONS
+    tasks scored by rank classification instead of generation)."""
     from slmkit.generate import is_chat_model
     from slmkit.methods.finetune import FinetuneArgs, finetune
     from slmkit.models import load
@@ -352,13 +370,13 @@ def flan_eval(
     eval_items = [it for t in collection.tasks if t.cluster == held_out
                   for it in make_items(t, eval_per_task, seed=seed * 1000 + 99991)]  # a seed training never uses
     untuned = load(model, dtype="auto")
-    before = zero_shot_accuracy(untuned, eval_items, collection, progress=progress)
+    before = zero_shot_accuracy(untuned, eval_items, collection, rank=rank, progress=progress)
     mixture = build_mixture(collection, exclude=[held_out], examples=examples, cap=cap, few_shot=few_shot, cot=cot,
                             seed=seed)
     data = write_jsonl(training_rows(mixture, is_chat_model(untuned.tokenizer)), run_dir / "mixture.jsonl")
     summary = finetune(model, data=str(data), task="chat", val_fraction=0.05, lora=lora, run=run,
                        runs_dir=runs_dir, train_args=train_args or FinetuneArgs(), progress=progress)
-    after = zero_shot_accuracy(load(str(run_dir / "model"), dtype="auto"), eval_items, collection,
+    after = zero_shot_accuracy(load(str(run_dir / "model"), dtype="auto"), eval_items, collection, rank=rank,
                                progress=progress)
     result = {"held_out": held_out, "held_out_tasks": collection.clusters[held_out],
               "trained_clusters": sorted(c for c in collection.clusters if c != held_out),
