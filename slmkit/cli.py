@@ -764,6 +764,8 @@ def quickstart(
   echo "Hi there" | slm chat                         # or just `slm chat` for a REPL
   slm zoo tinyllama-nano --init runs/tinyllama-nano  # a random HF checkpoint of any spec
   slm generate -m path/to/model.gguf "Hello"         # any HF directory, .gguf file or hub id
+  slm serve --port 8000                              # an OpenAI-compatible server with continuous batching
+  slm flan list                                      # instruction-tuning tasks; see also slm eft, supericl, ul2r
 """)
 
 
