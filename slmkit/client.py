@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from slmkit.errors import SlmError
-from slmkit.generate import DEFAULT_SYSTEM, SamplingParams
+from slmkit.generate import SamplingParams, with_system
 
 
 def is_endpoint(spec: str | None) -> bool:
@@ -133,13 +133,9 @@ class LocalLM:
 
     def choose(self, prompts: list[str], options: list[str]) -> list[int | None]:
         """The option with the highest log p(option | prompt) (plain-text prompts)."""
-        from slmkit.evaluate import option_logprobs
+        from slmkit.evaluate import best_option
 
-        picks = []
-        for prompt in prompts:
-            scores = option_logprobs(self.loaded, prompt, options)
-            picks.append(max(range(len(options)), key=scores.__getitem__))
-        return picks
+        return [best_option(self.loaded, prompt, options) for prompt in prompts]
 
 
 class RemoteLM:
@@ -156,9 +152,7 @@ class RemoteLM:
             if chat is False:
                 return self.endpoint.complete(prompt, p)
             messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            if not any(m.get("role") == "system" for m in messages):
-                messages = [{"role": "system", "content": system or DEFAULT_SYSTEM}, *messages]
-            return self.endpoint.chat(messages, p)
+            return self.endpoint.chat(with_system(messages, system), p)
 
         with ThreadPoolExecutor(self.concurrency) as pool:
             return list(pool.map(one, enumerate(prompts)))

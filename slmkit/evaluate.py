@@ -44,3 +44,9 @@ def option_logprobs(loaded, prompt: str, options: list[str], *, templated: bool 
         for row, o in enumerate(option_ids):
             scores[row] += sum(float(logprobs[row, j - 1, o[j]]) for j in range(1, len(o)))
     return scores
+
+
+def best_option(loaded, prompt: str, options: list[str], *, templated: bool = False) -> int:
+    """Rank classification: the index of the option with the highest log p(option | prompt)."""
+    scores = option_logprobs(loaded, prompt, options, templated=templated)
+    return max(range(len(options)), key=scores.__getitem__)

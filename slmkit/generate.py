@@ -83,9 +83,15 @@ def format_prompt(tokenizer, prompt: str | list[dict], *, system: str | None = N
         return prompt
     if not is_chat_model(tokenizer):
         raise SlmError("this model's tokenizer has no chat template; use plain prompts (--no-chat)")
-    if not any(m.get("role") == "system" for m in messages):
-        messages = [{"role": "system", "content": DEFAULT_SYSTEM if system is None else system}, *messages]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(with_system(messages, system), tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def with_system(messages: list[dict], system: str | None = None) -> list[dict]:
+    """The messages with a system prompt first: theirs if they have one, else `system`, else slmkit's default."""
+    if any(m.get("role") == "system" for m in messages):
+        return messages
+    return [{"role": "system", "content": DEFAULT_SYSTEM if system is None else system}, *messages]
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:

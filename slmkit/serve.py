@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from slmkit.errors import SlmError
@@ -28,6 +28,7 @@ from slmkit.generate import (
     SamplingParams,
     _TextTracker,
     format_prompt,
+    is_chat_model,
     next_tokens,
     stop_token_ids,
 )
@@ -60,10 +61,13 @@ class Request:
     events: queue.Queue
     index: int = 0
     prompt: str = ""
-    generated: int = 0
     cancelled: bool = False
     generator: object = None
-    seen: list[int] = field(default_factory=list)
+    seen: list[int] = field(default_factory=list)  # prompt and generated tokens
+
+    @property
+    def generated(self) -> int:
+        return len(self.seen) - len(self.ids)
 
     @property
     def finished(self) -> bool:
@@ -118,6 +122,8 @@ class BatchEngine:
     # The engine thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        import torch
+
         running: list[Request] = []
         lm: CachedLM | None = None
         last = None  # each running row's newest token, not yet fed to the model
@@ -131,7 +137,7 @@ class BatchEngine:
                         lm, last, running = fresh, tokens, admitted
                     else:
                         lm.merge(fresh)
-                        last, running = self._cat(last, tokens), running + admitted
+                        last, running = torch.cat([last, tokens]), running + admitted
                 elif running:
                     logits = lm.step(last[:, None])[:, -1]
                     last = self._sample(logits, running)
@@ -168,12 +174,6 @@ class BatchEngine:
         self.stats["requests"] += len(reqs)
         return lm, tokens
 
-    @staticmethod
-    def _cat(a, b):
-        import torch
-
-        return torch.cat([a, b])
-
     def _sample(self, logits, reqs: list[Request]):
         """Greedy rows in one argmax; rows with their own sampling settings one by one."""
         import torch
@@ -183,7 +183,8 @@ class BatchEngine:
             for row, req in enumerate(reqs):
                 p = req.params
                 if p.temperature > 0 or p.repetition_penalty != 1.0:
-                    tokens[row] = next_tokens(logits[row:row + 1], p, torch.tensor([req.seen]), req.generator)[0]
+                    seen = torch.tensor([req.seen]) if p.repetition_penalty != 1.0 else None  # only a penalty reads it
+                    tokens[row] = next_tokens(logits[row:row + 1], p, seen, req.generator)[0]
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(reqs))
         return tokens
@@ -192,7 +193,6 @@ class BatchEngine:
         for req, token in zip(reqs, tokens.tolist(), strict=True):
             if req.finished:  # an encoder-decoder group keeps finished rows until all end
                 continue
-            req.generated += 1
             req.seen.append(token)
             self.stats["tokens"] += 1
             delta = req.tracker.add(token)
@@ -330,7 +330,7 @@ class Server:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
                 raise ApiError(400, "'messages' must be a non-empty list", "messages")
-            if not getattr(tok, "chat_template", None):
+            if not is_chat_model(tok):
                 raise ApiError(400, f"{self.name} has no chat template; use /v1/completions", "messages")
             messages = [_message_text(m, i) for i, m in enumerate(messages)]
             return [(format_prompt(tok, messages, chat=True), True)]
@@ -345,15 +345,15 @@ class Server:
         self.check_model(body)
         n = _number(body, "n", 1, int, 1, 16)
         events: queue.Queue = queue.Queue()
+        prompts = self.prompts(body, chat)
+        params = sampling_from(body, self.max_tokens)
         reqs = []
         try:
-            for text, templated in self.prompts(body, chat):
-                for k in range(n):
-                    params = sampling_from(body, self.max_tokens)
-                    if params.seed is not None:
-                        params.seed += k
-                    reqs.append(self.engine.submit(text, params, events, templated=templated,
-                                                   index=len(reqs)))
+            for text, templated in prompts:
+                for k in range(n):  # each choice gets its own copy (the engine clamps max_new_tokens) and seed
+                    seed = None if params.seed is None else params.seed + k
+                    reqs.append(self.engine.submit(text, replace(params, seed=seed), events,
+                                                   templated=templated, index=len(reqs)))
         except ApiError:
             for r in reqs:
                 r.cancelled = True
@@ -430,12 +430,9 @@ def _handler_for(server: Server):
                 choice = {"index": i, "finish_reason": c.finish_reason, "logprobs": None}
                 choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
                 choices.append(choice)
-            prompt_tokens = sum(c.prompt_tokens for c in done.values()) if not chat else done[0].prompt_tokens
-            completion_tokens = sum(c.completion_tokens for c in done.values())
             self.send_json(200, {"id": _new_id(chat), "object": "chat.completion" if chat else "text_completion",
                                  "created": int(time.time()), "model": server.name, "choices": choices,
-                                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                           "total_tokens": prompt_tokens + completion_tokens}})
+                                 "usage": _usage(done, chat)})
 
         def stream(self, reqs, events, chat: bool, body: dict) -> None:
             self.send_response(200)
@@ -471,14 +468,20 @@ def _handler_for(server: Server):
                     done[index] = payload
                     send([choice(index, "", payload.finish_reason)])
             if (body.get("stream_options") or {}).get("include_usage") and len(done) == len(reqs):
-                prompt_tokens = done[0].prompt_tokens if chat else sum(c.prompt_tokens for c in done.values())
-                completion_tokens = sum(c.completion_tokens for c in done.values())
-                send([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                "total_tokens": prompt_tokens + completion_tokens})
+                send([], usage=_usage(done, chat))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 
     return Handler
+
+
+def _usage(done: dict[int, Completion], chat: bool) -> dict:
+    """OpenAI's usage block: a chat request has one prompt (its n choices share it), a completions request
+    may have several."""
+    prompt_tokens = done[0].prompt_tokens if chat else sum(c.prompt_tokens for c in done.values())
+    completion_tokens = sum(c.completion_tokens for c in done.values())
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def _new_id(chat: bool) -> str:

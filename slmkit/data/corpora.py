@@ -80,6 +80,16 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
             yield where, row
 
 
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    """Write records one per line, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def documents(source: str) -> Iterator[str]:
     """Documents of a packaged corpus name, a .txt file (one document), a .jsonl file (one per line), a
     directory of .txt/.jsonl files, or a saved HF `datasets` directory."""

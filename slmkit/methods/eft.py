@@ -96,14 +96,14 @@ class EFTLM:
         self.parts = [CachedLM(m, input_ids, attention_mask) for m in (large, model, base)]
         self.beta, self.vocab = beta, vocab
 
-    def _combine(self, outs):
+    def mix(self, outs):
         return combine(*(o[..., :self.vocab] for o in outs), self.beta)
 
     def prefill(self, input_ids, keep: int = 1):
-        return self._combine([p.prefill(input_ids, keep) for p in self.parts])
+        return self.mix([p.prefill(input_ids, keep) for p in self.parts])
 
     def step(self, ids, keep: int | None = None):
-        return self._combine([p.step(ids, keep) for p in self.parts])
+        return self.mix([p.step(ids, keep) for p in self.parts])
 
     def crop(self, length: int) -> None:
         for p in self.parts:
@@ -125,21 +125,24 @@ def speculative_tokens(model, input_ids, attention_mask, params: SamplingParams,
     stats = stats if stats is not None else {}
     for key in ("rounds", "drafted", "accepted"):  # accumulated over calls
         stats.setdefault(key, 0)
-    large_lm, ft_lm, base_lm = (CachedLM(m, input_ids, attention_mask) for m in (large, model, base))
+    lm = EFTLM(model, input_ids, attention_mask, large=large, base=base, beta=beta, vocab=vocab)
+    large_lm, ft_lm, base_lm = lm.parts
     seen = input_ids
 
     def pick(logprobs, history):
         return next_tokens(logprobs, params, history, None)
 
     with torch.inference_mode():
-        token = pick(combine(*(lm.prefill(input_ids)[:, -1, :vocab] for lm in (large_lm, ft_lm, base_lm)), beta), seen)
+        pending = [pick(lm.prefill(input_ids)[:, -1], seen)]  # tokens to emit; the last is not yet in the caches
     emitted, draft_len = 0, draft
     while True:
-        yield token
-        emitted += 1
-        seen = torch.cat([seen, token[:, None]], dim=1)
-        if int(token) in eos or emitted >= params.max_new_tokens:
-            return
+        for token in pending:
+            yield token
+            emitted += 1
+            seen = torch.cat([seen, token[:, None]], dim=1)
+            if int(token) in eos or emitted >= params.max_new_tokens:
+                return
+        token = pending[-1]
         with torch.inference_mode():
             k = min(draft_len, params.max_new_tokens - emitted)
             length = large_lm.length()  # cache length before this round's tokens
@@ -150,8 +153,8 @@ def speculative_tokens(model, input_ids, attention_mask, params: SamplingParams,
                 drafts.append(x)
             ft_logits.append(ft_lm.step(x[:, None])[:, -1, :vocab])
             block = torch.stack([token, *drafts], dim=1)  # (1, k + 1): the pending token and the drafts
-            mixed = combine(large_lm.step(block)[..., :vocab], torch.stack(ft_logits, dim=1),
-                            base_lm.step(block)[..., :vocab], beta)  # mixed[:, i]: distribution after block[:, :i+1]
+            # mixed[:, i]: the EFT distribution after block[:, :i+1]
+            mixed = lm.mix([large_lm.step(block), torch.stack(ft_logits, dim=1), base_lm.step(block)])
             accepted, history = 0, seen
             while accepted < k:
                 want = pick(mixed[:, accepted], history)
@@ -159,22 +162,14 @@ def speculative_tokens(model, input_ids, attention_mask, params: SamplingParams,
                     break
                 history = torch.cat([history, want[:, None]], dim=1)
                 accepted += 1
-            nxt = pick(mixed[:, accepted], history)
-            for lm in (large_lm, ft_lm, base_lm):
-                lm.crop(length + 1 + accepted)
+            pending = drafts[:accepted] + [pick(mixed[:, accepted], history)]
+            lm.crop(length + 1 + accepted)
         stats["rounds"] += 1
         stats["drafted"] += k
         stats["accepted"] += accepted
         # adapt the draft length to how well the drafter agrees (as HF's assisted generation does): longer
         # after a fully accepted round, shorter after a rejection, never beyond `draft`
         draft_len = min(draft, draft_len + 2) if accepted == k else max(1, draft_len - 1)
-        for d in drafts[:accepted]:
-            yield d
-            emitted += 1
-            seen = torch.cat([seen, d[:, None]], dim=1)
-            if int(d) in eos or emitted >= params.max_new_tokens:
-                return
-        token = nxt
 
 
 def decoder(models: EFTModels, beta: float, speculative: int = 0, stats: dict | None = None):

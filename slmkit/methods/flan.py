@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slmkit.data.corpora import read_jsonl, write_jsonl
 from slmkit.errors import SlmError
 
 PACKAGED_TASKS = Path(__file__).resolve().parents[1] / "data" / "flan" / "tasks.yaml"
@@ -158,7 +159,6 @@ def make_items(task: Task, n: int, seed: int) -> list[Item]:
         labels = sorted({r["label"] for r in rows})
         random.Random(seed).shuffle(rows)
         return [Item(r["text"], r["label"], task, labels) for r in rows[:n]]
-    from slmkit.data.corpora import read_jsonl
 
     path = Path(task.source).expanduser()
     if not path.is_file():
@@ -269,13 +269,12 @@ def is_correct(item: Item, reply: str) -> bool:
 
 def rank_choice(loaded, prompt: str, options: list[str]) -> str:
     """FLAN's rank classification: the option with the highest log-likelihood as the reply."""
-    from slmkit.evaluate import option_logprobs
+    from slmkit.evaluate import best_option
     from slmkit.generate import format_prompt, is_chat_model
 
     chat = is_chat_model(loaded.tokenizer)
     text = format_prompt(loaded.tokenizer, prompt) if chat else prompt + "\n"
-    scores = option_logprobs(loaded, text, options, templated=chat)
-    return options[max(range(len(options)), key=scores.__getitem__)]
+    return options[best_option(loaded, text, options, templated=chat)]
 
 
 def zero_shot_accuracy(loaded, items: list[Item], collection: Collection, *, batch_size: int = 16,
@@ -314,15 +313,6 @@ def training_rows(rows: list[dict], chat: bool) -> list[dict]:
         return rows
     return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}],
              **{k: r[k] for k in ("task", "cluster", "format")}} for r in rows]
-
-
-def write_jsonl(rows: list[dict], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def flan_build(out: Path, *, tasks_file: Path | None = None, clusters: list[str] | None = None,

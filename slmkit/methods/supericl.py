@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slmkit.data.corpora import write_jsonl
 from slmkit.errors import SlmError
 
 
@@ -71,8 +72,7 @@ def train_plugin(rows: list[dict], out_dir: Path, *, base: str = "all-minilm-l6-
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = out_dir / "plugin_train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = write_jsonl(rows, out_dir / "plugin_train.jsonl")
     args = FinetuneArgs(steps=steps, batch_size=16, seq_len=128, lr=1e-4, warmup_steps=max(1, steps // 10),
                         eval_every=0, save_every=0, log_every=max(1, steps // 6), seed=seed)
     finetune(base, data=str(data), task="classify", val_fraction=0.1, run="plugin", runs_dir=out_dir,
@@ -198,6 +198,6 @@ def supericl(
               "accuracy": {name: correct[name] / n for name in correct},
               "overrides": len(overrides), "overrides_correct": sum(r["supericl"] == r["label"] for r in overrides),
               "overrides_plugin_was_correct": sum(r["plugin"] == r["label"] for r in overrides)}
-    (out_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(records, out_dir / "predictions.jsonl")
     (out_dir / "supericl.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
