@@ -452,6 +452,36 @@ def flan_build_command(
     out.print(f"wrote {r['examples']} examples of {r['tasks']} tasks ({r['formats']}) -> {r['out']}")
 
 
+@flan_app.command("train")
+@dataclass_options(FinetuneArgs, "train_args")
+def flan_train_command(
+    model: ModelOpt = None,
+    data: Annotated[Path | None, typer.Option(help="A mixture from `slm flan build` (default: build one here from "
+                                              "the options below).")] = None,
+    tasks: TasksOpt = None,
+    cluster: Annotated[list[str] | None, typer.Option(help="Only these clusters (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Leave out these clusters (repeatable).")] = None,
+    examples: ExamplesOpt = 3000,
+    cap: CapOpt = 500,
+    few_shot: FewShotOpt = 0.2,
+    cot: CotOpt = 0.5,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
+    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "flan",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    train_args: FinetuneArgs = None,
+):
+    """Instruction-tune a decoder-only model or a T5 (e.g. -m flan-t5-nano after `slm ul2r`/pretraining, or a
+    Flan-T5 directory) on a FLAN mixture."""
+    from slmkit.methods.flan import flan_train
+
+    r = flan_train(model, data, tasks_file=tasks, clusters=cluster, exclude=exclude, examples=examples, cap=cap,
+                   few_shot=few_shot, cot=cot, lora=lora, run=run, runs_dir=runs_dir, resume=resume,
+                   seed=train_args.seed, train_args=train_args)
+    out.print(f"trained on {r['mixture_examples']} examples ({r['formats']}); val loss {r['val_loss_before']:.3f} -> "
+              f"{r['val_loss']:.3f}; model -> {r['model_dir']}")
+
+
 @flan_app.command("eval")
 @dataclass_options(FinetuneArgs, "train_args")
 def flan_eval_command(
@@ -650,14 +680,15 @@ def pretrain(
     data: Annotated[str, typer.Option(help="Corpus name, .txt/.jsonl file or directory.")] = "python-docs",
     tokenizer: Annotated[str | None, typer.Option(help="llama2, a model/tokenizer path, or bpe:N (trained on the "
                                                   "data). Default: bpe:8192 for a fresh spec.")] = None,
-    objective: Annotated[str | None, typer.Option(help="clm (causal LM) or mlm (RoBERTa masking); default "
-                                                  "from the model.")] = None,
+    objective: Annotated[str | None, typer.Option(help="clm (causal LM), mlm (RoBERTa masking) or span "
+                                                  "(T5 span corruption); default from the model.")] = None,
     name: Annotated[str, typer.Option(help="Run name: output goes to RUNS_DIR/NAME.")] = "pretrain",
     runs_dir: Annotated[Path, typer.Option(help="Where runs are written.")] = Path("runs"),
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
     train_args: TrainArgs = None,
 ):
-    """Pretrain a causal LM (TinyLlama/LiteLlama/Phi recipe) or a masked LM (RoBERTa recipe) on a corpus."""
+    """Pretrain a causal LM (TinyLlama/LiteLlama/Phi recipe), a masked LM (RoBERTa recipe) or an encoder-decoder
+    (T5 span corruption, e.g. -m flan-t5-nano) on a corpus."""
     from slmkit.methods.pretrain import pretrain as run_pretrain
 
     s = run_pretrain(model=model, data=data, tokenizer=tokenizer, objective=objective, run=name,

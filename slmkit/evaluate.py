@@ -11,13 +11,16 @@ from slmkit.errors import SlmError
 
 
 def option_logprobs(loaded, prompt: str, options: list[str], *, templated: bool = False) -> list[float]:
-    """log p(option | prompt) for each option (a continuation of `prompt`'s text) under a causal LM."""
+    """log p(option | prompt) for each option: a continuation of `prompt`'s text under a causal LM, or the
+    decoder's target for the encoded prompt under an encoder-decoder."""
     import torch
 
     from slmkit.generate import CachedLM
 
+    if loaded.task == "seq2seq":
+        return _target_logprobs(loaded, prompt, options)
     if loaded.task != "causal-lm":
-        raise SlmError(f"{loaded.name} is a {loaded.task} model; scoring continuations needs a causal LM")
+        raise SlmError(f"{loaded.name} is a {loaded.task} model; scoring options needs a causal LM or seq2seq")
     tok = loaded.tokenizer
     prompt_ids = tok(prompt, add_special_tokens=not templated).input_ids
     option_ids = []
@@ -44,6 +47,24 @@ def option_logprobs(loaded, prompt: str, options: list[str], *, templated: bool 
         for row, o in enumerate(option_ids):
             scores[row] += sum(float(logprobs[row, j - 1, o[j]]) for j in range(1, len(o)))
     return scores
+
+
+def _target_logprobs(loaded, prompt: str, options: list[str]) -> list[float]:
+    import torch
+
+    tok = loaded.tokenizer
+    targets = [tok(o, add_special_tokens=False).input_ids for o in options]
+    if any(not t for t in targets):
+        raise SlmError("an option has no tokens; options must be non-empty text")
+    enc = tok(prompt, return_tensors="pt")
+    labels = torch.full((len(options), max(map(len, targets))), -100)
+    for row, t in enumerate(targets):
+        labels[row, :len(t)] = torch.tensor(t)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=enc.input_ids.expand(len(options), -1),
+                              attention_mask=enc.attention_mask.expand(len(options), -1), labels=labels).logits
+    logprobs = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (logprobs * (labels != -100)).sum(-1).tolist()
 
 
 def best_option(loaded, prompt: str, options: list[str], *, templated: bool = False) -> int:

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from slmkit.errors import SlmError
+from slmkit.methods import finetune as ft
 from slmkit.methods.finetune import FinetuneArgs, chat_example, completion_example, finetune, load_records
 from slmkit.models import load
 from slmkit.train import read_metrics
@@ -32,6 +33,16 @@ def test_chat_loss_mask_covers_every_assistant_turn_only(tokenizer):
 def test_completion_loss_mask(tokenizer):
     ids, labels = completion_example(tokenizer, "Q: 2+2?\nA:", " 4")
     assert _answered(tokenizer, ids, labels) == " 4" + tokenizer.eos_token
+
+
+def test_seq2seq_examples_one_per_answer(tokenizer):
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue."}]
+    (in1, out1), (in2, out2) = ft.seq2seq_examples(tokenizer, msgs)
+    assert tokenizer.decode(in1) == "Hi there" and tokenizer.decode(out1) == "Hello!" + tokenizer.eos_token
+    assert tokenizer.decode(in2) == "Hi there\nHello!\nName a colour" and tokenizer.decode(out2).startswith("Blue.")
+    [(i, o)] = ft.seq2seq_examples(tokenizer, ("Q: 2+2?", "4"))
+    assert tokenizer.decode(i) == "Q: 2+2?" and tokenizer.decode(o) == "4" + tokenizer.eos_token
 
 
 def test_sft_data_errors(tmp_path):

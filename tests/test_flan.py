@@ -119,6 +119,34 @@ def test_flan_eval_end_to_end_on_a_tiny_model(tiny_causal, tmp_path):
     assert json.loads((tmp_path / "f" / "flan_eval.json").read_text())["held_out"] == "logic"
 
 
+def test_flan_train_instruction_tunes_a_t5_with_lora(tiny_seq2seq, tmp_path):
+    """The encoder-decoder path: the mixture stays prompt/completion, LoRA (seq2seq) trains and merges, and the
+    tuned model generates and ranks options."""
+    import copy
+
+    from slmkit.evaluate import option_logprobs
+    from slmkit.methods.finetune import FinetuneArgs
+    from slmkit.models import load
+
+    copy.deepcopy(tiny_seq2seq.model).save_pretrained(tmp_path / "t5")
+    tok = copy.deepcopy(tiny_seq2seq.tokenizer)
+    tok.chat_template = None  # as T5 tokenizers: no chat template
+    tok.save_pretrained(tmp_path / "t5")
+    r = flan.flan_train(str(tmp_path / "t5"), clusters=["arithmetic"], examples=48, run="ft", runs_dir=tmp_path,
+                        train_args=FinetuneArgs(steps=16, batch_size=4, seq_len=128, lr=1e-2, eval_every=0,
+                                                save_every=0, log_every=4), progress=False)
+    assert r["val_loss"] < r["val_loss_before"] - 0.5, r
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "mixture.jsonl").read_text().splitlines()]
+    assert rows and all("prompt" in row and "messages" not in row for row in rows)
+    assert (tmp_path / "ft" / "adapter" / "adapter_model.safetensors").is_file()
+    tuned = load(r["model_dir"], dtype="fp32")
+    assert tuned.task == "seq2seq" and "lora" not in " ".join(tuned.model.state_dict())
+    scores = option_logprobs(tuned, "What is 2 + 2?", ["4", "five hundred"])
+    assert len(scores) == 2 and scores[1] < scores[0] < 0  # more tokens, lower log-likelihood
+    with pytest.raises(SlmError, match="mixture file not found"):
+        flan.flan_train(str(tmp_path / "t5"), data=tmp_path / "none.jsonl", run="x", runs_dir=tmp_path)
+
+
 def test_flan_build_command(tmp_path):
     out = tmp_path / "mix.jsonl"
     r = subprocess.run([sys.executable, "-m", "slmkit.cli", "flan", "build", "--out", str(out), "--examples", "60",

@@ -79,6 +79,22 @@ def test_roberta_mlm_pretraining_lowers_masked_loss(tmp_path, bpe):
     assert json.loads((tmp_path / "mlm" / "config.json").read_text())["objective"] == "mlm"
 
 
+def test_t5_span_corruption_pretraining(tmp_path, bpe):
+    """An encoder-decoder spec pretrains with T5's objective: sentinels are added, the denoising loss falls,
+    and the result is a plain T5 directory whose tokenizer knows the sentinels."""
+    args = TrainArgs(steps=60, eval_every=0, save_every=0, **{**FAST, "log_every": 1})
+    s = pretrain("flan-t5-nano", "python-docs", tokenizer="bpe:1024", run="t5", runs_dir=tmp_path,
+                 train_args=args, progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "t5") if "loss" in r]
+    assert s["val_loss"] < losses[0] - 1.0
+    trained = load(str(tmp_path / "t5" / "model"), dtype="fp32")
+    assert trained.task == "seq2seq" and "<extra_id_0>" in trained.tokenizer.get_vocab()
+    assert trained.model.config.decoder_start_token_id == trained.tokenizer.pad_token_id
+    with pytest.raises(SlmError, match="objective clm does not fit a seq2seq model"):
+        pretrain("flan-t5-nano", "python-docs", tokenizer="bpe:1024", objective="clm", run="bad",
+                 runs_dir=tmp_path, train_args=args, progress=False)
+
+
 def test_dynamic_masking_80_10_10(bpe):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 1024, (64, 512))

@@ -133,13 +133,48 @@ def completion_example(tokenizer, prompt: str, completion: str) -> tuple[list[in
     return p + c, [-100] * len(p) + c
 
 
+def seq2seq_examples(tokenizer, record) -> list[tuple[list[int], list[int]]]:
+    """Encoder-decoder (T5) examples of one record: (input ids, target ids). A conversation gives one example
+    per assistant turn, with the turns before it as the input."""
+    eos = [tokenizer.eos_token_id]
+    if not isinstance(record, list):
+        prompt, completion = record
+        return [(tokenizer(prompt).input_ids, tokenizer(completion, add_special_tokens=False).input_ids + eos)]
+    out = []
+    for i, m in enumerate(record):
+        if m["role"] == "assistant" and i > 0:
+            context = "\n".join(f"{t['role']}: {t['content']}" if t["role"] == "system" else t["content"]
+                                 for t in record[:i])
+            target = tokenizer(m["content"], add_special_tokens=False).input_ids + eos
+            out.append((tokenizer(context).input_ids, target))
+    return out
+
+
+def seq2seq_batch(examples, pad: int):
+    """Padded encoder inputs with their mask, and decoder labels (-100 on padding)."""
+    import torch
+
+    w_in, w_out = max(len(i) for i, _ in examples), max(len(t) for _, t in examples)
+    ids = torch.full((len(examples), w_in), pad, dtype=torch.long)
+    mask = torch.zeros((len(examples), w_in), dtype=torch.long)
+    labels = torch.full((len(examples), w_out), -100, dtype=torch.long)
+    for row, (inp, tgt) in enumerate(examples):
+        ids[row, :len(inp)], mask[row, :len(inp)] = torch.tensor(inp), 1
+        labels[row, :len(tgt)] = torch.tensor(tgt)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
 class SFTData:
     """Tokenised examples served as padded batches in a (seed, step)-determined order, like PackedTokens."""
 
-    def __init__(self, tokenizer, records, seq_len: int):
+    def __init__(self, tokenizer, records, seq_len: int, encoder_decoder: bool = False):
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.encoder_decoder = encoder_decoder
         self.examples = []
         for r in records:
+            if encoder_decoder:  # (input, target) pairs; each side is cut to seq_len
+                self.examples += [(i[:seq_len], t[:seq_len]) for i, t in seq2seq_examples(tokenizer, r)]
+                continue
             ids, labels = chat_example(tokenizer, r) if isinstance(r, list) else completion_example(tokenizer, *r)
             ids, labels = ids[:seq_len], labels[:seq_len]
             if any(label != -100 for label in labels):
@@ -153,6 +188,8 @@ class SFTData:
     def collate(self, items):
         import torch
 
+        if self.encoder_decoder:
+            return seq2seq_batch(items, self.pad)
         width = max(len(ids) for ids, _ in items)
         ids = torch.full((len(items), width), self.pad, dtype=torch.long)
         labels = torch.full((len(items), width), -100, dtype=torch.long)
@@ -260,9 +297,12 @@ def sft_objective(model, batch, generator):
     with a 49k vocabulary most of an SFT step's time would otherwise go to logits of prompt and padding."""
     import torch
 
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
+    if inner.config.is_encoder_decoder:  # the decoder's labels are all answer tokens (or padding)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, int((batch["labels"] != -100).sum())
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
     plain_head = not any(getattr(inner.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) or not plain_head:
         # DDP must see its own forward (gradient sync); soft-capped heads need the model's own logits
@@ -309,9 +349,10 @@ def finetune(
 ) -> dict:
     """Fine-tune a model and return the run summary with held-out scores before and after.
 
-    task `chat`: a causal LM (default: the embedded model) on chat or prompt/completion data, loss on answers
-    only; LoRA by default. task `classify`: an encoder (default: all-minilm-l6-v2) with a new classification
-    head on {"text", "label"} data (default set: chatterbot-topics); full fine-tuning by default.
+    task `chat`: a causal LM (default: the embedded model) or an encoder-decoder (T5: the input is the prompt
+    or the turns before each answer) on chat or prompt/completion data, loss on answers only; LoRA by default.
+    task `classify`: an encoder (default: all-minilm-l6-v2) with a new classification head on {"text", "label"}
+    data (default set: chatterbot-topics); full fine-tuning by default.
     """
     args = (train_args or FinetuneArgs()).validate()
     if task not in ("chat", "classify"):
@@ -335,7 +376,8 @@ def finetune(
         val_set = ClassificationData(tok, val_records, labels, args.seq_len)
         objective = classification_objective
     if lora if lora is not None else task == "chat":
-        net = add_lora(net, lora_r, lora_alpha, lora_dropout, "CAUSAL_LM" if task == "chat" else "SEQ_CLS")
+        kind = "SEQ_CLS" if task == "classify" else "SEQ_2_SEQ_LM" if net.config.is_encoder_decoder else "CAUSAL_LM"
+        net = add_lora(net, lora_r, lora_alpha, lora_dropout, kind)
     before = evaluate(net, objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
     extra = {"val_accuracy_before": accuracy(net, val_set)} if task == "classify" else {}
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
@@ -356,11 +398,11 @@ def _chat_setup(model: str | None, train_records, val_records, args: FinetuneArg
     from slmkit.models import load
 
     loaded = load(model, dtype="fp32")
-    if loaded.task != "causal-lm":
-        raise SlmError(f"{loaded.name} is a {loaded.task} model; chat fine-tuning trains causal LMs "
-                       "(use --task classify for encoders)")
+    if loaded.task not in ("causal-lm", "seq2seq"):
+        raise SlmError(f"{loaded.name} is a {loaded.task} model; chat fine-tuning trains causal LMs and "
+                       "encoder-decoders (use --task classify for encoders)")
     if loaded.tokenizer is None:
         raise SlmError(f"{loaded.name} has no tokenizer to fine-tune with")
-    tok = loaded.tokenizer
-    train_set, val_set = SFTData(tok, train_records, args.seq_len), SFTData(tok, val_records, args.seq_len)
+    tok, enc_dec = loaded.tokenizer, loaded.task == "seq2seq"
+    train_set, val_set = (SFTData(tok, r, args.seq_len, enc_dec) for r in (train_records, val_records))
     return loaded.model, tok, train_set, val_set, sft_objective

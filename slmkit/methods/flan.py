@@ -329,6 +329,52 @@ def flan_build(out: Path, *, tasks_file: Path | None = None, clusters: list[str]
     return {"out": str(out), "examples": len(rows), "tasks": len({r["task"] for r in rows}), "formats": counts}
 
 
+def flan_train(
+    model: str | None = None,
+    data: Path | None = None,
+    tasks_file: Path | None = None,
+    clusters: list[str] | None = None,
+    exclude: list[str] | None = None,
+    examples: int = 3000,
+    cap: int = 500,
+    few_shot: float = 0.2,
+    cot: float = 0.5,
+    lora: bool = True,
+    run: str = "flan",
+    runs_dir: Path = Path("runs"),
+    resume: bool = False,
+    seed: int = 0,
+    train_args=None,
+    progress: bool = True,
+) -> dict:
+    """Instruction-tune a decoder-only or an encoder-decoder (T5) model on a FLAN mixture: `data` (from
+    `slm flan build`), or one built here from the task collection (`clusters`/`exclude`, mixing options).
+    Chat models learn it through their chat template; the run's mixture is kept in the run directory."""
+    from slmkit.generate import is_chat_model
+    from slmkit.methods.finetune import FinetuneArgs, finetune
+    from slmkit.models import load
+
+    run_dir = Path(runs_dir) / run
+    if data is not None:
+        rows = [row for _, row in read_jsonl(Path(data))] if Path(data).is_file() else None
+        if rows is None:
+            raise SlmError(f"mixture file not found: {data}")
+    else:
+        rows = build_mixture(load_collection(tasks_file), clusters=clusters, exclude=exclude, examples=examples,
+                             cap=cap, few_shot=few_shot, cot=cot, seed=seed)
+    loaded = load(model, dtype="auto", progress=progress)  # for its kind (chat template, encoder-decoder)
+    chat = is_chat_model(loaded.tokenizer) if loaded.tokenizer is not None else False
+    del loaded
+    mixture = write_jsonl(training_rows(rows, chat), run_dir / "mixture.jsonl")
+    args = train_args or FinetuneArgs(seed=seed)
+    summary = finetune(model, data=str(mixture), task="chat", val_fraction=0.05, lora=lora, run=run,
+                       runs_dir=runs_dir, resume=resume, train_args=args, progress=progress)
+    formats: dict[str, int] = {}
+    for r in rows:
+        formats[r.get("format", "?")] = formats.get(r.get("format", "?"), 0) + 1
+    return {**summary, "mixture_examples": len(rows), "formats": formats, "model_dir": str(run_dir / "model")}
+
+
 def flan_eval(
     model: str | None = None,
     held_out: str = "logic",
@@ -349,8 +395,6 @@ def flan_eval(
     """FLAN's held-out-cluster evaluation: zero-shot accuracy on the `held_out` cluster's tasks, then
     instruction tuning on a mixture of all other clusters, then zero-shot accuracy again (`rank`: OPTIONS
     tasks scored by rank classification instead of generation)."""
-    from slmkit.generate import is_chat_model
-    from slmkit.methods.finetune import FinetuneArgs, finetune
     from slmkit.models import load
 
     collection = load_collection(tasks_file)
@@ -359,18 +403,15 @@ def flan_eval(
     run_dir = Path(runs_dir) / run
     eval_items = [it for t in collection.tasks if t.cluster == held_out
                   for it in make_items(t, eval_per_task, seed=seed * 1000 + 99991)]  # a seed training never uses
-    untuned = load(model, dtype="auto")
-    before = zero_shot_accuracy(untuned, eval_items, collection, rank=rank, progress=progress)
-    mixture = build_mixture(collection, exclude=[held_out], examples=examples, cap=cap, few_shot=few_shot, cot=cot,
-                            seed=seed)
-    data = write_jsonl(training_rows(mixture, is_chat_model(untuned.tokenizer)), run_dir / "mixture.jsonl")
-    summary = finetune(model, data=str(data), task="chat", val_fraction=0.05, lora=lora, run=run,
-                       runs_dir=runs_dir, train_args=train_args or FinetuneArgs(), progress=progress)
-    after = zero_shot_accuracy(load(str(run_dir / "model"), dtype="auto"), eval_items, collection, rank=rank,
+    before = zero_shot_accuracy(load(model, dtype="auto"), eval_items, collection, rank=rank, progress=progress)
+    summary = flan_train(model, tasks_file=tasks_file, exclude=[held_out], examples=examples, cap=cap,
+                         few_shot=few_shot, cot=cot, lora=lora, run=run, runs_dir=runs_dir, seed=seed,
+                         train_args=train_args, progress=progress)
+    after = zero_shot_accuracy(load(summary["model_dir"], dtype="auto"), eval_items, collection, rank=rank,
                                progress=progress)
     result = {"held_out": held_out, "held_out_tasks": collection.clusters[held_out],
               "trained_clusters": sorted(c for c in collection.clusters if c != held_out),
-              "mixture_examples": len(mixture), "cot_fraction": cot, "eval_per_task": eval_per_task,
-              "before": before, "after": after, "val_loss": summary.get("val_loss")}
+              "mixture_examples": summary["mixture_examples"], "formats": summary["formats"], "cot_fraction": cot,
+              "eval_per_task": eval_per_task, "before": before, "after": after, "val_loss": summary.get("val_loss")}
     (run_dir / "flan_eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

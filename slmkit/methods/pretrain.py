@@ -60,14 +60,18 @@ def build_or_load(model: str, tokenizer, seq_len: int, seed: int):
 
     if zoo.is_zoo_name(model) and zoo.get(model).package is None:
         spec = zoo.get(model)
-        if spec.task not in ("causal-lm", "masked-lm"):
-            raise SlmError(f"{spec.name} is a {spec.task} model; `slm pretrain` trains causal-LM and masked-LM specs")
+        if spec.task not in ("causal-lm", "masked-lm", "seq2seq"):
+            raise SlmError(f"{spec.name} is a {spec.task} model; `slm pretrain` trains causal-LM, masked-LM and "
+                           "encoder-decoder specs")
         config = dict(spec.config)
         config["vocab_size"] = len(tokenizer)
-        offset = 2 if spec.task == "masked-lm" else 0  # RoBERTa positions start after the padding index
-        config["max_position_embeddings"] = max(config["max_position_embeddings"], seq_len + offset)
+        if "max_position_embeddings" in config:  # T5 has relative positions, no table
+            offset = 2 if spec.task == "masked-lm" else 0  # RoBERTa positions start after the padding index
+            config["max_position_embeddings"] = max(config["max_position_embeddings"], seq_len + offset)
         config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
+        if spec.task == "seq2seq":  # T5 starts decoding from the padding token
+            config["decoder_start_token_id"] = tokenizer.pad_token_id
         return zoo.build_model(replace(spec, config=config), seed=seed), spec.task
     loaded = load(model, dtype="fp32")
     if loaded.model.get_input_embeddings().num_embeddings < len(tokenizer):
@@ -91,7 +95,8 @@ def pretrain(
 
     `tokenizer`: `llama2`, a model/tokenizer path, or `bpe:N` to train an N-token byte-level BPE on the
     corpus (cached). Default: the model's own tokenizer for checkpoints, `bpe:8192` for zoo specs.
-    `objective`: `clm` or `mlm` (default from the model: masked-LM specs get `mlm`).
+    `objective`: `clm`, `mlm` or `span` (default from the model: masked-LM specs get `mlm`, encoder-decoders
+    T5's span corruption: 15% of tokens in spans of mean length 3, each replaced by a sentinel).
     """
     from slmkit import zoo
     from slmkit.data.packing import PackedTokens, unigram_perplexity
@@ -103,14 +108,20 @@ def pretrain(
     source_key(data)  # fail early on a bad corpus name or path, before building anything
     tok = resolve_tokenizer(tok_name, data)
     net, task = build_or_load(model, tok, args.seq_len, args.seed)
-    objective = objective or ("mlm" if task == "masked-lm" else "clm")
-    if objective not in ("clm", "mlm"):
-        raise SlmError(f"unknown objective '{objective}' (clm or mlm)")
-    if (objective == "mlm") != (task == "masked-lm"):
-        raise SlmError(f"objective {objective} does not fit a {task} model")
+    fits = {"masked-lm": "mlm", "seq2seq": "span", "causal-lm": "clm"}
+    objective = objective or fits[task]
+    if objective not in fits.values():
+        raise SlmError(f"unknown objective '{objective}' (clm, mlm or span)")
+    if objective != fits[task]:
+        raise SlmError(f"objective {objective} does not fit a {task} model (it takes {fits[task]})")
     data_dir = prepare_corpus(data, tok, progress=progress)
     train_data, val_data = PackedTokens.open(data_dir, "train"), PackedTokens.open(data_dir, "val")
-    loss_fn = causal_lm_objective if objective == "clm" else mlm_objective(tok)
+    if objective == "span":
+        from slmkit.methods.ul2r import Denoiser, UL2Objective
+
+        loss_fn = UL2Objective(tok, net, [Denoiser("R", 3, 0.15, 1.0)])  # adds the sentinel tokens
+    else:
+        loss_fn = causal_lm_objective if objective == "clm" else mlm_objective(tok)
     config = {"workflow": "pretrain", "model": model, "data": data, "data_dir": str(data_dir),
               "tokenizer": tok_name, "objective": objective, "parameters": net.num_parameters(),
               "train_tokens": len(train_data.tokens), "val_tokens": len(val_data.tokens)}

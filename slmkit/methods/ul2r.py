@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from slmkit.errors import SlmError
+from slmkit.methods.finetune import seq2seq_batch
 
 MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 SENTINELS = 64
@@ -134,19 +135,6 @@ def prefix_lm_batch(examples: list[tuple[list[int], list[int]]], pad: int, dtype
         allowed[row, total:, 0] = True  # padding rows attend somewhere (never used) to avoid NaNs
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask[:, None]}
-
-
-def seq2seq_batch(examples, pad: int):
-    import torch
-
-    w_in, w_out = max(len(i) for i, _ in examples), max(len(t) for _, t in examples)
-    ids = torch.full((len(examples), w_in), pad, dtype=torch.long)
-    mask = torch.zeros((len(examples), w_in), dtype=torch.long)
-    labels = torch.full((len(examples), w_out), -100, dtype=torch.long)
-    for row, (inp, tgt) in enumerate(examples):
-        ids[row, :len(inp)], mask[row, :len(inp)] = torch.tensor(inp), 1
-        labels[row, :len(tgt)] = torch.tensor(tgt)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 class UL2Objective:
