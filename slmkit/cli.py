@@ -518,6 +518,104 @@ def flan_eval_command(
     out.print(f"results -> {Path(runs_dir) / run / 'flan_eval.json'}")
 
 
+orca_app = typer.Typer(no_args_is_help=True, help="Orca 2 explanation tuning: strategy answers from a teacher, "
+                       "students trained with prompt erasure.")
+app.add_typer(orca_app, name="orca")
+TeacherOpt = Annotated[str | None, typer.Option(help="Teacher: a model (zoo name, directory, .gguf; default the "
+                                                "embedded one) or an endpoint http://host:port/v1#model.")]
+OrcaTasksOpt = Annotated[list[str] | None, typer.Option("--task", help="Tasks (repeatable; names from `slm flan "
+                                                        "list` or slmkit/data/orca/tasks.yaml). Default: "
+                                                        "syllogism, isomorphic_strings, letter_counting, "
+                                                        "number_sequence, sum_small.")]
+PerTaskOpt = Annotated[int, typer.Option(help="Training items per task the teacher answers.")]
+ProbeOpt = Annotated[int, typer.Option(help="Items per task on which every strategy is tried to pick one.")]
+AttemptsOpt = Annotated[int, typer.Option(help="Answers tried per item until one is accepted (greedy, then "
+                                          "sampled).")]
+
+
+@orca_app.command("data")
+def orca_data_command(
+    out_file: Annotated[Path, typer.Option("--out", help="The training data, chat JSONL (with task, strategy).")],
+    teacher: TeacherOpt = None,
+    task: OrcaTasksOpt = None,
+    tasks: TasksOpt = None,
+    per_task: PerTaskOpt = 64,
+    probe: ProbeOpt = 16,
+    attempts: AttemptsOpt = 2,
+    strategy: Annotated[list[str] | None, typer.Option(help="Strategies to try (repeatable; default all).")] = None,
+    seed: Annotated[int, typer.Option(help="Item and sampling seed.")] = 0,
+):
+    """The teacher answers every task under each strategy's system prompt; the most accurate strategy per task
+    is kept, and its scorer-accepted answers are written under the generic system prompt (prompt erasure)."""
+    from rich.table import Table
+
+    from slmkit.methods.orca import orca_data
+
+    r = orca_data(out_file, teacher, task, tasks, per_task=per_task, probe=probe, attempts=attempts,
+                  strategies=strategy, seed=seed)
+    table = Table("task", *next(iter(r["strategy_accuracy"].values())), "chosen", "kept",
+                  title=f"teacher {r['teacher']}: accuracy per strategy on {probe} probe items")
+    for t, acc in r["strategy_accuracy"].items():
+        table.add_row(t, *(f"{a:.2f}" for a in acc.values()), r["chosen"][t], f"{r['kept_per_task'][t]}/{per_task}")
+    out.print(table)
+    out.print(f"wrote {r['examples']} examples -> {r['out']}")
+
+
+@orca_app.command("train")
+@dataclass_options(FinetuneArgs, "train_args")
+def orca_train_command(
+    data: Annotated[Path, typer.Option(help="Orca data from `slm orca data`.")],
+    model: ModelOpt = None,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
+    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "orca",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    train_args: FinetuneArgs = None,
+):
+    """Train a student on Orca data: the generic system prompt, loss on the answers only (ChatML)."""
+    from slmkit.methods.orca import orca_train
+
+    r = orca_train(data, model, lora=lora, run=run, runs_dir=runs_dir, resume=resume, train_args=train_args)
+    out.print(f"val loss {r['val_loss_before']:.3f} -> {r['val_loss']:.3f}; model -> {Path(r['run_dir']) / 'model'}")
+
+
+@orca_app.command("eval")
+@dataclass_options(FinetuneArgs, "train_args")
+def orca_eval_command(
+    model: ModelOpt = None,
+    teacher: TeacherOpt = None,
+    task: OrcaTasksOpt = None,
+    tasks: TasksOpt = None,
+    per_task: PerTaskOpt = 64,
+    probe: ProbeOpt = 16,
+    attempts: AttemptsOpt = 2,
+    eval_per_task: Annotated[int, typer.Option(help="Held-out items per task.")] = 40,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
+    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "orca",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    train_args: FinetuneArgs = None,
+):
+    """The Orca proof: a student trained with prompt erasure on the best strategy's answers vs one trained on
+    the teacher's direct answers, on held-out items."""
+    from rich.table import Table
+
+    from slmkit.methods.orca import orca_eval
+
+    r = orca_eval(model, teacher, task, tasks, per_task=per_task, probe=probe, attempts=attempts,
+                  eval_per_task=eval_per_task, lora=lora, run=run, runs_dir=runs_dir, seed=train_args.seed,
+                  train_args=train_args)
+    acc = r["accuracy"]
+    table = Table("task", "strategy", "untuned", "direct student", "erasure student", "teacher + strategy",
+                  title=f"Orca: held-out accuracy under the generic system prompt (teacher {r['teacher']})")
+    for t in r["tasks"]:
+        table.add_row(t, r["chosen"][t], *(f"{acc[k]['tasks'][t]:.3f}" for k in
+                                          ("untuned", "direct", "erasure", "teacher_with_strategy")))
+    table.add_row("[bold]mean[/]", "", *(f"{acc[k]['mean']:.3f}" for k in
+                                       ("untuned", "direct", "erasure", "teacher_with_strategy")))
+    out.print(table)
+    out.print(f"results -> {Path(runs_dir) / run / 'orca_eval.json'}")
+
+
 @app.command("ul2r")
 @dataclass_options(TrainArgs, "train_args")
 def ul2r_command(

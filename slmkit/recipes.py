@@ -23,6 +23,7 @@ def workflows() -> dict:
     from slmkit.methods.eft import eft_eval
     from slmkit.methods.finetune import FinetuneArgs, finetune
     from slmkit.methods.flan import flan_eval, flan_train
+    from slmkit.methods.orca import orca_eval
     from slmkit.methods.pretrain import pretrain
     from slmkit.methods.supericl import supericl
     from slmkit.methods.ul2r import ul2r
@@ -31,7 +32,7 @@ def workflows() -> dict:
     # workflow name -> (function, its `train:` dataclass or None when it does not train)
     return {"pretrain": (pretrain, TrainArgs), "finetune": (finetune, FinetuneArgs), "eft_eval": (eft_eval, None),
             "supericl": (supericl, None), "flan_eval": (flan_eval, FinetuneArgs),
-            "flan_train": (flan_train, FinetuneArgs), "ul2r": (ul2r, TrainArgs)}
+            "flan_train": (flan_train, FinetuneArgs), "orca_eval": (orca_eval, FinetuneArgs), "ul2r": (ul2r, TrainArgs)}
 
 
 def _check_type(value, annotation, where: str):

@@ -38,6 +38,7 @@ class Task:
     cot: str | None = None
     turn: bool = False
     size: int = 1000  # examples available to the mixture (procedural tasks: how many to generate)
+    config: dict | None = None  # reasoning-gym generator options (e.g. {max_terms: 3, max_digits: 2})
 
 
 @dataclass
@@ -61,8 +62,8 @@ class Collection:
     clusters: dict[str, list[str]] = field(default_factory=dict)
 
 
-def load_collection(extra: Path | None = None) -> Collection:
-    """The packaged tasks and templates, extended by a user's YAML file (tasks, templates)."""
+def load_collection(*extra: Path | None) -> Collection:
+    """The packaged tasks and templates, extended by YAML files of the same shape (tasks, templates)."""
     import yaml
 
     def read(path: Path) -> dict:
@@ -79,14 +80,14 @@ def load_collection(extra: Path | None = None) -> Collection:
     base = read(PACKAGED_TASKS)
     tasks = [_task(t, PACKAGED_TASKS, i) for i, t in enumerate(base["tasks"])]
     templates = list(base["templates"])
-    if extra is not None:
-        user = read(Path(extra))
+    for path in (Path(e) for e in extra if e is not None):
+        user = read(path)
         templates += list(user.get("templates", []))
         names = {t.name for t in tasks}
         for i, t in enumerate(user.get("tasks", [])):
-            task = _task(t, Path(extra), i)
+            task = _task(t, path, i)
             if task.name in names:
-                raise SlmError(f"{extra}: tasks[{i}]: a task named '{task.name}' already exists")
+                raise SlmError(f"{path}: tasks[{i}]: a task named '{task.name}' already exists")
             tasks.append(task)
     clusters: dict[str, list[str]] = {}
     for t in tasks:
@@ -141,14 +142,14 @@ def make_items(task: Task, n: int, seed: int) -> list[Item]:
         import reasoning_gym
 
         name = task.source.split(":", 1)[1]
-        try:
-            ds = reasoning_gym.create_dataset(name, size=n, seed=seed)
-        except Exception as e:  # an unknown generator or bad config
-            raise SlmError(f"task {task.name}: reasoning-gym cannot make '{name}' ({e})") from e
+        try:  # an unknown generator or a bad config fails here or at the first entry
+            ds = reasoning_gym.create_dataset(name, size=n, seed=seed, **(task.config or {}))
+            entries = [ds[i] for i in range(n)]
+        except Exception as e:
+            raise SlmError(f"task {task.name}: reasoning-gym cannot make '{name}' ({type(e).__name__}: {e})") from e
         rationale = RATIONALES.get(task.cot) if task.cot else None
         items = []
-        for i in range(n):
-            entry = ds[i]
+        for entry in entries:
             items.append(Item(entry["question"].strip(), str(entry["answer"]), task, task.options,
                               rationale(entry) if rationale else None, {"dataset": ds, "entry": entry}))
         return items
