@@ -416,6 +416,8 @@ app.add_typer(flan_app, name="flan")
 TasksOpt = Annotated[Path | None, typer.Option("--tasks", help="Your tasks/templates YAML (same shape as "
                                                "slmkit/data/flan/tasks.yaml), added to the packaged ones.")]
 ExamplesOpt = Annotated[int, typer.Option(help="Examples in the mixture.")]
+ClusterOpt = Annotated[list[str] | None, typer.Option(help="Only these clusters (repeatable).")]
+ExcludeOpt = Annotated[list[str] | None, typer.Option(help="Leave out these clusters (repeatable).")]
 CapOpt = Annotated[int, typer.Option(help="Per-task cap for examples-proportional mixing.")]
 FewShotOpt = Annotated[float, typer.Option(help="Fraction of examples rendered few-shot.")]
 CotOpt = Annotated[float, typer.Option(help="Fraction of rationale-bearing tasks' examples rendered as "
@@ -436,8 +438,8 @@ def flan_list(tasks: TasksOpt = None):
 def flan_build_command(
     out_file: Annotated[Path, typer.Option("--out", help="The mixture, prompt/completion JSONL.")],
     tasks: TasksOpt = None,
-    cluster: Annotated[list[str] | None, typer.Option(help="Only these clusters (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Leave out these clusters (repeatable).")] = None,
+    cluster: ClusterOpt = None,
+    exclude: ExcludeOpt = None,
     examples: ExamplesOpt = 3000,
     cap: CapOpt = 500,
     few_shot: FewShotOpt = 0.2,
@@ -459,8 +461,8 @@ def flan_train_command(
     data: Annotated[Path | None, typer.Option(help="A mixture from `slm flan build` (default: build one here from "
                                               "the options below).")] = None,
     tasks: TasksOpt = None,
-    cluster: Annotated[list[str] | None, typer.Option(help="Only these clusters (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Leave out these clusters (repeatable).")] = None,
+    cluster: ClusterOpt = None,
+    exclude: ExcludeOpt = None,
     examples: ExamplesOpt = 3000,
     cap: CapOpt = 500,
     few_shot: FewShotOpt = 0.2,

