@@ -618,6 +618,38 @@ def orca_eval_command(
     out.print(f"results -> {Path(runs_dir) / run / 'orca_eval.json'}")
 
 
+gsm_app = typer.Typer(no_args_is_help=True, help="TinyGSM: math word problems with Python solutions, a sandbox, "
+                      "a verifier and best-of-N.")
+app.add_typer(gsm_app, name="gsm")
+UnsafeOpt = Annotated[bool, typer.Option("--unsafe-no-sandbox", help="Run model-written code without bubblewrap "
+                                         "(resource limits only). Only for code you trust.")]
+
+
+@gsm_app.command("data")
+def gsm_data_command(
+    out_file: Annotated[Path, typer.Option("--out", help="Training data JSONL (question, program, answer, source).")],
+    procedural: Annotated[int, typer.Option(help="Procedural problems (programs follow from construction).")] = 2000,
+    teacher: Annotated[str | None, typer.Option(help="A model (zoo name, directory, .gguf) or an endpoint "
+                                                "http://host:port/v1#model that writes programs (default: none).")]
+    = None,
+    teacher_problems: Annotated[int, typer.Option(help="Further problems whose programs the teacher writes "
+                                                  "(kept when the program returns the answer).")] = 0,
+    samples: Annotated[int, typer.Option(help="Teacher attempts per problem (greedy, then sampled).")] = 1,
+    user: Annotated[Path | None, typer.Option(help="Your problems: JSONL of question, answer[, program].")] = None,
+    test_size: Annotated[int, typer.Option(help="gsm_symbolic test problems checked for overlap.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the procedural problems.")] = 0,
+    unsafe: UnsafeOpt = False,
+):
+    """Write TinyGSM-style training data; programs are executed in the sandbox and must return their answer;
+    problems overlapping the gsm_symbolic test set are dropped."""
+    from slmkit.methods.tinygsm import gsm_data
+
+    r = gsm_data(out_file, procedural, teacher, teacher_problems, samples, user, test_size, seed, unsandboxed=unsafe)
+    out.print(f"wrote {r['examples']} problems ({r['templates']} procedural templates; teacher kept "
+              f"{r['teacher_kept']}/{r['teacher_asked']}); test overlap {r['test_overlap_after']} "
+              f"(dropped {r['dropped_for_test_overlap']}) -> {r['out']}")
+
+
 @app.command("ul2r")
 @dataclass_options(TrainArgs, "train_args")
 def ul2r_command(

@@ -1,0 +1,404 @@
+"""TinyGSM (Liu et al., 2023, "TinyGSM: achieving >80% on GSM8k with small language models").
+
+Grade-school math word problems paired with Python solutions: a function whose docstring holds the
+question and whose body computes the answer step by step in named variables, then returns it. A small
+generator model is fine-tuned on them; a verifier of the same size scores sampled solutions, and the best
+of N is the answer. Every program runs in `slmkit.sandbox`.
+
+This module holds the data side: a procedural generator of word problems whose solution programs follow
+from their construction (many templates, varied wording, names, objects and quantities), teacher
+generations kept only when their program's result matches the known answer, user JSONL, and the
+held-out test set — reasoning-gym's GSM8K-style `gsm_symbolic` problems, kept out of training by an
+overlap check. Templates in `HELD_OUT_TEMPLATES` never enter training data either: they test
+generalisation to unseen problem shapes.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmkit.data.corpora import read_jsonl, write_jsonl
+from slmkit.errors import SlmError
+
+NAMES = ["Ava", "Ben", "Carla", "Dev", "Elif", "Femi", "Grace", "Hugo", "Ines", "Jamal", "Kira", "Luis", "Mei",
+         "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wen", "Yusuf", "Zoe"]
+GOODS = [("apple", "apples"), ("notebook", "notebooks"), ("cupcake", "cupcakes"), ("pencil", "pencils"),
+         ("marble", "marbles"), ("sticker", "stickers"), ("orange", "oranges"), ("cookie", "cookies"),
+         ("toy car", "toy cars"), ("seashell", "seashells"), ("book", "books"), ("balloon", "balloons")]
+SHOPS = [("bakery", "loaves of bread"), ("farm", "eggs"), ("factory", "bottles"), ("workshop", "chairs"),
+         ("print shop", "posters"), ("garden", "tomatoes")]
+
+
+@dataclass
+class Problem:
+    question: str
+    steps: list[tuple[str, str]]  # (variable, Python expression over earlier variables); the last is returned
+    template: str = ""
+
+    @property
+    def program(self) -> str:
+        body = "\n".join(f"    {name} = {expr}" for name, expr in self.steps)
+        return f'def solution():\n    """{self.question}"""\n{body}\n    return {self.steps[-1][0]}\n'
+
+    @property
+    def answer(self) -> int:
+        env: dict = {}
+        for name, expr in self.steps:
+            env[name] = eval(expr, {}, env)  # our own generated arithmetic, not model output
+        value = env[self.steps[-1][0]]
+        if value != int(value):
+            raise ValueError(f"{self.template}: non-integer answer {value}")
+        return int(value)
+
+
+TEMPLATES: dict[str, Callable[[random.Random], Problem]] = {}
+
+
+def template(fn):
+    TEMPLATES[fn.__name__] = fn
+    return fn
+
+
+def _pick(rng: random.Random, *options: str) -> str:
+    return rng.choice(options)
+
+
+@template
+def change_from_purchase(rng):
+    name, (one, many) = rng.choice(NAMES), rng.choice(GOODS)
+    n, price = rng.randint(2, 9), rng.randint(1, 12)
+    bill = next(b for b in (10, 20, 50, 100, 200) if b >= n * price)
+    q = _pick(rng, f"{name} buys {n} {many} for ${price} each and pays with a ${bill} bill. How much change, in "
+                   f"dollars, does {name} get back?",
+              f"Each {one} costs ${price}. {name} pays for {n} {many} with a ${bill} bill. How many dollars of "
+              "change should the cashier give?")
+    return Problem(q, [("count", str(n)), ("price_each", str(price)), ("cost", "count * price_each"),
+                       ("paid", str(bill)), ("change", "paid - cost")])
+
+
+@template
+def share_equally(rng):
+    name, (_, many) = rng.choice(NAMES), rng.choice(GOODS)
+    k, each = rng.randint(2, 8), rng.randint(2, 15)
+    q = _pick(rng, f"{name} has {k * each} {many} and shares them equally among {k} friends. How many {many} "
+                   "does each friend get?",
+              f"There are {k * each} {many} to split evenly between {k} children. How many does each child get?")
+    return Problem(q, [("total", str(k * each)), ("people", str(k)), ("each", "total // people")])
+
+
+@template
+def production_over_days(rng):
+    (shop, things), per_day, days = rng.choice(SHOPS), rng.randint(5, 60), rng.randint(2, 14)
+    q = _pick(rng, f"A {shop} produces {per_day} {things} every day. How many {things} does it produce in {days} "
+                   "days?",
+              f"Every day a {shop} makes {per_day} {things}. How many {things} are made over {days} days?")
+    return Problem(q, [("per_day", str(per_day)), ("days", str(days)), ("total", "per_day * days")])
+
+
+@template
+def remaining_after_giving(rng):
+    name, a, b = rng.sample(NAMES, 3)
+    (_, many) = rng.choice(GOODS)
+    give_a, give_b, keep = rng.randint(1, 20), rng.randint(1, 20), rng.randint(0, 30)
+    start = give_a + give_b + keep
+    q = _pick(rng, f"{name} had {start} {many}. {name} gave {give_a} to {a} and {give_b} to {b}. How many {many} "
+                   f"does {name} have left?",
+              f"{name} started with {start} {many}, then handed {give_a} of them to {a} and {give_b} to {b}. How "
+              "many are left?")
+    return Problem(q, [("start", str(start)), ("to_first", str(give_a)), ("to_second", str(give_b)),
+                       ("left", "start - to_first - to_second")])
+
+
+@template
+def weekly_savings(rng):
+    name, weekly, weeks = rng.choice(NAMES), rng.randint(3, 40), rng.randint(2, 12)
+    spent = rng.randint(1, weekly * weeks)
+    q = _pick(rng, f"{name} saves ${weekly} every week for {weeks} weeks, then spends ${spent} on a gift. How many "
+                   "dollars does {name} have left?".replace("{name}", name),
+              f"For {weeks} weeks, {name} puts ${weekly} a week into a jar. Then {name} takes out ${spent}. How "
+              "much money is in the jar now?")
+    return Problem(q, [("per_week", str(weekly)), ("weeks", str(weeks)), ("saved", "per_week * weeks"),
+                       ("spent", str(spent)), ("left", "saved - spent")])
+
+
+@template
+def discount_price(rng):
+    (one, _), pct = rng.choice(GOODS), rng.choice([10, 20, 25, 50, 75])
+    price = rng.randint(1, 20) * (100 // pct if 100 % pct == 0 else 20)
+    q = _pick(rng, f"A {one} costs ${price}. It is on sale for {pct}% off. What is the sale price in dollars?",
+              f"The price of a {one} is ${price}, and the store takes {pct}% off. How many dollars does it cost now?")
+    return Problem(q, [("price", str(price)), ("percent_off", str(pct)), ("discount", "price * percent_off // 100"),
+                       ("sale_price", "price - discount")])
+
+
+@template
+def ages(rng):
+    a, b = rng.sample(NAMES, 2)
+    age, times, years = rng.randint(3, 15), rng.randint(2, 4), rng.randint(1, 10)
+    q = _pick(rng, f"{a} is {age} years old. {b} is {times} times as old as {a}. How old will {b} be in {years} "
+                   "years?",
+              f"{b}'s age is {times} times {a}'s age, and {a} is {age}. What will {b}'s age be {years} years from "
+              "now?")
+    return Problem(q, [("first_age", str(age)), ("factor", str(times)), ("second_age", "first_age * factor"),
+                       ("years_later", str(years)), ("future_age", "second_age + years_later")])
+
+
+@template
+def full_boxes(rng):
+    (_, many), per_box = rng.choice(GOODS), rng.randint(3, 12)
+    total = per_box * rng.randint(2, 20) + rng.randint(0, per_box - 1)
+    q = _pick(rng, f"There are {total} {many} packed into boxes of {per_box}. How many boxes can be filled "
+                   "completely?",
+              f"A shop packs {many} {per_box} to a box. With {total} {many}, how many full boxes does it get?")
+    return Problem(q, [("total", str(total)), ("per_box", str(per_box)), ("full_boxes", "total // per_box")])
+
+
+@template
+def two_speeds(rng):
+    s1, h1, s2, h2 = rng.randint(20, 90), rng.randint(1, 5), rng.randint(20, 90), rng.randint(1, 5)
+    q = _pick(rng, f"A car drives at {s1} km/h for {h1} hours and then at {s2} km/h for {h2} hours. How many "
+                   "kilometers does it travel in total?",
+              f"A train goes {s1} km per hour for {h1} hours, then {s2} km per hour for another {h2} hours. What "
+              "total distance in km does it cover?")
+    return Problem(q, [("speed_1", str(s1)), ("hours_1", str(h1)), ("speed_2", str(s2)), ("hours_2", str(h2)),
+                       ("distance", "speed_1 * hours_1 + speed_2 * hours_2")])
+
+
+@template
+def pages_left(rng):
+    name, per_day, days = rng.choice(NAMES), rng.randint(5, 30), rng.randint(2, 9)
+    pages = per_day * days + rng.randint(1, 200)
+    q = _pick(rng, f"A book has {pages} pages. {name} reads {per_day} pages a day for {days} days. How many pages "
+                   "are left to read?",
+              f"{name} reads {per_day} pages every day of a {pages}-page book. After {days} days, how many pages "
+              "remain?")
+    return Problem(q, [("pages", str(pages)), ("per_day", str(per_day)), ("days", str(days)),
+                       ("read", "per_day * days"), ("left", "pages - read")])
+
+
+@template
+def more_than(rng):
+    a, b = rng.sample(NAMES, 2)
+    (_, many), has_b, extra = rng.choice(GOODS), rng.randint(2, 50), rng.randint(1, 30)
+    q = _pick(rng, f"{b} has {has_b} {many}. {a} has {extra} more {many} than {b}. How many {many} do they have "
+                   "together?",
+              f"{a} owns {extra} more {many} than {b}, who owns {has_b}. What is the total number of {many} they "
+              "own?")
+    return Problem(q, [("second", str(has_b)), ("extra", str(extra)), ("first", "second + extra"),
+                       ("together", "first + second")])
+
+
+@template
+def ratio_split(rng):
+    p, q_, groups = rng.randint(1, 5), rng.randint(1, 5), rng.randint(2, 12)
+    total = (p + q_) * groups
+    q = _pick(rng, f"In a class of {total} students the ratio of boys to girls is {p}:{q_}. How many girls are "
+                   "there?",
+              f"A club has {total} members, with boys and girls in the ratio {p} to {q_}. How many of the members "
+              "are girls?")
+    return Problem(q, [("total", str(total)), ("boys_part", str(p)), ("girls_part", str(q_)),
+                       ("group", "total // (boys_part + girls_part)"), ("girls", "group * girls_part")])
+
+
+@template
+def wage_with_bonus(rng):
+    name, rate, hours, bonus = rng.choice(NAMES), rng.randint(8, 30), rng.randint(4, 40), rng.randint(5, 100)
+    q = _pick(rng, f"{name} earns ${rate} an hour and works {hours} hours this week. {name} also gets a ${bonus} "
+                   "bonus. How much does {name} earn this week in dollars?".replace("{name}", name),
+              f"Paid ${rate} per hour, {name} works {hours} hours and receives a bonus of ${bonus}. What are "
+              f"{name}'s total earnings in dollars?")
+    return Problem(q, [("rate", str(rate)), ("hours", str(hours)), ("pay", "rate * hours"), ("bonus", str(bonus)),
+                       ("total", "pay + bonus")])
+
+
+@template
+def fence_perimeter(rng):
+    length, width, cost = rng.randint(3, 40), rng.randint(2, 30), rng.randint(2, 15)
+    q = _pick(rng, f"A rectangular garden is {length} m long and {width} m wide. Fencing costs ${cost} per meter. "
+                   "How much does it cost to fence the whole garden?",
+              f"To put a fence around a {length} m by {width} m rectangular yard, fencing at ${cost} a meter is "
+              "needed. What is the total cost in dollars?")
+    return Problem(q, [("length", str(length)), ("width", str(width)), ("perimeter", "2 * (length + width)"),
+                       ("cost_per_meter", str(cost)), ("total_cost", "perimeter * cost_per_meter")])
+
+
+@template
+def tickets_for_group(rng):
+    adults, children, pa, pc = rng.randint(1, 6), rng.randint(1, 8), rng.randint(8, 30), rng.randint(3, 15)
+    q = _pick(rng, f"Museum tickets cost ${pa} for adults and ${pc} for children. How much do {adults} adults and "
+                   f"{children} children pay in total?",
+              f"A family of {adults} adults and {children} children goes to the zoo. Adult tickets are ${pa} and "
+              f"child tickets are ${pc}. What is the total cost?")
+    return Problem(q, [("adults", str(adults)), ("children", str(children)), ("adult_price", str(pa)),
+                       ("child_price", str(pc)), ("total", "adults * adult_price + children * child_price")])
+
+
+HELD_OUT_TEMPLATES = ("fence_perimeter", "tickets_for_group", "ratio_split")  # never in training data
+
+
+def procedural(n: int, seed: int = 0, templates: list[str] | None = None) -> list[Problem]:
+    """`n` problems, cycling through `templates` (default: every template not held out), from a seed."""
+    names = templates or [t for t in TEMPLATES if t not in HELD_OUT_TEMPLATES]
+    unknown = [t for t in names if t not in TEMPLATES]
+    if unknown:
+        raise SlmError(f"unknown template '{unknown[0]}' (templates: {', '.join(TEMPLATES)})")
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name = names[i % len(names)]
+        problem = TEMPLATES[name](rng)
+        problem.template = name
+        out.append(problem)
+    return out
+
+
+def gsm_symbolic(n: int, seed: int = 0) -> list[dict]:
+    """reasoning-gym's GSM8K-style problems with integer answers: the held-out test set."""
+    import reasoning_gym
+
+    ds = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
+    return [{"question": re.sub(r"\s*Give the result as your final answer\.? Do not include units\.\s*$", "",
+                                ds[i]["question"]),
+             "answer": int(ds[i]["answer"])} for i in range(n)]
+
+
+def normalise(question: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", question.lower()).strip()
+
+
+def ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    words = normalise(text).split()
+    return {tuple(words[i:i + n]) for i in range(max(1, len(words) - n + 1))}
+
+
+def overlap(train: list[str], test: list[str], n: int = 8) -> int:
+    """How many test questions share a word 8-gram with some training question (the contamination check of
+    the GPT-3 and TinyGSM papers, at 8 words)."""
+    seen = set().union(*(ngrams(q, n) for q in train)) if train else set()
+    return sum(bool(ngrams(q, n) & seen) for q in test)
+
+
+# --- data: procedural, teacher and user problems ---------------------------------------------------------
+
+
+TEACHER_PROMPT = ("Write a Python function named solution() that solves the math word problem below. Put the "
+                  "question in the docstring, compute the answer step by step in well-named variables, and "
+                  "return it as a number. Reply with the code only.\n\nProblem: {question}")
+
+
+def extract_program(reply: str) -> str:
+    """The Python code in a reply: a fenced block when there is one, else the text from `def solution`."""
+    fenced = re.findall(r"```(?:python)?\n(.*?)```", reply, flags=re.DOTALL)
+    code = fenced[0] if fenced else reply
+    start = code.find("def solution")
+    return code[start:] if start >= 0 else code
+
+
+def accept_programs(sandbox, rows: list[dict], replies: list[str]) -> int:
+    """Give each row the program in its reply when the program, run in the sandbox, returns the row's answer;
+    return how many were accepted."""
+    programs = [extract_program(t) for t in replies]
+    accepted = 0
+    for row, code, res in zip(rows, programs, sandbox.map(programs), strict=True):
+        if res.ok and matches(res.value, row["answer"]):
+            row["program"] = code
+            accepted += 1
+    return accepted
+
+
+def read_user_problems(path: Path) -> list[dict]:
+    rows = []
+    for where, row in read_jsonl(path):
+        if not isinstance(row.get("question"), str) or "answer" not in row:
+            raise SlmError(f"{where}: a problem needs \"question\" (string) and \"answer\" (a number)")
+        try:
+            answer = float(row["answer"])
+        except (TypeError, ValueError) as e:
+            raise SlmError(f"{where}: \"answer\" must be a number, got {row['answer']!r}") from e
+        rows.append({"question": row["question"], "answer": answer, "program": row.get("program")})
+    return rows
+
+
+def matches(value, answer) -> bool:
+    try:
+        return abs(float(value) - float(answer)) < 1e-6
+    except (TypeError, ValueError):
+        return False
+
+
+def gsm_data(
+    out: Path,
+    procedural_count: int = 2000,
+    teacher: str | None = None,
+    teacher_problems: int = 0,
+    samples: int = 1,
+    user: Path | None = None,
+    test_size: int = 200,
+    seed: int = 0,
+    unsandboxed: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Training data (JSONL: question, program, answer, source): `procedural_count` procedural problems with
+    their constructed programs; with `teacher` (a local model or an endpoint), its programs for
+    `teacher_problems` further procedural problems, kept when the sandboxed result matches; with `user`, a
+    JSONL of {question, answer[, program]} (programs checked, missing ones asked of the teacher). Every
+    kept program is executed once in the sandbox. Reports the 8-gram overlap with the first `test_size`
+    gsm_symbolic test problems (must be 0) and drops any overlapping training problem."""
+    from rich.progress import Progress
+
+    from slmkit.sandbox import Limits, Sandbox
+
+    rows = [{"question": p.question, "program": p.program, "answer": p.answer, "source": f"procedural:{p.template}"}
+            for p in procedural(procedural_count, seed)]
+    pending = []  # problems whose program must come from the teacher
+    if teacher and teacher_problems:
+        pending += [{"question": p.question, "answer": p.answer, "source": f"teacher:{p.template}"}
+                    for p in procedural(teacher_problems, seed + 1)]
+    if user:
+        for r in read_user_problems(Path(user)):
+            if r["program"]:
+                rows.append({**r, "source": "user"})
+            elif teacher:
+                pending.append({"question": r["question"], "answer": r["answer"], "source": "user+teacher"})
+            else:
+                raise SlmError(f"{user}: problems without a \"program\" need --teacher to write one")
+    stats = {"procedural": procedural_count, "teacher_asked": len(pending), "teacher_kept": 0}
+    with Sandbox(2, Limits(timeout=2.0), unsandboxed=unsandboxed) as sandbox:
+        if pending:
+            from slmkit.client import open_lm
+            from slmkit.generate import SamplingParams
+
+            lm = open_lm(teacher)
+            with Progress(disable=not progress) as bar:
+                job = bar.add_task(f"programs from {lm.name}", total=len(pending) * samples)
+                for s in range(samples):
+                    params = SamplingParams(max_new_tokens=320, temperature=0.0 if s == 0 else 0.7, top_p=0.95,
+                                            seed=seed * 100 + s)
+                    todo = [r for r in pending if "program" not in r]
+                    replies = lm.generate([TEACHER_PROMPT.format(question=r["question"]) for r in todo], params)
+                    accept_programs(sandbox, todo, replies)
+                    bar.advance(job, len(pending))
+            kept = [r for r in pending if "program" in r]
+            stats["teacher_kept"] = len(kept)
+            rows += kept
+        results = sandbox.map([r["program"] for r in rows])
+    bad = [(r, res) for r, res in zip(rows, results, strict=True) if not (res.ok and matches(res.value, r["answer"]))]
+    if any(r["source"].startswith("procedural") for r, _ in bad):
+        raise SlmError(f"a procedural program gave a wrong result: {bad[0][0]['source']} ({bad[0][1].error})")
+    if bad:
+        r, res = bad[0]
+        raise SlmError(f"{user}: the program for {r['question'][:60]!r} does not return its answer "
+                       f"({res.status}: {res.error or res.value})")
+    test = [t["question"] for t in gsm_symbolic(test_size, seed=0)] if test_size else []
+    test_grams = set().union(*(ngrams(q) for q in test))
+    contaminated = {i for i, r in enumerate(rows) if ngrams(r["question"]) & test_grams}
+    rows = [r for i, r in enumerate(rows) if i not in contaminated]
+    random.Random(seed).shuffle(rows)
+    write_jsonl(rows, out)
+    return {"out": str(out), "examples": len(rows), **stats, "dropped_for_test_overlap": len(contaminated),
+            "test_overlap_after": overlap([r["question"] for r in rows], test) if test else 0,
+            "templates": len({r["source"] for r in rows if r["source"].startswith("procedural")})}

@@ -1,0 +1,68 @@
+"""TinyGSM data: procedural problems whose programs return their answers, teacher programs accepted only
+when they execute to the known answer, user data errors, and no overlap with the gsm_symbolic test set."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from slmkit.errors import SlmError
+from slmkit.methods import tinygsm as g
+from slmkit.sandbox import Limits, Sandbox, bwrap_command
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(2, Limits(timeout=1.0), unsandboxed=bwrap_command() is None) as sb:
+        yield sb
+
+
+def test_procedural_programs_return_their_answers(sandbox):
+    problems = g.procedural(300, seed=3, templates=list(g.TEMPLATES))
+    assert {p.template for p in problems} == set(g.TEMPLATES) and len(g.TEMPLATES) >= 12
+    assert len({p.question for p in problems}) > 290  # varied wording and quantities
+    results = sandbox.map([p.program for p in problems])
+    assert [r.value for r in results] == [p.answer for p in problems]
+    p = problems[0]
+    assert p.program.startswith('def solution():\n    """' + p.question + '"""') and "return" in p.program
+    assert not any(p.template in g.HELD_OUT_TEMPLATES for p in g.procedural(200, seed=0))
+    assert g.procedural(5, seed=1)[0].question == g.procedural(5, seed=1)[0].question  # deterministic
+
+
+def test_teacher_programs_are_kept_only_when_they_return_the_answer(sandbox):
+    rows = [{"question": "2 apples and 3 apples?", "answer": 5} for _ in range(4)]
+    replies = ["Sure!\n```python\ndef solution():\n    a = 2\n    b = 3\n    return a + b\n```",
+               "def solution():\n    return 6",  # runs, wrong answer
+               "def solution():\n    while True:\n        pass",  # never returns
+               "I think the answer is 5."]  # no program
+    assert g.accept_programs(sandbox, rows, replies) == 1
+    assert rows[0]["program"].startswith("def solution") and "```" not in rows[0]["program"]
+    assert all("program" not in r for r in rows[1:])
+
+
+def test_overlap_check_catches_a_copied_test_problem():
+    test = [t["question"] for t in g.gsm_symbolic(20)]
+    assert g.overlap(test[:5], test[:5]) == 5 and g.overlap(test[:5], test) >= 5
+    assert g.overlap([p.question for p in g.procedural(500)], test) == 0
+
+
+def test_gsm_data_command_with_user_problems(tmp_path):
+    user = tmp_path / "mine.jsonl"
+    user.write_text(json.dumps({"question": "A pack has 6 pens. How many pens in 7 packs?", "answer": 42,
+                                "program": "def solution():\n    return 6 * 7"}) + "\n")
+    out = tmp_path / "gsm.jsonl"
+    r = subprocess.run([sys.executable, "-m", "slmkit.cli", "gsm", "data", "--out", str(out), "--procedural", "60",
+                        "--user", str(user), "--test-size", "50"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 61 and {"question", "program", "answer", "source"} <= rows[0].keys()
+    assert "test overlap 0" in r.stdout
+
+    user.write_text(json.dumps({"question": "6 times 7?", "answer": 41, "program": "def solution():\n    return 42"})
+                    + "\n")
+    with pytest.raises(SlmError, match="does not return its answer"):
+        g.gsm_data(out, procedural_count=5, user=user, test_size=0, progress=False)
+    user.write_text('{"question": "no answer"}\n')
+    with pytest.raises(SlmError, match=r"mine.jsonl:1: a problem needs"):
+        g.gsm_data(out, procedural_count=5, user=user, test_size=0, progress=False)
