@@ -531,6 +531,7 @@ OrcaTasksOpt = Annotated[list[str] | None, typer.Option("--task", help="Tasks (r
                                                         "number_sequence, sum_small.")]
 PerTaskOpt = Annotated[int, typer.Option(help="Training items per task the teacher answers.")]
 ProbeOpt = Annotated[int, typer.Option(help="Items per task on which every strategy is tried to pick one.")]
+MaxAnswerOpt = Annotated[int, typer.Option(help="Longest answer in tokens (explanations need room).")]
 AttemptsOpt = Annotated[int, typer.Option(help="Answers tried per item until one is accepted (greedy, then "
                                           "sampled).")]
 
@@ -545,6 +546,7 @@ def orca_data_command(
     probe: ProbeOpt = 16,
     attempts: AttemptsOpt = 2,
     strategy: Annotated[list[str] | None, typer.Option(help="Strategies to try (repeatable; default all).")] = None,
+    max_new_tokens: MaxAnswerOpt = 320,
     seed: Annotated[int, typer.Option(help="Item and sampling seed.")] = 0,
 ):
     """The teacher answers every task under each strategy's system prompt; the most accurate strategy per task
@@ -554,7 +556,7 @@ def orca_data_command(
     from slmkit.methods.orca import orca_data
 
     r = orca_data(out_file, teacher, task, tasks, per_task=per_task, probe=probe, attempts=attempts,
-                  strategies=strategy, seed=seed)
+                  strategies=strategy, max_new_tokens=max_new_tokens, seed=seed)
     table = Table("task", *next(iter(r["strategy_accuracy"].values())), "chosen", "kept",
                   title=f"teacher {r['teacher']}: accuracy per strategy on {probe} probe items")
     for t, acc in r["strategy_accuracy"].items():
@@ -592,6 +594,7 @@ def orca_eval_command(
     probe: ProbeOpt = 16,
     attempts: AttemptsOpt = 2,
     eval_per_task: Annotated[int, typer.Option(help="Held-out items per task.")] = 40,
+    max_new_tokens: MaxAnswerOpt = 320,
     lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
     run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "orca",
     runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
@@ -604,8 +607,8 @@ def orca_eval_command(
     from slmkit.methods.orca import orca_eval
 
     r = orca_eval(model, teacher, task, tasks, per_task=per_task, probe=probe, attempts=attempts,
-                  eval_per_task=eval_per_task, lora=lora, run=run, runs_dir=runs_dir, seed=train_args.seed,
-                  train_args=train_args)
+                  eval_per_task=eval_per_task, max_new_tokens=max_new_tokens, lora=lora, run=run, runs_dir=runs_dir,
+                  seed=train_args.seed, train_args=train_args)
     acc = r["accuracy"]
     table = Table("task", "strategy", "untuned", "direct student", "erasure student", "teacher + strategy",
                   title=f"Orca: held-out accuracy under the generic system prompt (teacher {r['teacher']})")
@@ -648,6 +651,48 @@ def gsm_data_command(
     out.print(f"wrote {r['examples']} problems ({r['templates']} procedural templates; teacher kept "
               f"{r['teacher_kept']}/{r['teacher_asked']}); test overlap {r['test_overlap_after']} "
               f"(dropped {r['dropped_for_test_overlap']}) -> {r['out']}")
+
+
+@gsm_app.command("train")
+@dataclass_options(FinetuneArgs, "train_args")
+def gsm_train_command(
+    data: Annotated[Path, typer.Option(help="Data from `slm gsm data`.")],
+    model: ModelOpt = None,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
+    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "gsm",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    train_args: FinetuneArgs = None,
+):
+    """Fine-tune the generator: given `def solution():` and the question as its docstring, write the body."""
+    from slmkit.methods.tinygsm import gsm_train
+
+    r = gsm_train(model, data, lora=lora, run=run, runs_dir=runs_dir, resume=resume, train_args=train_args)
+    out.print(f"val loss {r['val_loss_before']:.3f} -> {r['val_loss']:.3f}; model -> {Path(r['run_dir']) / 'model'}")
+
+
+@gsm_app.command("solve")
+def gsm_solve_command(
+    question: Annotated[list[str], typer.Argument(help="Word problems (one or more).")],
+    model: ModelOpt = None,
+    samples: Annotated[int, typer.Option("-n", "--samples", help="Programs sampled per problem.")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy, with -n 1).")] = 0.7,
+    unsafe: UnsafeOpt = False,
+):
+    """Sample programs for each problem, run them in the sandbox, and answer by majority vote."""
+    from slmkit.methods.tinygsm import majority, solve
+    from slmkit.models import load
+    from slmkit.sandbox import Sandbox
+
+    loaded = load(model)
+    with Sandbox(2, unsandboxed=unsafe) as sandbox:
+        solved = solve(loaded, question, sandbox, samples=samples, temperature=temperature)
+    for q, samples_ in zip(question, solved, strict=True):
+        out.rule(q[:100])
+        for s in samples_:
+            out.print(s.program.rstrip(), markup=False, highlight=False)
+            out.print(f"[dim]-> {s.status}: {s.value}[/]")
+        out.print(f"[bold]majority answer: {majority(samples_)}[/]")
 
 
 @app.command("ul2r")

@@ -66,3 +66,41 @@ def test_gsm_data_command_with_user_problems(tmp_path):
     user.write_text('{"question": "no answer"}\n')
     with pytest.raises(SlmError, match=r"mine.jsonl:1: a problem needs"):
         g.gsm_data(out, procedural_count=5, user=user, test_size=0, progress=False)
+
+
+def test_program_body_normalises_any_solution():
+    program = 'def solution():\n    """Q?"""\n    a = 2  # two\n    b = a * 3\n    return b\n'
+    assert g.program_body(program) == "    a = 2\n    b = a * 3\n    return b\n"
+    assert g.program_body("def solution():\n  return 1") == "    return 1\n"
+    with pytest.raises(SlmError, match="no `def solution"):
+        g.program_body("x = 1")
+
+
+def test_generator_trains_and_samples_programs(tiny_causal, tmp_path, sandbox):
+    import copy
+
+    from slmkit.methods.finetune import FinetuneArgs
+    from slmkit.models import load
+
+    copy.deepcopy(tiny_causal.model).save_pretrained(tmp_path / "tiny")
+    tiny_causal.tokenizer.save_pretrained(tmp_path / "tiny")
+    data = tmp_path / "gsm.jsonl"
+    g.gsm_data(data, procedural_count=48, test_size=0, progress=False)
+    r = g.gsm_train(str(tmp_path / "tiny"), data, lora=False, run="gen", runs_dir=tmp_path,
+                    train_args=FinetuneArgs(steps=12, batch_size=4, seq_len=256, lr=3e-3, eval_every=0, save_every=0,
+                                            log_every=4), progress=False)
+    assert r["val_loss"] < r["val_loss_before"] - 1.0
+    first = json.loads((tmp_path / "gen" / "programs.jsonl").read_text().splitlines()[0])
+    assert first["prompt"].startswith('def solution():\n    """') and first["completion"].startswith("    ")
+    generator = load(str(tmp_path / "gen" / "model"), dtype="fp32")
+    questions = [p.question for p in g.procedural(2, seed=9)]
+    solved = g.solve(generator, questions, sandbox, samples=3, max_new_tokens=24, progress=False)
+    assert [len(s) for s in solved] == [3, 3]
+    assert all(s.program.startswith(g.program_prompt(q)) for q, ss in zip(questions, solved, strict=True)
+               for s in ss)
+    assert all(s.status in ("ok", "error", "timeout", "memory", "output") for ss in solved for s in ss)
+
+
+def test_majority_vote():
+    s = [g.Sample("", "ok", 3), g.Sample("", "error"), g.Sample("", "ok", 5), g.Sample("", "ok", 5.0)]
+    assert g.majority(s) == 5.0 and g.majority([g.Sample("", "timeout")]) is None

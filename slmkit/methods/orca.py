@@ -106,7 +106,7 @@ def orca_data(
     probe: int = 16,
     attempts: int = 2,
     strategies: list[str] | None = None,
-    max_new_tokens: int = 160,
+    max_new_tokens: int = 320,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -201,7 +201,7 @@ def chatml_records(data: Path, model: str | None, run_dir: Path) -> Path:
 
 
 def accuracy(lm, items: dict[str, list[Item]], collection: Collection, *, system: str = GENERIC_SYSTEM,
-             max_new_tokens: int = 160, progress: bool = True) -> dict:
+             max_new_tokens: int = 320, progress: bool = True) -> dict:
     """Greedy accuracy per task of a model (`client.open_lm`) under `system` (ChatML text for local models
     without a chat template)."""
     from rich.progress import Progress
@@ -237,6 +237,7 @@ def orca_eval(
     probe: int = 16,
     attempts: int = 2,
     eval_per_task: int = 40,
+    max_new_tokens: int = 320,
     lora: bool = True,
     run: str = "orca",
     runs_dir: Path = Path("runs"),
@@ -257,20 +258,23 @@ def orca_eval(
     run_dir = Path(runs_dir) / run
     _, held_out = split_items(collection, tasks, per_task + probe, eval_per_task, seed)
     common = dict(teacher=teacher, tasks=tasks, tasks_file=tasks_file, per_task=per_task, probe=probe,
-                  attempts=attempts, seed=seed, progress=progress)
+                  attempts=attempts, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
     data = {"erasure": orca_data(run_dir / "orca.jsonl", **common),
             "direct": orca_data(run_dir / "direct.jsonl", strategies=["direct-answer"], **common)}
     args = train_args or FinetuneArgs(seed=seed)
     for name, d in data.items():
         orca_train(Path(d["out"]), model, lora=lora, run=f"{run}/{name}", runs_dir=runs_dir, train_args=args,
                    progress=progress)
-    scores = {"untuned": accuracy(open_lm(model), held_out, collection, progress=progress)}
+    scores = {"untuned": accuracy(open_lm(model), held_out, collection, max_new_tokens=max_new_tokens,
+                                  progress=progress)}
     for name in data:
-        scores[name] = accuracy(open_lm(str(run_dir / name / "model")), held_out, collection, progress=progress)
+        scores[name] = accuracy(open_lm(str(run_dir / name / "model")), held_out, collection,
+                                max_new_tokens=max_new_tokens, progress=progress)
     teacher_lm = open_lm(teacher)
     chosen = data["erasure"]["chosen"]
     scores["teacher_with_strategy"] = {"tasks": {
-        t: accuracy(teacher_lm, {t: held_out[t]}, collection, system=STRATEGIES[chosen[t]], progress=False)["mean"]
+        t: accuracy(teacher_lm, {t: held_out[t]}, collection, system=STRATEGIES[chosen[t]],
+                    max_new_tokens=max_new_tokens, progress=False)["mean"]
         for t in tasks}}
     scores["teacher_with_strategy"]["mean"] = sum(scores["teacher_with_strategy"]["tasks"].values()) / len(tasks)
     result = {"model": model, "teacher": data["erasure"]["teacher"], "tasks": tasks,

@@ -402,3 +402,102 @@ def gsm_data(
     return {"out": str(out), "examples": len(rows), **stats, "dropped_for_test_overlap": len(contaminated),
             "test_overlap_after": overlap([r["question"] for r in rows], test) if test else 0,
             "templates": len({r["source"] for r in rows if r["source"].startswith("procedural")})}
+
+
+# --- the generator: fine-tuning and sampling -------------------------------------------------------------
+
+
+def program_prompt(question: str) -> str:
+    """What the generator is given: the function header with the question as its docstring (TinyGSM's
+    format); it writes the body."""
+    return f'def solution():\n    """{question.strip()}"""\n'
+
+
+STOP = ["\ndef ", "\nprint(", "\nif __name__", "\n\n\n", "\n```", "\n#"]
+
+
+def program_body(program: str) -> str:
+    """The body of `solution()` without its docstring, re-indented, as the generator should write it."""
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(program)
+    except SyntaxError as e:
+        raise SlmError(f"a training program does not parse: {e.msg} (line {e.lineno})") from e
+    fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "solution"), None)
+    if fn is None:
+        raise SlmError("a training program has no `def solution()`")
+    body = fn.body[1:] if fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(
+        getattr(fn.body[0], "value", None), ast.Constant) and isinstance(fn.body[0].value.value, str) else fn.body
+    return textwrap.indent("\n".join(ast.unparse(stmt) for stmt in body), "    ") + "\n"
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    return [{"prompt": program_prompt(r["question"]), "completion": program_body(r["program"])} for r in rows]
+
+
+def gsm_train(
+    model: str | None = None,
+    data: Path = Path("gsm.jsonl"),
+    lora: bool = True,
+    run: str = "gsm",
+    runs_dir: Path = Path("runs"),
+    resume: bool = False,
+    train_args=None,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune the generator on `slm gsm data` output: given the header and docstring, write the body (loss
+    on the body only; plain text, no chat template)."""
+    from slmkit.methods.finetune import FinetuneArgs, finetune
+
+    if not Path(data).is_file():
+        raise SlmError(f"TinyGSM data not found: {data} (write it with `slm gsm data`)")
+    rows = [row for _, row in read_jsonl(Path(data))]
+    examples = write_jsonl(training_rows(rows), Path(runs_dir) / run / "programs.jsonl")
+    return finetune(model, data=str(examples), task="chat", val_fraction=0.05, lora=lora, run=run,
+                    runs_dir=runs_dir, resume=resume, train_args=train_args or FinetuneArgs(), progress=progress)
+
+
+@dataclass
+class Sample:
+    program: str
+    status: str  # the sandbox status
+    value: object = None
+
+    def answer(self) -> float | None:
+        try:
+            return float(self.value) if self.status == "ok" else None
+        except (TypeError, ValueError):
+            return None
+
+
+def solve(loaded, questions: list[str], sandbox, *, samples: int = 1, temperature: float = 0.7,
+          max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True) -> list[list[Sample]]:
+    """`samples` programs per question (greedy when samples == 1 and temperature == 0), executed in the
+    sandbox. Prompts are decoded `batch_size` at a time."""
+    from rich.progress import Progress
+
+    from slmkit.generate import SamplingParams, generate
+
+    prompts = [program_prompt(q) for q in questions for _ in range(samples)]
+    texts: list[str] = []
+    with Progress(disable=not progress) as bar:
+        job = bar.add_task(f"sampling {samples} program(s) for {len(questions)} problems", total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
+                                    stop=STOP, seed=seed + start)
+            batch = prompts[start:start + batch_size]
+            texts += [p + c.text for p, c in zip(batch, generate(loaded, batch, params, chat=False), strict=True)]
+            bar.advance(job, len(batch))
+    results = sandbox.map(texts)
+    flat = [Sample(t, r.status, r.value) for t, r in zip(texts, results, strict=True)]
+    return [flat[i * samples:(i + 1) * samples] for i in range(len(questions))]
+
+
+def majority(samples: list[Sample]) -> float | None:
+    """The most frequent executed answer (ties: the one reached first)."""
+    answers = [a for a in (s.answer() for s in samples) if a is not None]
+    if not answers:
+        return None
+    return max(dict.fromkeys(answers), key=answers.count)
