@@ -695,6 +695,60 @@ def gsm_solve_command(
         out.print(f"[bold]majority answer: {majority(samples_)}[/]")
 
 
+@gsm_app.command("verify-train")
+@dataclass_options(FinetuneArgs, "train_args")
+def gsm_verify_train_command(
+    generator: Annotated[str, typer.Option(help="The trained generator (runs/NAME/model from `slm gsm train`).")],
+    data: Annotated[Path, typer.Option(help="Training problems from `slm gsm data`.")] = Path("gsm.jsonl"),
+    base: Annotated[str | None, typer.Option(help="The verifier's starting LM (default: the generator).")] = None,
+    problems: Annotated[int, typer.Option(help="Training problems to sample solutions for.")] = 200,
+    samples: Annotated[int, typer.Option(help="Solutions sampled per problem.")] = 8,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = False,
+    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "gsm-verifier",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    unsafe: UnsafeOpt = False,
+    train_args: FinetuneArgs = None,
+):
+    """Train a verifier: the generator's own solutions, labelled by execution, teach a value head to predict
+    correctness at every token."""
+    from slmkit.methods.tinygsm import verify_train
+
+    r = verify_train(generator, data, base, problems, samples, temperature, lora=lora, run=run, runs_dir=runs_dir,
+                     resume=resume, seed=train_args.seed, unsandboxed=unsafe, train_args=train_args)
+    out.print(f"{r['samples']} solutions ({r['correct_fraction']:.1%} correct); val loss {r['val_loss_before']:.3f} -> "
+              f"{r['val_loss']:.3f}; verifier -> {r['model_dir']}")
+
+
+@gsm_app.command("eval")
+def gsm_eval_command(
+    generator: Annotated[str, typer.Option(help="The generator (runs/NAME/model).")],
+    verifier: Annotated[str | None, typer.Option(help="The verifier (runs/NAME/model from verify-train).")] = None,
+    test: Annotated[str, typer.Option(help="gsm_symbolic or heldout-templates.")] = "gsm_symbolic",
+    problems: Annotated[int, typer.Option(help="Test problems.")] = 100,
+    n: Annotated[list[int] | None, typer.Option("--n", help="N values for best-of-N (repeatable; default "
+                                                "1 4 16 48).")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "gsm-eval",
+    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    unsafe: UnsafeOpt = False,
+):
+    """pass@1, majority vote and verifier best-of-N on held-out problems, with a plot of accuracy against N."""
+    from rich.table import Table
+
+    from slmkit.methods.tinygsm import gsm_eval
+
+    r = gsm_eval(generator, verifier, test, problems, n, temperature, run=run, runs_dir=runs_dir,
+                 unsandboxed=unsafe)
+    table = Table("N", "majority vote", "verifier best-of-N", title=f"{test}: {r['problems']} problems, pass@1 "
+                  f"{r['pass@1']:.3f}")
+    for k in r["majority"]:
+        table.add_row(str(k), f"{r['majority'][k]:.3f}", f"{r['verifier'][k]:.3f}" if r["verifier"] else "-")
+    out.print(table)
+    out.print(f"results -> {Path(runs_dir) / run / 'gsm_eval.json'}, plot -> {Path(runs_dir) / run / 'best_of_n.png'}")
+
+
 @app.command("ul2r")
 @dataclass_options(TrainArgs, "train_args")
 def ul2r_command(

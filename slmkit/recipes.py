@@ -26,7 +26,7 @@ def workflows() -> dict:
     from slmkit.methods.orca import orca_eval
     from slmkit.methods.pretrain import pretrain
     from slmkit.methods.supericl import supericl
-    from slmkit.methods.tinygsm import gsm_data, gsm_train
+    from slmkit.methods.tinygsm import gsm_data, gsm_eval, gsm_train, verify_train
     from slmkit.methods.ul2r import ul2r
     from slmkit.train import TrainArgs
 
@@ -34,7 +34,8 @@ def workflows() -> dict:
     return {"pretrain": (pretrain, TrainArgs), "finetune": (finetune, FinetuneArgs), "eft_eval": (eft_eval, None),
             "supericl": (supericl, None), "flan_eval": (flan_eval, FinetuneArgs),
             "flan_train": (flan_train, FinetuneArgs), "orca_eval": (orca_eval, FinetuneArgs), "ul2r": (ul2r, TrainArgs),
-            "gsm_data": (gsm_data, None), "gsm_train": (gsm_train, FinetuneArgs)}
+            "gsm_data": (gsm_data, None), "gsm_train": (gsm_train, FinetuneArgs),
+            "verify_train": (verify_train, FinetuneArgs), "gsm_eval": (gsm_eval, None)}
 
 
 def _check_type(value, annotation, where: str):

@@ -104,3 +104,58 @@ def test_generator_trains_and_samples_programs(tiny_causal, tmp_path, sandbox):
 def test_majority_vote():
     s = [g.Sample("", "ok", 3), g.Sample("", "error"), g.Sample("", "ok", 5), g.Sample("", "ok", 5.0)]
     assert g.majority(s) == 5.0 and g.majority([g.Sample("", "timeout")]) is None
+
+
+def test_best_of_n_counts():
+    problems = [{"answer": 5}, {"answer": 7}]
+    solved = [[g.Sample("", "ok", 4), g.Sample("", "ok", 5), g.Sample("", "ok", 5), g.Sample("", "ok", 6)],
+              [g.Sample("", "ok", 1), g.Sample("", "error"), g.Sample("", "ok", 7), g.Sample("", "ok", 1)]]
+    scores = [[0.1, 0.9, 0.2, 0.3], [0.2, 0.1, 0.8, 0.9]]
+    r = g.best_of_n(problems, solved, scores, [1, 2, 4])
+    assert r["pass@1"] == 3 / 8
+    assert r["majority"] == {1: 0.0, 2: 0.0, 4: 0.5}  # ties go to the answer reached first
+    assert r["verifier"] == {1: 0.0, 2: 0.5, 4: 0.5}
+
+
+def test_verifier_trains_scores_and_drives_best_of_n(tiny_causal, tmp_path):
+    """verify-train on labelled samples (right programs and degenerate ones), then gsm_eval with the verifier."""
+    import copy
+
+    from slmkit.methods.finetune import FinetuneArgs
+
+    copy.deepcopy(tiny_causal.model).save_pretrained(tmp_path / "gen")
+    tiny_causal.tokenizer.save_pretrained(tmp_path / "gen")
+    rows = []
+    for p in g.procedural(40, seed=2):
+        prompt, body = g.program_prompt(p.question), g.program_body(p.program)
+        wrong = "    answer = 0\n    return answer\n"
+        rows += [{"prompt": prompt, "completion": body, "correct": True},
+                 {"prompt": prompt, "completion": wrong, "correct": False}]
+    run = tmp_path / "ver"
+    run.mkdir()
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # reused, not re-sampled
+    r = g.verify_train(str(tmp_path / "gen"), run="ver", runs_dir=tmp_path,
+                       train_args=FinetuneArgs(steps=40, batch_size=8, seq_len=160, lr=1e-2, eval_every=0,
+                                               save_every=0, log_every=10), progress=False)
+    assert r["samples"] == 80 and r["correct_fraction"] == 0.5
+    assert r["val_loss"] < r["val_loss_before"] - 0.3
+    config = json.loads((run / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForTokenClassification"] and len(config["id2label"]) == 1
+
+    e = g.gsm_eval(str(tmp_path / "gen"), str(run / "model"), test="heldout-templates", problems=3, ns=[1, 2],
+                   max_new_tokens=16, run="ev", runs_dir=tmp_path, progress=False)
+    assert e["problems"] == 3 and set(e["majority"]) == {1, 2} and set(e["verifier"]) == {1, 2}
+    assert (tmp_path / "ev" / "best_of_n.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "ev" / "gsm_eval.json").read_text())
+    assert saved["verifier_model"] == str(run / "model")
+    with pytest.raises(SlmError, match="unknown test set"):
+        g.test_problems("gsm8k", 2)
+
+    # the value at the last token separates right programs from wrong ones it was trained on
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    verifier = AutoModelForTokenClassification.from_pretrained(run / "model")
+    scores = g.verifier_scores(verifier, AutoTokenizer.from_pretrained(run / "model"),
+                               [r["prompt"] + r["completion"] for r in rows])
+    right, wrong = scores[0::2], scores[1::2]
+    assert sum(right) / len(right) > sum(wrong) / len(wrong) + 0.1

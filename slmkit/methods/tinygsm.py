@@ -15,6 +15,7 @@ generalisation to unseen problem shapes.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from slmkit.data.corpora import read_jsonl, write_jsonl
 from slmkit.errors import SlmError
+from slmkit.methods.finetune import SFTData, completion_example
 
 NAMES = ["Ava", "Ben", "Carla", "Dev", "Elif", "Femi", "Grace", "Hugo", "Ines", "Jamal", "Kira", "Luis", "Mei",
          "Noah", "Olga", "Priya", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wen", "Yusuf", "Zoe"]
@@ -501,3 +503,251 @@ def majority(samples: list[Sample]) -> float | None:
     if not answers:
         return None
     return max(dict.fromkeys(answers), key=answers.count)
+
+
+# --- the verifier ----------------------------------------------------------------------------------------
+
+
+class VerifierData(SFTData):
+    """(program prompt + sampled body, correct?) examples, batched like SFTData; the value head is trained on
+    the body's tokens."""
+
+    def __init__(self, tokenizer, rows: list[dict], seq_len: int):
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.encoder_decoder = False
+        self.examples = []
+        for r in rows:
+            ids, labels = completion_example(tokenizer, r["prompt"], r["completion"])
+            self.examples.append((ids[:seq_len], labels[:seq_len], bool(r["correct"])))
+
+    def collate(self, items):
+        import torch
+
+        batch = super().collate([(ids, labels) for ids, labels, _ in items])
+        batch["correct"] = torch.tensor([correct for *_, correct in items], dtype=torch.float32)
+        return batch
+
+
+def verifier_objective(model, batch, generator):
+    """Binary cross-entropy of the value head against the solution's correctness at every solution token."""
+    import torch
+
+    values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., 0]
+    scored = batch["labels"] != -100
+    target = batch["correct"][:, None].expand_as(values)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(values[scored].float(), target[scored])
+    return loss, int(scored.sum())
+
+
+def verifier_from(source: str):
+    """A causal LM checkpoint as a token-level value model: the LM's backbone with a one-output head (a standard
+    `...ForTokenClassification` directory when saved)."""
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    from slmkit.models import load
+
+    base = load(source, dtype="fp32", progress=False)
+    if base.task != "causal-lm" or base.path is None or base.tokenizer is None:
+        raise SlmError(f"{source}: the verifier starts from a causal LM checkpoint with a tokenizer")
+    config = AutoConfig.from_pretrained(base.path, num_labels=1)
+    config.classifier_dropout = 0.0
+    model = AutoModelForTokenClassification.from_pretrained(base.path, config=config)
+    if base.tokenizer.pad_token_id is None:
+        base.tokenizer.pad_token = base.tokenizer.eos_token
+    model.config.pad_token_id = base.tokenizer.pad_token_id
+    return model, base.tokenizer
+
+
+def verifier_scores(model, tokenizer, programs: list[str], batch_size: int = 16) -> list[float]:
+    """P(correct) of each full program: the value head at its last token."""
+    import torch
+
+    tokenizer.padding_side = "right"
+    scores = []
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(programs), batch_size):
+            enc = tokenizer(programs[start:start + batch_size], return_tensors="pt", padding=True)
+            values = model(**enc).logits[..., 0].float()
+            last = enc.attention_mask.sum(1) - 1
+            scores += torch.sigmoid(values[torch.arange(len(last)), last]).tolist()
+    return scores
+
+
+def sample_labelled(loaded, rows: list[dict], sandbox, *, samples: int, temperature: float = 0.7,
+                    max_new_tokens: int = 256, seed: int = 0, progress: bool = True) -> list[dict]:
+    """The generator's own solutions to training problems, each labelled by executing it against the answer."""
+    solved = solve(loaded, [r["question"] for r in rows], sandbox, samples=samples, temperature=temperature,
+                   max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    out = []
+    for r, sols in zip(rows, solved, strict=True):
+        prompt = program_prompt(r["question"])
+        out += [{"prompt": prompt, "completion": s.program[len(prompt):], "correct": matches(s.answer(), r["answer"]),
+                 "status": s.status} for s in sols]
+    return out
+
+
+def verify_train(
+    generator: str,
+    data: Path = Path("gsm.jsonl"),
+    base: str | None = None,
+    problems: int = 200,
+    samples: int = 8,
+    temperature: float = 0.7,
+    lora: bool = False,
+    run: str = "gsm-verifier",
+    runs_dir: Path = Path("runs"),
+    resume: bool = False,
+    seed: int = 0,
+    unsandboxed: bool = False,
+    train_args=None,
+    progress: bool = True,
+) -> dict:
+    """Train a verifier: the `generator` samples `samples` solutions to `problems` training problems, each is
+    labelled by execution, and a value model initialised from `base` (default: the generator) learns to
+    predict correctness at every solution token. The samples are kept in the run directory and reused."""
+    from slmkit.methods.finetune import FinetuneArgs, add_lora, split
+    from slmkit.models import load
+    from slmkit.sandbox import Sandbox
+    from slmkit.train import evaluate, train
+
+    args = (train_args or FinetuneArgs()).validate()
+    run_dir = Path(runs_dir) / run
+    cache = run_dir / "samples.jsonl"
+    if cache.is_file():
+        labelled = [row for _, row in read_jsonl(cache)]
+    else:
+        if not Path(data).is_file():
+            raise SlmError(f"TinyGSM data not found: {data} (write it with `slm gsm data`)")
+        rows = [row for _, row in read_jsonl(Path(data))][:problems]
+        with Sandbox(2, unsandboxed=unsandboxed) as sandbox:
+            labelled = sample_labelled(load(generator, dtype="auto", progress=progress), rows, sandbox,
+                                       samples=samples, temperature=temperature, seed=seed, progress=progress)
+        write_jsonl(labelled, cache)
+    positives = sum(r["correct"] for r in labelled)
+    if positives == 0 or positives == len(labelled):
+        raise SlmError(f"all {len(labelled)} sampled solutions are {'right' if positives else 'wrong'}: a verifier "
+                       "needs both; sample more problems or use a stronger/weaker generator")
+    import torch
+
+    torch.manual_seed(args.seed)  # the new value head's initialisation
+    net, tok = verifier_from(base or generator)
+    if lora:
+        net = add_lora(net, 16, 32, 0.05, "TOKEN_CLS")
+    train_rows, val_rows = split(labelled, 0.1, args.seed)
+    train_set, val_set = VerifierData(tok, train_rows, args.seq_len), VerifierData(tok, val_rows, args.seq_len)
+    before = evaluate(net, verifier_objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
+    config = {"workflow": "verify_train", "generator": generator, "base": base or generator, "samples": len(labelled),
+              "correct_fraction": positives / len(labelled)}
+    summary = train(net, tok, train_set, val_set, verifier_objective, args, run_dir, resume=resume, config=config,
+                    progress=progress)
+    return {**summary, "val_loss_before": before, "samples": len(labelled),
+            "correct_fraction": positives / len(labelled), "model_dir": str(run_dir / "model")}
+
+
+# --- evaluation: pass@1, majority vote, verifier best-of-N ----------------------------------------------
+
+
+def test_problems(test: str, count: int) -> list[dict]:
+    """`gsm_symbolic` (the held-out GSM8K-style set) or `heldout-templates` (procedural problems of the
+    templates training never sees)."""
+    if test == "gsm_symbolic":
+        return gsm_symbolic(count, seed=0)
+    if test == "heldout-templates":
+        return [{"question": p.question, "answer": p.answer}
+                for p in procedural(count, seed=999_983, templates=list(HELD_OUT_TEMPLATES))]
+    raise SlmError(f"unknown test set '{test}' (gsm_symbolic or heldout-templates)")
+
+
+def best_of_n(problems: list[dict], solved: list[list[Sample]], scores: list[list[float]] | None,
+              ns: list[int]) -> dict:
+    """pass@1 (the mean correctness of single samples), and per N: majority vote over the first N samples'
+    executed answers, and the verifier's top-scored sample among them."""
+    correct = [[matches(s.answer(), p["answer"]) for s in sols] for p, sols in zip(problems, solved, strict=True)]
+    result = {"problems": len(problems), "pass@1": sum(map(sum, correct)) / sum(map(len, correct)),
+              "majority": {}, "verifier": {}}
+    for n in ns:
+        result["majority"][n] = sum(matches(majority(sols[:n]), p["answer"])
+                                    for p, sols in zip(problems, solved, strict=True)) / len(problems)
+        if scores is not None:
+            picks = [max(range(min(n, len(sc))), key=sc.__getitem__) for sc in scores]
+            result["verifier"][n] = sum(c[i] for c, i in zip(correct, picks, strict=True)) / len(problems)
+    return result
+
+
+def plot_best_of_n(result: dict, out: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ns = sorted(result["majority"])
+    ax.axhline(result["pass@1"], color="gray", linestyle="--", label="pass@1")
+    ax.plot(ns, [result["majority"][n] for n in ns], "o-", label="majority vote")
+    if result["verifier"]:
+        ax.plot(ns, [result["verifier"][n] for n in ns], "s-", label="verifier best-of-N")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N (samples per problem)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def gsm_eval(
+    generator: str,
+    verifier: str | None = None,
+    test: str = "gsm_symbolic",
+    problems: int = 100,
+    ns: list[int] | None = None,
+    temperature: float = 0.7,
+    max_new_tokens: int = 256,
+    run: str = "gsm-eval",
+    runs_dir: Path = Path("runs"),
+    seed: int = 0,
+    unsandboxed: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Sample max(ns) programs per test problem, execute them, and report pass@1, majority vote and (with a
+    verifier) verifier best-of-N for each N, with a plot. Samples are kept in the run directory: a rerun with
+    another verifier reuses them."""
+    from slmkit.models import load
+    from slmkit.sandbox import Sandbox
+
+    ns = sorted(ns or [1, 4, 16, 48])
+    run_dir = Path(runs_dir) / run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    items = test_problems(test, problems)
+    key = {"generator": generator, "test": test, "problems": problems, "samples": ns[-1], "temperature": temperature,
+           "seed": seed}
+    cache = run_dir / "samples.jsonl"
+    rows = [row for _, row in read_jsonl(cache)] if cache.is_file() else []
+    if rows and rows[0].get("key") == key:
+        solved = [[Sample(**s) for s in row["samples"]] for row in rows]
+    else:
+        with Sandbox(2, unsandboxed=unsandboxed) as sandbox:
+            solved = solve(load(generator, dtype="auto", progress=progress), [p["question"] for p in items], sandbox,
+                           samples=ns[-1], temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                           progress=progress)
+        write_jsonl([{"key": key, **p, "samples": [s.__dict__ for s in sols]} for p, sols in zip(items, solved,
+                                                                                               strict=True)], cache)
+    scores = None
+    if verifier:
+        from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+        model = AutoModelForTokenClassification.from_pretrained(verifier)
+        tok = AutoTokenizer.from_pretrained(verifier)
+        flat = verifier_scores(model, tok, [s.program for sols in solved for s in sols])
+        scores = [flat[i * ns[-1]:(i + 1) * ns[-1]] for i in range(len(solved))]
+    result = {**key, "verifier_model": verifier, **best_of_n(items, solved, scores, ns)}
+    (run_dir / "gsm_eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_best_of_n(result, run_dir / "best_of_n.png", f"{test}: {len(items)} problems")
+    return result
