@@ -31,6 +31,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
 out = Console(width=None if sys.stdout.isatty() else 140)
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the terminal width
 
+LoraOpt = Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")]
+NameOpt = Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")]
+RunsDirOpt = Annotated[Path, typer.Option(help="Where runs go.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo name, model directory, .gguf "
                                                  "file or hub id. Default: the embedded SmolLM2-135M.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU has bf16 units), fp32, bf16, fp16.")]
@@ -467,10 +471,10 @@ def flan_train_command(
     cap: CapOpt = 500,
     few_shot: FewShotOpt = 0.2,
     cot: CotOpt = 0.5,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
-    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "flan",
-    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
-    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    lora: LoraOpt = True,
+    run: NameOpt = "flan",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
     train_args: FinetuneArgs = None,
 ):
     """Instruction-tune a decoder-only model or a T5 (e.g. -m flan-t5-nano after `slm ul2r`/pretraining, or a
@@ -497,9 +501,9 @@ def flan_eval_command(
     eval_per_task: Annotated[int, typer.Option(help="Held-out examples per task.")] = 50,
     rank: Annotated[bool, typer.Option(help="Score OPTIONS tasks by rank classification (the likeliest option) "
                                        "instead of reading the generated answer.")] = False,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
-    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "flan",
-    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    lora: LoraOpt = True,
+    run: NameOpt = "flan",
+    runs_dir: RunsDirOpt = Path("runs"),
     train_args: FinetuneArgs = None,
 ):
     """FLAN's held-out-cluster test: zero-shot accuracy on one cluster, instruction tuning on all the others,
@@ -570,10 +574,10 @@ def orca_data_command(
 def orca_train_command(
     data: Annotated[Path, typer.Option(help="Orca data from `slm orca data`.")],
     model: ModelOpt = None,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
-    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "orca",
-    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
-    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    lora: LoraOpt = True,
+    run: NameOpt = "orca",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
     train_args: FinetuneArgs = None,
 ):
     """Train a student on Orca data: the generic system prompt, loss on the answers only (ChatML)."""
@@ -595,9 +599,9 @@ def orca_eval_command(
     attempts: AttemptsOpt = 2,
     eval_per_task: Annotated[int, typer.Option(help="Held-out items per task.")] = 40,
     max_new_tokens: MaxAnswerOpt = 320,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
-    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "orca",
-    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    lora: LoraOpt = True,
+    run: NameOpt = "orca",
+    runs_dir: RunsDirOpt = Path("runs"),
     train_args: FinetuneArgs = None,
 ):
     """The Orca proof: a student trained with prompt erasure on the best strategy's answers vs one trained on
@@ -658,10 +662,10 @@ def gsm_data_command(
 def gsm_train_command(
     data: Annotated[Path, typer.Option(help="Data from `slm gsm data`.")],
     model: ModelOpt = None,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = True,
-    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "gsm",
-    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
-    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    lora: LoraOpt = True,
+    run: NameOpt = "gsm",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
     train_args: FinetuneArgs = None,
 ):
     """Fine-tune the generator: given `def solution():` and the question as its docstring, write the body."""
@@ -704,10 +708,10 @@ def gsm_verify_train_command(
     problems: Annotated[int, typer.Option(help="Training problems to sample solutions for.")] = 200,
     samples: Annotated[int, typer.Option(help="Solutions sampled per problem.")] = 8,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")] = False,
-    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "gsm-verifier",
-    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
-    resume: Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")] = False,
+    lora: LoraOpt = False,
+    run: NameOpt = "gsm-verifier",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
     unsafe: UnsafeOpt = False,
     train_args: FinetuneArgs = None,
 ):
@@ -730,8 +734,8 @@ def gsm_eval_command(
     n: Annotated[list[int] | None, typer.Option("--n", help="N values for best-of-N (repeatable; default "
                                                 "1 4 16 48).")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
-    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "gsm-eval",
-    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    run: NameOpt = "gsm-eval",
+    runs_dir: RunsDirOpt = Path("runs"),
     unsafe: UnsafeOpt = False,
 ):
     """pass@1, majority vote and verifier best-of-N on held-out problems, with a plot of accuracy against N."""
@@ -760,8 +764,8 @@ def ul2r_command(
     budget: Annotated[float, typer.Option(help="Extra compute as a fraction of the pretraining tokens (read from "
                                           "the run's metrics, or --pretrain-tokens); --steps overrides.")] = 0.1,
     pretrain_tokens: Annotated[int | None, typer.Option(help="Tokens the model was pretrained on.")] = None,
-    run: Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")] = "ul2r",
-    runs_dir: Annotated[Path, typer.Option(help="Where runs go.")] = Path("runs"),
+    run: NameOpt = "ul2r",
+    runs_dir: RunsDirOpt = Path("runs"),
     resume: Annotated[bool, typer.Option(help="Continue runs/NAME from its latest checkpoint.")] = False,
     train_args: TrainArgs = None,
 ):
