@@ -70,9 +70,15 @@ def bwrap_command() -> list[str] | None:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return None
+    import site
+
+    # the private /tmp hides the host's: code under /tmp (a checkout, a virtualenv) is mounted back, read-only
+    needed = {_package_root(), sys.prefix, sys.base_prefix, *site.getsitepackages()}
+    under_tmp = sorted(p for p in needed if os.path.realpath(p).startswith("/tmp/") and os.path.exists(p))
+    binds = [arg for p in under_tmp for arg in ("--ro-bind", os.path.realpath(p), os.path.realpath(p))]
     return [bwrap, "--unshare-net", "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--tmpfs", "/tmp", "--proc", "/proc",
-            "--dev", "/dev", "--chdir", "/tmp"]
+            "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--tmpfs", "/tmp", *binds, "--proc",
+            "/proc", "--dev", "/dev", "--chdir", "/tmp"]
 
 
 class Sandbox:
