@@ -5,6 +5,7 @@ limits are checked with and without it."""
 
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -55,13 +56,21 @@ def test_os_system_runs_nothing(sandbox, tmp_path):
 
 
 @needs_bwrap
-def test_no_file_deletion_or_writes_outside_its_directory(sandbox, tmp_path):
-    victim = tmp_path / "keep.txt"
+def test_no_file_deletion_or_writes_outside_its_directory(sandbox):
+    here = Path(__file__).resolve().parent  # outside /tmp, visible inside the sandbox (read-only)
+    victim, new = here / ".sandbox-victim.txt", here / ".sandbox-new.txt"
     victim.write_text("precious")
-    r = sandbox.run(f"import os\ndef solution():\n    os.remove({str(victim)!r})")
-    assert r.status == "error" and victim.read_text() == "precious"
-    r = sandbox.run(f"def solution():\n    open({str(tmp_path / 'new.txt')!r}, 'w').write('x')")
-    assert r.status == "error" and not (tmp_path / "new.txt").exists()
+    try:
+        r = sandbox.run(f"import os\ndef solution():\n    os.remove({str(victim)!r})")
+        assert r.status == "error" and ("Read-only" in r.error or "Permission" in r.error), r
+        assert victim.read_text() == "precious"
+        r = sandbox.run(f"def solution():\n    open({str(new)!r}, 'w').write('x')")
+        assert r.status == "error" and not new.exists()
+        r = sandbox.run("def solution():\n    open('/etc/passwd', 'a').write('x')")
+        assert r.status == "error"
+    finally:
+        victim.unlink(missing_ok=True)
+        new.unlink(missing_ok=True)
 
 
 @needs_bwrap
