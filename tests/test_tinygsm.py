@@ -30,6 +30,28 @@ def test_procedural_programs_return_their_answers(sandbox):
     assert g.procedural(5, seed=1)[0].question == g.procedural(5, seed=1)[0].question  # deterministic
 
 
+def test_stories_compose_events_and_hold_out_unseen_chains(sandbox):
+    problems = g.procedural(400, seed=5, templates=g.STORY_TEMPLATES)
+    assert len(g.STORY_TEMPLATES) == 7 * (1 + 7 + 49) * 3 and 0.1 < len(g.HELD_OUT_STORIES) / 1197 < 0.2
+    results = sandbox.map([p.program for p in problems])
+    assert [r.value for r in results] == [p.answer for p in problems] and min(p.answer for p in problems) > 0
+    p = next(p for p in problems if p.template.count("+") == 2)  # three events: a longer program
+    assert len(p.steps) >= 5 and p.question.count(".") >= 4
+    training = g.procedural(1000, seed=0)
+    assert sum(t.template.startswith("story:") for t in training) == 500  # half stories, half hand-written
+    assert not {t.template for t in training} & set(g.HELD_OUT_STORIES + g.HELD_OUT_TEMPLATES)
+    test = g.test_problems("heldout-stories", 30)
+    assert {t["template"] for t in test} <= set(g.HELD_OUT_STORIES) and len({t["template"] for t in test}) > 20
+    long_test = g.test_problems("heldout-long-stories", 20)
+    assert all(t["template"].count("+") == 3 for t in long_test)  # four events: longer than any training story
+    verifier_split = g.procedural(200, seed=1, templates=[t for t in g.LONG_STORY_TEMPLATES
+                                                          if t not in g.HELD_OUT_LONG_STORIES])
+    assert not {p.template for p in verifier_split} & {t["template"] for t in long_test}
+    assert g.training_problems("long-stories", 5)[0]["question"] == verifier_split[0].question
+    with pytest.raises(SlmError, match="unknown template 'story:fly:count'"):
+        g.procedural(1, templates=["story:fly:count"])
+
+
 def test_teacher_programs_are_kept_only_when_they_return_the_answer(sandbox):
     rows = [{"question": "2 apples and 3 apples?", "answer": 5} for _ in range(4)]
     replies = ["Sure!\n```python\ndef solution():\n    a = 2\n    b = 3\n    return a + b\n```",

@@ -76,8 +76,17 @@ TOPICS_14 = ("ai", "botprofile", "computers", "emotion", "food", "greetings", "l
              "politics", "psychology", "science", "sports", "trivia")  # every chatterbot topic with >= 10 questions
 
 PACKAGED = {"chatterbot-en": chatterbot_conversations}
+
+
+def _spam_assassin() -> list[dict]:
+    from slmkit.data.spam import spam_assassin
+
+    return spam_assassin()
+
+
 CLASSIFICATION = {"chatterbot-topics": chatterbot_topics,
-                  "chatterbot-topics14": lambda: chatterbot_topics(TOPICS_14)}
+                  "chatterbot-topics14": lambda: chatterbot_topics(TOPICS_14),
+                  "spam-assassin": _spam_assassin}
 
 
 def load_records(source: str) -> list[list[dict] | tuple[str, str]]:
@@ -326,8 +335,9 @@ def split(records, val_fraction: float, seed: int):
 def add_lora(model, r: int, alpha: int, dropout: float, task_type: str = "CAUSAL_LM"):
     from peft import LoraConfig, get_peft_model
 
+    heads = ["score", "classifier"] if task_type in ("SEQ_CLS", "TOKEN_CLS") else None  # new heads train fully
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
-                        task_type=task_type)
+                        exclude_modules=heads, task_type=task_type)
     return get_peft_model(model, config)
 
 

@@ -15,9 +15,11 @@ generalisation to unseen problem shapes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,16 +244,179 @@ def tickets_for_group(rng):
 HELD_OUT_TEMPLATES = ("fence_perimeter", "tickets_for_group", "ratio_split")  # never in training data
 
 
+# --- stories: word problems composed from events --------------------------------------------------------
+# A story starts with a quantity of something, applies one to three events to it (each a sentence and a few
+# program lines) and ends with a question. Its template is the sequence of events and the question, e.g.
+# "story:give+packs:sell"; 15% of the 1,197 such templates (chosen by hash) never enter training data, so a
+# test on them asks for known operations in combinations the model has not seen.
+
+
+@dataclass
+class _State:
+    rng: random.Random
+    who: str
+    one: str
+    items: str
+    value: int
+    var: str
+    steps: list
+    used: set
+
+    def fresh(self, name: str) -> str:
+        out, k = name, 2
+        while out in self.used:
+            out, k = f"{name}_{k}", k + 1
+        self.used.add(out)
+        return out
+
+    def let(self, name: str, expr: str, value: int) -> None:
+        self.var = self.fresh(name)
+        self.steps.append((self.var, expr))
+        self.value = value
+
+    def things(self, k: int) -> str:
+        return f"{k} {self.one if k == 1 else self.items}"
+
+    def friend(self) -> str:
+        return self.rng.choice([n for n in NAMES if n != self.who])
+
+    def const(self, name: str, number: int) -> str:
+        var = self.fresh(name)
+        self.steps.append((var, str(number)))
+        return var
+
+
+def _more(s):
+    k, friend = s.rng.randint(2, 25), s.friend()
+    got = s.const("received", k)
+    s.let("total", f"{s.var} + {got}", s.value + k)
+    return _pick(s.rng, f"{friend} gives {s.who} {k} more {s.items}.", f"Then {s.who} finds {k} more {s.items}.")
+
+
+def _give(s):
+    k, friend = s.rng.randint(1, s.value // 2), s.friend()  # a story never runs out: the value stays >= 2
+    given = s.const("given", k)
+    s.let("left", f"{s.var} - {given}", s.value - k)
+    return _pick(s.rng, f"{s.who} gives {k} of the {s.items} to {friend}.", f"{s.who} hands {s.things(k)} to {friend}.")
+
+
+def _add_groups(s, groups: tuple[str, int], each: tuple[str, int], added: str) -> None:
+    """`groups` times `each` more: three program lines and the new total."""
+    (g_name, g), (e_name, e) = groups, each
+    g_var, e_var, added = s.const(g_name, g), s.const(e_name, e), s.fresh(added)
+    s.steps.append((added, f"{g_var} * {e_var}"))
+    s.let("total", f"{s.var} + {added}", s.value + g * e)
+
+
+def _packs(s):
+    p, k = s.rng.randint(2, 6), s.rng.randint(2, 12)
+    _add_groups(s, ("packs", p), ("per_pack", k), "bought")
+    return _pick(s.rng, f"{s.who} buys {p} packs with {k} {s.items} in each.",
+                 f"Next, {s.who} gets {p} bags of {s.items}, {k} in every bag.")
+
+
+def _times(s):
+    k = s.rng.choice([2, 3])
+    factor = s.const("factor", k)
+    s.let("total", f"{s.var} * {factor}", s.value * k)
+    word = {2: "doubles", 3: "triples"}[k]
+    return _pick(s.rng, f"The number of {s.items} {s.who} has {word}.", f"{s.who}'s pile of {s.items} {word}.")
+
+
+def _half(s):
+    if s.value % 2:  # keep answers whole: one more first
+        s.let("total", f"{s.var} + 1", s.value + 1)
+        lead = f"{s.who} picks up one more. "
+    else:
+        lead = ""
+    used = s.fresh("used")
+    s.steps.append((used, f"{s.var} // 2"))
+    s.let("left", f"{s.var} - {used}", s.value - s.value // 2)
+    return lead + _pick(s.rng, f"{s.who} uses half of the {s.items}.", f"Half of the {s.items} get sold at a fair.")
+
+
+def _daily(s):
+    d, k = s.rng.randint(2, 7), s.rng.randint(1, 9)
+    _add_groups(s, ("days", d), ("per_day", k), "added")
+    return _pick(s.rng, f"For {d} days, {s.who} adds {s.things(k)} each day.",
+                 f"Every day for {d} days, {s.who} collects {k} more {s.one if k == 1 else s.items}.")
+
+
+def _lose(s):
+    k = s.rng.randint(1, s.value // 2)
+    lost = s.const("lost", k)
+    s.let("left", f"{s.var} - {lost}", s.value - k)
+    return _pick(s.rng, f"{k} of the {s.items} {'gets' if k == 1 else 'get'} lost.",
+                 f"Sadly, {s.things(k)} {'breaks' if k == 1 else 'break'}.")
+
+
+EVENTS = {"more": _more, "give": _give, "packs": _packs, "times": _times, "half": _half, "daily": _daily,
+          "lose": _lose}
+
+
+def _ask_count(s):
+    return _pick(s.rng, f"How many {s.items} does {s.who} have now?", f"How many {s.items} are left in the end?")
+
+
+def _ask_sell(s):
+    p = s.rng.randint(1, 9)
+    price = s.const("price", p)
+    s.let("money", f"{s.var} * {price}", s.value * p)
+    return f"{s.who} sells all of them for ${p} each. How many dollars does {s.who} make?"
+
+
+def _ask_boxes(s):
+    k = s.rng.randint(2, min(9, s.value))
+    per_box = s.const("per_box", k)
+    s.let("boxes", f"{s.var} // {per_box}", s.value // k)
+    return f"{s.who} packs them into boxes of {k}. How many boxes can {s.who} fill completely?"
+
+
+QUESTIONS = {"count": _ask_count, "sell": _ask_sell, "boxes": _ask_boxes}
+STORY_TEMPLATES = [f"story:{'+'.join(chain)}:{q}" for n in (1, 2, 3) for chain in itertools.product(EVENTS, repeat=n)
+                   for q in QUESTIONS]
+HELD_OUT_STORIES = tuple(t for t in STORY_TEMPLATES if zlib.crc32(t.encode()) % 100 < 15)
+# Four-event stories are longer than anything the generator is trained on. Like GSM8K's train/test split in
+# TinyGSM, they are split by template: 85% are the verifier's training problems ("long-stories"), 15% the
+# test ("heldout-long-stories").
+LONG_STORY_TEMPLATES = [f"story:{'+'.join(chain)}:{q}" for chain in itertools.product(EVENTS, repeat=4)
+                        for q in QUESTIONS]
+HELD_OUT_LONG_STORIES = tuple(t for t in LONG_STORY_TEMPLATES if zlib.crc32(t.encode()) % 100 < 15)
+
+
+def story(rng: random.Random, template: str) -> Problem:
+    """One problem of a story template ("story:EVENT+EVENT:QUESTION")."""
+    _, chain, question = template.split(":")
+    (one, many), who = rng.choice(GOODS), rng.choice(NAMES)
+    s = _State(rng, who, one, many, 0, "", [], set())
+    events = chain.split("+")
+    start = rng.randint(10, 40) if len(events) <= 3 else rng.randint(20, 60)  # never runs out: stays >= 2
+    s.let("start", str(start), start)
+    sentences = [_pick(rng, f"{who} has {start} {many}.", f"{who} starts with {start} {many}.")]
+    sentences += [EVENTS[e](s) for e in events]
+    sentences.append(QUESTIONS[question](s))
+    return Problem(" ".join(sentences), s.steps, template)
+
+
 def procedural(n: int, seed: int = 0, templates: list[str] | None = None) -> list[Problem]:
-    """`n` problems, cycling through `templates` (default: every template not held out), from a seed."""
-    names = templates or [t for t in TEMPLATES if t not in HELD_OUT_TEMPLATES]
-    unknown = [t for t in names if t not in TEMPLATES]
+    """`n` problems from a seed. By default half come from the hand-written templates (cycled) and half from
+    story templates (drawn at random), none of them held out; `templates` names the ones to use instead."""
+    stories = [t for t in (templates or STORY_TEMPLATES) if t.startswith("story:")
+               and (templates or t not in HELD_OUT_STORIES)]
+    names = [t for t in (templates or TEMPLATES) if not t.startswith("story:")
+             and (templates or t not in HELD_OUT_TEMPLATES)]
+    known = set(STORY_TEMPLATES) | set(LONG_STORY_TEMPLATES)
+    unknown = [t for t in names if t not in TEMPLATES] + [t for t in stories if t not in known]
     if unknown:
-        raise SlmError(f"unknown template '{unknown[0]}' (templates: {', '.join(TEMPLATES)})")
+        raise SlmError(f"unknown template '{unknown[0]}' (hand-written: {', '.join(TEMPLATES)}; or story:EVENTS:"
+                       f"QUESTION with events {'/'.join(EVENTS)} and questions {'/'.join(QUESTIONS)})")
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        name = names[i % len(names)]
+        if stories and (not names or i % 2):
+            out.append(story(rng, rng.choice(stories)))
+            continue
+        name = names[(i // (2 if stories else 1)) % len(names)]
         problem = TEMPLATES[name](rng)
         problem.template = name
         out.append(problem)
@@ -589,7 +754,7 @@ def sample_labelled(loaded, rows: list[dict], sandbox, *, samples: int, temperat
 
 def verify_train(
     generator: str,
-    data: Path = Path("gsm.jsonl"),
+    data: str = "gsm.jsonl",
     base: str | None = None,
     problems: int = 200,
     samples: int = 8,
@@ -603,9 +768,10 @@ def verify_train(
     train_args=None,
     progress: bool = True,
 ) -> dict:
-    """Train a verifier: the `generator` samples `samples` solutions to `problems` training problems, each is
-    labelled by execution, and a value model initialised from `base` (default: the generator) learns to
-    predict correctness at every solution token. The samples are kept in the run directory and reused."""
+    """Train a verifier: the `generator` samples `samples` solutions to `problems` training problems (of a
+    `slm gsm data` file, or the `long-stories` split), each is labelled by execution, and a value model
+    initialised from `base` (default: the generator) learns to predict correctness at every solution token.
+    The samples are kept in the run directory and reused."""
     from slmkit.methods.finetune import FinetuneArgs, add_lora, split
     from slmkit.models import load
     from slmkit.sandbox import Sandbox
@@ -617,9 +783,7 @@ def verify_train(
     if cache.is_file():
         labelled = [row for _, row in read_jsonl(cache)]
     else:
-        if not Path(data).is_file():
-            raise SlmError(f"TinyGSM data not found: {data} (write it with `slm gsm data`)")
-        rows = [row for _, row in read_jsonl(Path(data))][:problems]
+        rows = training_problems(str(data), problems)
         with Sandbox(2, unsandboxed=unsandboxed) as sandbox:
             labelled = sample_labelled(load(generator, dtype="auto", progress=progress), rows, sandbox,
                                        samples=samples, temperature=temperature, seed=seed, progress=progress)
@@ -648,15 +812,34 @@ def verify_train(
 # --- evaluation: pass@1, majority vote, verifier best-of-N ----------------------------------------------
 
 
+TEST_SETS = {"gsm_symbolic": "reasoning-gym's GSM8K-style problems",
+             "heldout-long-stories": "four-event stories (longer than any training problem) of held-out templates",
+             "heldout-stories": "one- to three-event stories whose chain of events training never saw",
+             "heldout-templates": "problems of the hand-written templates training never saw"}
+_HELD = {"heldout-long-stories": HELD_OUT_LONG_STORIES, "heldout-stories": HELD_OUT_STORIES,
+         "heldout-templates": HELD_OUT_TEMPLATES}
+
+
 def test_problems(test: str, count: int) -> list[dict]:
-    """`gsm_symbolic` (the held-out GSM8K-style set) or `heldout-templates` (procedural problems of the
-    templates training never sees)."""
+    """The held-out problems of one of TEST_SETS."""
     if test == "gsm_symbolic":
         return gsm_symbolic(count, seed=0)
-    if test == "heldout-templates":
-        return [{"question": p.question, "answer": p.answer}
-                for p in procedural(count, seed=999_983, templates=list(HELD_OUT_TEMPLATES))]
-    raise SlmError(f"unknown test set '{test}' (gsm_symbolic or heldout-templates)")
+    if test not in _HELD:
+        raise SlmError(f"unknown test set '{test}' ({', '.join(TEST_SETS)})")
+    return [{"question": p.question, "answer": p.answer, "template": p.template}
+            for p in procedural(count, seed=999_983, templates=list(_HELD[test]))]
+
+
+def training_problems(data: str, count: int) -> list[dict]:
+    """The verifier's problems: the first `count` of a `slm gsm data` file, or `long-stories` (four-event
+    stories of the templates the test set does not use)."""
+    if data == "long-stories":
+        held = set(HELD_OUT_LONG_STORIES)
+        return [{"question": p.question, "answer": p.answer} for p in
+                procedural(count, seed=1, templates=[t for t in LONG_STORY_TEMPLATES if t not in held])]
+    if not Path(data).is_file():
+        raise SlmError(f"TinyGSM data not found: {data} (write it with `slm gsm data`, or use long-stories)")
+    return [row for _, row in read_jsonl(Path(data))][:count]
 
 
 def best_of_n(problems: list[dict], solved: list[list[Sample]], scores: list[list[float]] | None,
