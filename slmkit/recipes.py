@@ -24,6 +24,7 @@ def workflows() -> dict:
     from slmkit.methods.finetune import FinetuneArgs, finetune
     from slmkit.methods.flan import flan_eval, flan_train
     from slmkit.methods.orca import orca_eval
+    from slmkit.methods.pet import pet
     from slmkit.methods.pretrain import pretrain
     from slmkit.methods.supericl import supericl
     from slmkit.methods.tinygsm import gsm_data, gsm_eval, gsm_train, verify_train
@@ -35,7 +36,7 @@ def workflows() -> dict:
             "supericl": (supericl, None), "flan_eval": (flan_eval, FinetuneArgs),
             "flan_train": (flan_train, FinetuneArgs), "orca_eval": (orca_eval, FinetuneArgs), "ul2r": (ul2r, TrainArgs),
             "gsm_data": (gsm_data, None), "gsm_train": (gsm_train, FinetuneArgs),
-            "verify_train": (verify_train, FinetuneArgs), "gsm_eval": (gsm_eval, None)}
+            "verify_train": (verify_train, FinetuneArgs), "gsm_eval": (gsm_eval, None), "pet": (pet, FinetuneArgs)}
 
 
 def _check_type(value, annotation, where: str):
