@@ -298,6 +298,9 @@ def classifier_from(source: str, labels: list[str]):
     model = AutoModelForSequenceClassification.from_pretrained(
         base.path, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)})
+    if base.tokenizer.pad_token_id is None:  # causal LMs: the head reads the last token before padding
+        base.tokenizer.pad_token = base.tokenizer.eos_token
+    model.config.pad_token_id = base.tokenizer.pad_token_id
     return model, base.tokenizer
 
 

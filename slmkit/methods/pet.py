@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,14 +108,12 @@ class Cloze:
         if len(set(self.word_ids)) < len(labels):
             raise SlmError(f"verbalizer words {list(pvp.verbalizer.values())} share a first token; choose words "
                            "that differ from the first letter on")
+        skeleton = (self.head + self.tail).replace("{text}", "")  # the pattern's own tokens, plus room for specials
+        self.text_budget = max(8, max_len - len(tokenizer(skeleton, add_special_tokens=False).input_ids) - 4)
 
     def encode(self, text: str) -> tuple[list[int], int]:
         """(input ids, position scored); the text is cut so the pattern always fits `max_len`."""
-        before, after = self.head.split("{text}") if "{text}" in self.head else (self.head, "")
-        rest = self.tail.replace("{text}", "\0").split("\0")  # {text} may also sit after the slot
-        fixed = len(self.tok(before + after + "".join(rest), add_special_tokens=False).input_ids) + 4
-        text_ids = self.tok(text, add_special_tokens=False).input_ids[:max(8, self.max_len - fixed)]
-        text = self.tok.decode(text_ids)
+        text = self.tok.decode(self.tok(text, add_special_tokens=False).input_ids[:self.text_budget])
         prompt = self.head.replace("{text}", text).rstrip()
         ids = self.tok(prompt).input_ids
         if not self.masked:
@@ -143,21 +141,21 @@ class ClozeData(SFTData):
         self.examples = [(*cloze.encode(r["text"]), index[r["label"]]) for r in rows]
         self.unlabeled = [tok(t, truncation=True, max_length=cloze.max_len).input_ids for t in unlabeled]
 
-    def pad_rows(self, seqs: list[list[int]]):
+    def pad_rows(self, seqs: list[list[int]], left: bool):
         import torch
 
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, s in enumerate(seqs):
-            span = slice(width - len(s), width) if self.left else slice(0, len(s))
+            span = slice(width - len(s), width) if left else slice(0, len(s))
             ids[row, span], mask[row, span] = torch.tensor(s), 1
         return ids, mask
 
     def collate(self, items):
         import torch
 
-        ids, mask = self.pad_rows([i for i, _, _ in items])
+        ids, mask = self.pad_rows([i for i, _, _ in items], self.left)
         positions = [ids.shape[1] - 1 if self.left else p for _, p, _ in items]
         return {"input_ids": ids, "attention_mask": mask, "positions": torch.tensor(positions),
                 "labels": torch.tensor([label for *_, label in items])}
@@ -166,9 +164,7 @@ class ClozeData(SFTData):
         batch = super().train_batch(step, batch_size, seq_len, seed, rank, world)
         if self.unlabeled:
             pick = np.random.default_rng([seed, step, rank]).choice(len(self.unlabeled), batch_size)
-            left, self.left = self.left, False
-            batch["aux_ids"], batch["aux_mask"] = self.pad_rows([self.unlabeled[i] for i in pick])
-            self.left = left
+            batch["aux_ids"], batch["aux_mask"] = self.pad_rows([self.unlabeled[i] for i in pick], left=False)
         return batch
 
 
@@ -236,7 +232,6 @@ class Member:
     unlabeled: np.ndarray
     test: np.ndarray
     test_accuracy: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def _accuracy(logits: np.ndarray, gold: np.ndarray) -> float:
@@ -290,14 +285,15 @@ def train_member(source: str, pvp: PVP, index: int, labels: list[str], train_row
     masked, tok = loaded.task == "masked-lm", loaded.tokenizer
     cloze = Cloze(tok, pvp, labels, args.seq_len, masked)
     net = loaded.model
-    before = cloze_logits(net, ClozeData(cloze, labelled, labels), cloze.word_ids, masked)
+    labelled_data = ClozeData(cloze, labelled, labels)
+    before = cloze_logits(net, labelled_data, cloze.word_ids, masked)
     gold_labelled = np.array([labels.index(r["label"]) for r in labelled])
     weight = _accuracy(before, gold_labelled)
     if lora:
         net = add_lora(net, 16, 32, 0.05, None if masked else "CAUSAL_LM")
     torch.manual_seed(args.seed)
     data = ClozeData(cloze, train_rows, labels, unlabeled if aux_weight else ())
-    train(net, tok, data, ClozeData(cloze, labelled, labels), pet_objective(cloze, aux_weight), args, run_dir,
+    train(net, tok, data, labelled_data, pet_objective(cloze, aux_weight), args, run_dir,
           resume=resume, config={"workflow": "pet", "model": source, "pattern": pvp.pattern,
                                  "verbalizer": pvp.verbalizer, "train_examples": len(train_rows)}, progress=progress)
     un = cloze_logits(net, ClozeData(cloze, [{"text": t, "label": labels[0]} for t in unlabeled], labels),
@@ -348,9 +344,6 @@ def train_classifier(source: str, labels: list[str], rows: list[dict] | None, so
     if done.is_file():
         return json.loads(done.read_text())
     net, tok = classifier_from(source, labels)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    net.config.pad_token_id = tok.pad_token_id
     if lora:
         net = add_lora(net, 16, 32, 0.05, "SEQ_CLS")
     torch.manual_seed(args.seed)

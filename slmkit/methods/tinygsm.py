@@ -401,10 +401,12 @@ def story(rng: random.Random, template: str) -> Problem:
 def procedural(n: int, seed: int = 0, templates: list[str] | None = None) -> list[Problem]:
     """`n` problems from a seed. By default half come from the hand-written templates (cycled) and half from
     story templates (drawn at random), none of them held out; `templates` names the ones to use instead."""
-    stories = [t for t in (templates or STORY_TEMPLATES) if t.startswith("story:")
-               and (templates or t not in HELD_OUT_STORIES)]
-    names = [t for t in (templates or TEMPLATES) if not t.startswith("story:")
-             and (templates or t not in HELD_OUT_TEMPLATES)]
+    if templates:
+        stories = [t for t in templates if t.startswith("story:")]
+        names = [t for t in templates if not t.startswith("story:")]
+    else:
+        stories = [t for t in STORY_TEMPLATES if t not in HELD_OUT_STORIES]
+        names = [t for t in TEMPLATES if t not in HELD_OUT_TEMPLATES]
     known = set(STORY_TEMPLATES) | set(LONG_STORY_TEMPLATES)
     unknown = [t for t in names if t not in TEMPLATES] + [t for t in stories if t not in known]
     if unknown:
