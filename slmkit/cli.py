@@ -800,6 +800,143 @@ def pet_command(
     out.print(f"results -> {Path(runs_dir) / run / 'pet.json'}, plot -> {Path(runs_dir) / run / 'pet.png'}")
 
 
+@app.command("distill")
+@dataclass_options(FinetuneArgs, "train_args")
+def distill_command(
+    teacher: Annotated[str, typer.Option(help="classify: a classifier directory, or a model fine-tuned on the "
+                                         "data first (--teacher-steps); lm: a causal LM.")] = "all-minilm-l6-v2",
+    student: Annotated[str | None, typer.Option(help="Student checkpoint or zoo spec (default for classify: the "
+                                                "teacher's checkpoint).")] = None,
+    data: Annotated[str, typer.Option(help="classify: {\"text\", \"label\"} JSONL or a packaged set; lm: a "
+                                      "corpus (`slm data list`).")] = "spam-assassin",
+    task: Annotated[str, typer.Option(help="classify or lm.")] = "classify",
+    student_layers: Annotated[list[int] | None, typer.Option("--student-layers", help="Keep only these layers "
+                                                             "of the student (repeatable, 0-based).")] = None,
+    temperature: Annotated[float, typer.Option(help="Soft-target temperature.")] = 2.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the soft targets (1 - alpha: gold labels).")] = 0.5,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of mapped hidden-state MSE (0 = off).")] = 0.0,
+    attention_weight: Annotated[float, typer.Option(help="Weight of mapped attention-map MSE (0 = off).")] = 0.0,
+    teacher_steps: Annotated[int, typer.Option(help="Steps to fine-tune a teacher that is not a classifier.")] = 300,
+    length_adaptive: Annotated[bool, typer.Option(help="Length-Adaptive Distillation: general + sandwich task "
+                                                  "distillation under token pruning, then a length search.")] = False,
+    general_steps: Annotated[int, typer.Option(help="LAD stage-1 (general distillation) steps.")] = 200,
+    max_drop: Annotated[float, typer.Option(help="LAD: largest per-layer token drop ratio (LengthDrop).")] = 0.5,
+    sandwich: Annotated[int, typer.Option(help="LAD: random length configurations per step besides the full "
+                                          "and smallest.")] = 2,
+    baseline: Annotated[bool, typer.Option(help="LAD: also distil the student without LAD, for comparison.")] = True,
+    candidates: Annotated[int, typer.Option(help="LAD: length configurations tried by the search.")] = 40,
+    tolerance: Annotated[float, typer.Option(help="LAD: accuracy points the chosen configuration may lose.")] = 1.0,
+    val_size: Annotated[int, typer.Option(help="classify: validation examples (the length search uses them).")]
+    = 300,
+    test_size: Annotated[int, typer.Option(help="classify: held-out test examples.")] = 600,
+    run: NameOpt = "distill",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
+    train_args: FinetuneArgs = None,
+):
+    """Knowledge distillation of a classifier or LM into a smaller student; --length-adaptive runs LAD and
+    reports accuracy, FLOPs and CPU speed of both students under the chosen token-pruning configuration."""
+    from slmkit.methods.distill import distill
+
+    r = distill(teacher, student, data, task, student_layers, temperature, alpha, hidden_weight, attention_weight,
+                teacher_steps, length_adaptive, general_steps, max_drop, sandwich, baseline, candidates, tolerance,
+                val_size, test_size, run=run, runs_dir=runs_dir, resume=resume, train_args=train_args)
+    out.print(f"teacher {r['teacher_parameters']:,} parameters, student {r['student_parameters']:,}")
+    if task == "lm":
+        out.print(f"student validation perplexity {r['val_ppl']:.2f}; model in {r['run_dir']}/model")
+        return
+    out.print(f"test accuracy: teacher {r['teacher_test_accuracy']:.3f}" +
+              (f", student {r['student_test_accuracy']:.3f}" if "student_test_accuracy" in r else ""))
+    if length_adaptive:
+        _print_lad(r)
+    out.print(f"results -> {r['run_dir']}/distill.json")
+
+
+def _print_lad(r: dict) -> None:
+    from rich.table import Table
+
+    table = Table("student", "unpruned acc", "pruned acc", "drop (points)", "FLOPs ratio", "CPU speedup",
+                  title=f"chosen length configuration {r['chosen_lengths']}")
+    for name in ("lad", "kd"):
+        if name in r:
+            m = r[name]
+            table.add_row("LAD" if name == "lad" else "KD without LAD", f"{m['full']['accuracy']:.3f}",
+                          f"{m['pruned']['accuracy']:.3f}", f"{m['accuracy_drop_points']:.1f}",
+                          f"{m['flops_ratio']:.2f}x", f"{m['speedup']:.2f}x")
+    out.print(table)
+    out.print(f"model (with length_config.json) -> {r['student_model']}; frontier -> {r['run_dir']}/frontier.png")
+
+
+@app.command("prune-search")
+def prune_search_command(
+    model: Annotated[str, typer.Argument(help="A sequence-classifier directory (e.g. runs/NAME/lad/model).")],
+    data: Annotated[str, typer.Option(help="The data the model was distilled on (its validation split is "
+                                      "searched).")] = "spam-assassin",
+    candidates: Annotated[int, typer.Option(help="Length configurations to try.")] = 40,
+    max_drop: Annotated[float, typer.Option(help="Largest per-layer drop ratio of the trained range.")] = 0.5,
+    tolerance: Annotated[float, typer.Option(help="Accuracy points the chosen configuration may lose.")] = 1.0,
+    val_size: Annotated[int, typer.Option(help="Validation examples (as in `slm distill`).")] = 300,
+    test_size: Annotated[int, typer.Option(help="Test examples (as in `slm distill`).")] = 600,
+    seq_len: Annotated[int, typer.Option(help="Tokens per input.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed of the sampled configurations.")] = 0,
+):
+    """Find token-pruning length configurations on the speed-accuracy frontier; save the chosen one with the
+    model (length_config.json, applied by `slm classify`)."""
+    from rich.table import Table
+
+    from slmkit.methods.length_adaptive import prune_search
+
+    r = prune_search(model, data, candidates, max_drop, tolerance, val_size, test_size, seq_len, seed)
+    table = Table("lengths per layer", "val accuracy", "FLOPs (M)", title="frontier (validation)")
+    for p in r["frontier"]:
+        table.add_row(str(p["lengths"] or "unpruned"), f"{p['accuracy']:.3f}", f"{p['flops'] / 1e6:,.0f}")
+    out.print(table)
+    out.print(f"chosen {r['chosen']}: test accuracy {r['test_full']['accuracy']:.3f} -> "
+              f"{r['test_pruned']['accuracy']:.3f}, {r['flops_ratio']:.2f}x fewer FLOPs, {r['speedup']:.2f}x faster; "
+              f"saved to {r['model']}/length_config.json")
+
+
+@app.command("classify")
+def classify_command(
+    model: Annotated[str, typer.Argument(help="A sequence-classifier directory.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to label ('-' reads one text per line from stdin).")],
+    lengths: Annotated[str | None, typer.Option(help="Token-pruning fractions per layer, e.g. 1,0.6,0.4,0.3 "
+                                                "(default: the model's length_config.json, if any).")] = None,
+):
+    """Label texts with a classifier, under its token-pruning length configuration when it has one."""
+    from slmkit.methods.length_adaptive import classify
+
+    if texts == ["-"]:
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    try:
+        fractions = [float(x) for x in lengths.split(",")] if lengths else None
+    except ValueError as e:
+        raise SlmError(f"--lengths: expected comma-separated numbers, got {lengths!r}") from e
+    for text, r in zip(texts, classify(model, texts, fractions), strict=True):
+        out.print(f"{r['label']}\t{r['probability']:.3f}\t{text[:80]!r}")
+
+
+flame_app = typer.Typer(no_args_is_help=True, help="FLAME: a small model for spreadsheet formulas.")
+app.add_typer(flame_app, name="flame")
+
+
+@flame_app.command("data")
+def flame_data_command(
+    to: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("data/flame"),
+    count: Annotated[int, typer.Option(help="Formulas (one per sketch).")] = 20000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same corpus.")] = 0,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of formulas held out for testing.")] = 0.05,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary of the formula tokenizer.")] = 4096,
+):
+    """Generate the formula corpus (checked with openpyxl and `formulas`, deduplicated by sketch), last-mile
+    repair pairs by corruption kind, and a formula-aware BPE tokenizer."""
+    from slmkit.domains.flame import flame_data
+
+    r = flame_data(to, count, seed, test_fraction, vocab_size)
+    kinds = ", ".join(f"{k} {v}" for k, v in r["kinds"].items())
+    out.print(f"{r['formulas']} formulas ({r['test']} test), {r['repairs']} repair pairs ({kinds}) -> {r['out']}")
+
+
 @app.command("ul2r")
 @dataclass_options(TrainArgs, "train_args")
 def ul2r_command(

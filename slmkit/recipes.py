@@ -20,6 +20,7 @@ from slmkit.errors import SlmError
 
 
 def workflows() -> dict:
+    from slmkit.methods.distill import distill
     from slmkit.methods.eft import eft_eval
     from slmkit.methods.finetune import FinetuneArgs, finetune
     from slmkit.methods.flan import flan_eval, flan_train
@@ -36,7 +37,8 @@ def workflows() -> dict:
             "supericl": (supericl, None), "flan_eval": (flan_eval, FinetuneArgs),
             "flan_train": (flan_train, FinetuneArgs), "orca_eval": (orca_eval, FinetuneArgs), "ul2r": (ul2r, TrainArgs),
             "gsm_data": (gsm_data, None), "gsm_train": (gsm_train, FinetuneArgs),
-            "verify_train": (verify_train, FinetuneArgs), "gsm_eval": (gsm_eval, None), "pet": (pet, FinetuneArgs)}
+            "verify_train": (verify_train, FinetuneArgs), "gsm_eval": (gsm_eval, None), "pet": (pet, FinetuneArgs),
+            "distill": (distill, FinetuneArgs)}
 
 
 def _check_type(value, annotation, where: str):
@@ -49,6 +51,11 @@ def _check_type(value, annotation, where: str):
             return Path(value)
         if option is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if option is float and isinstance(value, str):  # YAML reads 3e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if typing.get_origin(option) in (tuple, list) and isinstance(value, list):  # tuple[float, ...], list[str]
             item = typing.get_args(option)[0]
             return typing.get_origin(option)(_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value))

@@ -50,15 +50,21 @@ def load_tokenizer(source: str):
     return loaded.tokenizer
 
 
-def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path | None = None):
-    """Train a GPT-2-style byte-level BPE (no unknown tokens) with <|endoftext|>, <pad> and <mask>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path | None = None, split_pattern: str | None = None):
+    """Train a GPT-2-style byte-level BPE (no unknown tokens) with <|endoftext|>, <pad> and <mask>.
+    `split_pattern`: a regex whose matches are pre-tokenised pieces that merges never cross (e.g. FLAME's
+    formula-aware split keeps functions, references and literals whole); it is saved in tokenizer.json."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 300:
         raise SlmError(f"vocab size {vocab_size} is too small for a byte-level BPE (needs >= 300)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_pattern:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(dict.fromkeys(SPECIAL.values())),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

@@ -1,10 +1,27 @@
-"""Knowledge distillation (Hinton et al., 2015): a student learns a teacher's soft targets.
+"""Knowledge distillation (Hinton et al., 2015): a student learns a teacher's soft targets, optionally also
+its hidden states and attention maps through a layer map (TinyBERT-style), for classifiers and language
+models; with `length_adaptive`, Length-Adaptive Distillation (`slmkit.methods.length_adaptive`).
 
-`soft_cross_entropy` is the loss every distillation in slmkit uses (PET's final classifier learns its
-ensemble's soft labels with it).
+- `soft_cross_entropy`: the loss every distillation in slmkit uses (PET's final classifier learns its
+  ensemble's soft labels with it).
+- `kd_objective`: alpha * soft targets at temperature T + (1 - alpha) * gold labels (classes, or next
+  tokens for LMs) + hidden_weight * MSE of mapped hidden states + attention_weight * MSE of mapped
+  head-averaged attention maps.
+- `distill()`: the workflow behind `slm distill`. Classification (`task="classify"`): the teacher is a
+  sequence classifier or a model fine-tuned on the data first; the student is any encoder checkpoint,
+  optionally cut to some of its layers (`student_layers`). LM (`task="lm"`): a causal-LM teacher, a
+  student checkpoint or zoo spec built with the teacher's tokenizer, a text corpus.
 """
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from slmkit.errors import SlmError
+from slmkit.methods.finetune import FinetuneArgs
+from slmkit.train import train
 
 
 def soft_cross_entropy(student_logits, teacher_probs, temperature: float = 1.0):
@@ -14,3 +31,296 @@ def soft_cross_entropy(student_logits, teacher_probs, temperature: float = 1.0):
 
     log_p = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     return -(teacher_probs * log_p).sum(-1).mean() * temperature ** 2
+
+
+def layers_of(model):
+    """The transformer block list of a BERT-family encoder or a decoder-only LM."""
+    base = model.base_model
+    blocks = getattr(getattr(base, "encoder", None), "layer", None)
+    blocks = blocks if blocks is not None else getattr(base, "layers", None)
+    if blocks is None:
+        raise SlmError(f"{type(model).__name__}: cannot find its transformer layers")
+    return blocks
+
+
+def keep_layers(model, indices: list[int]):
+    """Cut a model down to the given layers (student initialisation from a deeper checkpoint)."""
+    import torch
+
+    blocks = layers_of(model)
+    if not indices or any(not 0 <= i < len(blocks) for i in indices) or len(set(indices)) != len(indices):
+        raise SlmError(f"--student-layers must be distinct indices in 0..{len(blocks) - 1} (got {indices})")
+    kept = torch.nn.ModuleList([blocks[i] for i in sorted(indices)])
+    for new, block in enumerate(kept):  # decoder attention modules index the KV cache by layer
+        attn = getattr(block, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new
+    parent = model.base_model.encoder if hasattr(model.base_model, "encoder") else model.base_model
+    setattr(parent, "layer" if hasattr(parent, "layer") else "layers", kept)
+    model.config.num_hidden_layers = len(kept)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in sorted(indices)]
+    return model
+
+
+def kd_objective(teacher, *, temperature: float, alpha: float, hidden_weight: float = 0.0,
+                 attention_weight: float = 0.0, layer_map: list[int] | None = None, lm: bool = False):
+    """Distillation loss for `slmkit.train.train`; batches are dicts (classification) or token ids (LM)."""
+    import torch
+
+    def objective(model, batch, generator):
+        inputs = {"input_ids": batch} if lm else {k: batch[k] for k in ("input_ids", "attention_mask")}
+        extra = {"output_hidden_states": hidden_weight > 0, "output_attentions": attention_weight > 0}
+        with torch.no_grad():
+            t = teacher(**inputs, **extra)
+        s = model(**inputs, **extra)
+        mask = torch.ones(inputs["input_ids"].shape) if lm else inputs["attention_mask"].float()
+        soft = torch.softmax(t.logits.float() / temperature, -1)
+        if lm:  # every position predicts the next token
+            gold = torch.nn.functional.cross_entropy(s.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+            soft_loss = soft_cross_entropy(s.logits.flatten(0, 1), soft.flatten(0, 1), temperature)
+        else:
+            gold = torch.nn.functional.cross_entropy(s.logits.float(), batch["labels"])
+            soft_loss = soft_cross_entropy(s.logits, soft, temperature)
+        loss = alpha * soft_loss + (1 - alpha) * gold
+        for i, j in enumerate(layer_map or []):
+            if hidden_weight:
+                diff = ((s.hidden_states[i + 1].float() - t.hidden_states[j + 1].float()) ** 2).mean(-1)
+                loss = loss + hidden_weight * (diff * mask).sum() / mask.sum()
+            if attention_weight:
+                diff = (s.attentions[i].float().mean(1) - t.attentions[j].float().mean(1)) ** 2
+                loss = loss + attention_weight * (diff.sum(-1) * mask).sum() / mask.sum()
+        return loss, int(mask.sum()) if lm else len(inputs["input_ids"])
+
+    return objective
+
+
+def _check_pair(teacher, student, hidden_weight: float, attention_weight: float, lm: bool) -> list[int]:
+    """The default layer map, after checking that what is matched has matching shapes."""
+    from slmkit.methods.length_adaptive import default_layer_map, use_eager_attention
+
+    tc, sc = teacher.config, student.config
+    if lm and tc.vocab_size != sc.vocab_size:
+        raise SlmError(f"teacher vocabulary {tc.vocab_size} != student vocabulary {sc.vocab_size}: LM distillation "
+                       "matches next-token distributions, so both need the same tokenizer")
+    if hidden_weight and tc.hidden_size != sc.hidden_size:
+        raise SlmError(f"hidden-state matching needs equal hidden sizes (teacher {tc.hidden_size}, student "
+                       f"{sc.hidden_size}); set --hidden-weight 0")
+    if attention_weight:
+        use_eager_attention(teacher)
+        use_eager_attention(student)
+    return default_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
+
+
+def split_rows(rows: list[dict], val_size: int, test_size: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Fixed train / validation / test splits (seeded order), so every model of a run sees the same test."""
+    import numpy as np
+
+    if len(rows) < val_size + test_size + 2:
+        raise SlmError(f"{len(rows)} examples are too few for {val_size} validation + {test_size} test")
+    order = np.random.default_rng(12345).permutation(len(rows))
+    test = [rows[i] for i in order[:test_size]]
+    val = [rows[i] for i in order[test_size:test_size + val_size]]
+    return [rows[i] for i in order[test_size + val_size:]], val, test
+
+
+def teacher_classifier(teacher: str, labels: list[str], train_rows, val_rows, args: FinetuneArgs, steps: int,
+                       run_dir: Path, resume: bool, progress: bool):
+    """A sequence classifier for `labels`: `teacher` itself when it is one, otherwise `teacher` fine-tuned on
+    the training split for `steps` steps (kept in run_dir; a rerun reuses it)."""
+    from dataclasses import replace
+
+    from slmkit.methods.finetune import ClassificationData, classification_objective, classifier_from
+    from slmkit.models import load
+
+    source = run_dir / "model" if (run_dir / "model").is_dir() else teacher
+    loaded = load(str(source), dtype="fp32")
+    if loaded.task == "classifier":
+        have = [loaded.model.config.id2label[i] for i in range(loaded.model.config.num_labels)]
+        if have != labels:
+            raise SlmError(f"{source} classifies {have}, but the data's labels are {labels}")
+        return loaded.model, loaded.tokenizer
+    if steps < 1:
+        raise SlmError(f"{teacher} is not a sequence classifier; give --teacher-steps > 0 to fine-tune it first")
+    net, tok = classifier_from(teacher, labels)
+    train(net, tok, ClassificationData(tok, train_rows, labels, args.seq_len),
+          ClassificationData(tok, val_rows, labels, args.seq_len), classification_objective,
+          replace(args, steps=steps), run_dir, resume=resume,
+          config={"workflow": "distill", "stage": "teacher", "model": teacher}, progress=progress)
+    return net.eval(), tok
+
+
+def distill(
+    teacher: str = "all-minilm-l6-v2",
+    student: str | None = None,
+    data: str = "spam-assassin",
+    task: str = "classify",
+    student_layers: list[int] | None = None,
+    temperature: float = 2.0,
+    alpha: float = 0.5,
+    hidden_weight: float = 0.0,
+    attention_weight: float = 0.0,
+    teacher_steps: int = 300,
+    length_adaptive: bool = False,
+    general_steps: int = 200,
+    max_drop: float = 0.5,
+    sandwich: int = 2,
+    baseline: bool = True,
+    candidates: int = 40,
+    tolerance: float = 1.0,
+    val_size: int = 300,
+    test_size: int = 600,
+    run: str = "distill",
+    runs_dir: Path = Path("runs"),
+    resume: bool = False,
+    train_args: FinetuneArgs | None = None,
+    progress: bool = True,
+) -> dict:
+    """Distil `teacher` into `student` (default: the teacher's own starting checkpoint) on `data`.
+
+    classify: `data` is {"text", "label"} JSONL or a packaged set; a teacher that is not yet a classifier is
+    fine-tuned on the training split first (`teacher_steps`); the student may keep only `student_layers`.
+    With `length_adaptive`: LAD stage 1 (general distillation under pruning, `general_steps`), stage 2
+    (task distillation with the sandwich rule), a length-configuration search on the validation split,
+    and - with `baseline` - the same student distilled without LAD, both measured on the test split under
+    the chosen configuration. lm: `data` is a text corpus (`slm data list`), the student a checkpoint or a
+    zoo spec (built with the teacher's tokenizer).
+    Each stage keeps its model in the run directory; a rerun skips finished stages."""
+    args = (train_args or FinetuneArgs()).validate()
+    if task not in ("classify", "lm"):
+        raise SlmError(f"unknown task '{task}' (classify or lm)")
+    if not 0 <= alpha <= 1 or temperature <= 0 or hidden_weight < 0 or attention_weight < 0:
+        raise SlmError("--alpha must be in [0, 1], --temperature > 0, --hidden-weight and --attention-weight >= 0")
+    run_dir = Path(runs_dir) / run
+    if task == "lm":
+        if length_adaptive:
+            raise SlmError("--length-adaptive distils encoder classifiers (task classify)")
+        return _distill_lm(teacher, student, data, student_layers, temperature, alpha, hidden_weight,
+                           attention_weight, run_dir, resume, args, progress)
+    from slmkit.methods.finetune import ClassificationData, accuracy, classifier_from, load_classification
+
+    result_path = run_dir / "distill.json"
+    if result_path.is_file() and not resume:  # finished before: report it
+        return json.loads(result_path.read_text())
+    rows = load_classification(data)
+    labels = sorted({r["label"] for r in rows})
+    train_rows, val_rows, test_rows = split_rows(rows, val_size, test_size)
+    teacher_net, tok = teacher_classifier(teacher, labels, train_rows, val_rows, args, teacher_steps,
+                                          run_dir / "teacher", resume, progress)
+    sets = {name: ClassificationData(tok, r, labels, args.seq_len)
+            for name, r in (("train", train_rows), ("val", val_rows), ("test", test_rows))}
+    summary: dict = {"teacher": teacher, "data": data, "labels": labels, "val_size": val_size, "test_size": test_size,
+                     "examples": {k: len(v) for k, v in sets.items()}, "run_dir": str(run_dir)}
+    summary["teacher_test_accuracy"] = accuracy(teacher_net, sets["test"])
+
+    def new_student():
+        net, student_tok = classifier_from(student or teacher, labels)
+        if student_tok.get_vocab() != tok.get_vocab():
+            raise SlmError(f"student {student or teacher} and teacher {teacher} use different tokenizers; "
+                           "classification distillation feeds both the same token ids")
+        return keep_layers(net, student_layers) if student_layers else net
+
+    def stage(name: str, net, objective, steps: int):
+        from dataclasses import replace
+
+        if (run_dir / name / "model").is_dir():
+            from slmkit.models import load
+
+            return load(str(run_dir / name / "model"), dtype="fp32").model
+        train(net, tok, sets["train"], sets["val"], objective, replace(args, steps=steps), run_dir / name,
+              resume=resume, config={"workflow": "distill", "stage": name, "teacher": teacher,
+                                     "student": student or teacher, "student_layers": student_layers},
+              progress=progress)
+        return net.eval()
+
+    net = new_student()
+    layer_map = _check_pair(teacher_net, net, hidden_weight, attention_weight, lm=False)
+    kd = kd_objective(teacher_net, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
+                      attention_weight=attention_weight, layer_map=layer_map)
+    summary["student_parameters"] = net.num_parameters()
+    summary["teacher_parameters"] = teacher_net.num_parameters()
+    if not length_adaptive:
+        net = stage("student", net, kd, args.steps)
+        summary["student_test_accuracy"] = accuracy(net, sets["test"])
+    else:
+        from slmkit.methods.length_adaptive import general_objective, task_objective, use_eager_attention
+
+        use_eager_attention(teacher_net)
+        use_eager_attention(net)
+        if teacher_net.config.hidden_size != net.config.hidden_size:
+            raise SlmError("LAD imitates the teacher's hidden states: the student needs the teacher's hidden size "
+                           f"({teacher_net.config.hidden_size}, student {net.config.hidden_size})")
+        net = stage("general", net, general_objective(teacher_net, layer_map, max_drop), general_steps)
+        use_eager_attention(net)
+        net = stage("lad", net, task_objective(teacher_net, temperature, alpha, max_drop, sandwich), args.steps)
+        plain = stage("kd", new_student(), kd, args.steps) if baseline else None
+        summary.update(_measure_lad(net, plain, sets, run_dir, max_drop=max_drop, candidates=candidates,
+                                    tolerance=tolerance, seed=args.seed, progress=progress))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    result_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, candidates: int, tolerance: float,
+                 seed: int, progress: bool) -> dict:
+    """Search length configurations for the LAD student on validation; report both students on test, unpruned
+    and under the chosen configuration (accuracy, FLOPs, wall time), and the frontier plot."""
+    from slmkit.methods.length_adaptive import (
+        evaluate_lengths,
+        plot_frontier,
+        save_length_config,
+        search_lengths,
+        use_eager_attention,
+    )
+
+    search = search_lengths(net, sets["val"], candidates=candidates, max_drop=max_drop, tolerance=tolerance,
+                            seed=seed, progress=progress)
+    chosen = search["chosen"]["lengths"]
+    save_length_config(run_dir / "lad" / "model", chosen, {k: search[k] for k in ("full", "chosen", "frontier")})
+    out: dict = {"chosen_lengths": chosen, "student_model": str(run_dir / "lad" / "model")}
+    models = {"lad": net} | ({"kd": plain} if plain is not None else {})
+    for name, model in models.items():
+        use_eager_attention(model)
+        evaluate_lengths(model, sets["test"], None)  # warm-up: first calls pay one-off allocation costs
+        full, pruned = (evaluate_lengths(model, sets["test"], lengths) for lengths in (None, chosen))
+        out[name] = {"full": full, "pruned": pruned, "flops_ratio": full["flops"] / pruned["flops"],
+                     "speedup": full["seconds"] / pruned["seconds"],
+                     "accuracy_drop_points": 100 * (full["accuracy"] - pruned["accuracy"])}
+    others = {}
+    if plain is not None:  # the plain student under the LAD student's frontier configurations
+        others["student without LAD"] = [evaluate_lengths(plain, sets["val"], p["lengths"])
+                                         for p in search["frontier"]]
+    plot_frontier(search, run_dir / "frontier.png", others)
+    (run_dir / "search.json").write_text(json.dumps({**search, "others": others}, indent=2) + "\n")
+    return out
+
+
+def _distill_lm(teacher: str, student: str | None, data: str, student_layers, temperature: float, alpha: float,
+                hidden_weight: float, attention_weight: float, run_dir: Path, resume: bool, args: FinetuneArgs,
+                progress: bool) -> dict:
+    from slmkit.data.packing import PackedTokens
+    from slmkit.data.prepare import prepare_corpus
+    from slmkit.methods.pretrain import build_or_load
+    from slmkit.models import load
+
+    t = load(teacher, dtype="fp32")
+    if t.task != "causal-lm" or t.tokenizer is None:
+        raise SlmError(f"{teacher}: LM distillation needs a causal-LM teacher with a tokenizer")
+    if student is None:
+        raise SlmError("LM distillation needs --student (a checkpoint or a zoo spec such as tinyllama-nano)")
+    net, kind = build_or_load(student, t.tokenizer, args.seq_len, args.seed)
+    if kind != "causal-lm":
+        raise SlmError(f"{student} is a {kind} model; LM distillation trains causal LMs")
+    if student_layers:
+        keep_layers(net, student_layers)
+    layer_map = _check_pair(t.model, net, hidden_weight, attention_weight, lm=True)
+    data_dir = prepare_corpus(data, t.tokenizer, progress=progress)
+    train_data, val_data = PackedTokens.open(data_dir, "train"), PackedTokens.open(data_dir, "val")
+    objective = kd_objective(t.model, temperature=temperature, alpha=alpha, hidden_weight=hidden_weight,
+                             attention_weight=attention_weight, layer_map=layer_map, lm=True)
+    summary = train(net, t.tokenizer, train_data, val_data, objective, args, run_dir, resume=resume,
+                    config={"workflow": "distill", "task": "lm", "teacher": teacher, "student": student,
+                            "data": data}, progress=progress)
+    return {**summary, "teacher": teacher, "student": student, "run_dir": str(run_dir),
+            "student_parameters": net.num_parameters(), "teacher_parameters": t.model.num_parameters(),
+            "val_ppl": math.exp(min(summary["val_loss"], 50))}
