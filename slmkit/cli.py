@@ -937,6 +937,83 @@ def flame_data_command(
     out.print(f"{r['formulas']} formulas ({r['test']} test), {r['repairs']} repair pairs ({kinds}) -> {r['out']}")
 
 
+@flame_app.command("train")
+@dataclass_options(FinetuneArgs, "train_args")
+def flame_train_command(
+    data: Annotated[Path, typer.Option(help="Directory written by `slm flame data`.")] = Path("data/flame"),
+    model: Annotated[str, typer.Option("--model", "-m", help="FLAME zoo spec (flame-nano, flame-60m) or a "
+                                       "checkpoint.")] = "flame-nano",
+    pretrain_steps: Annotated[int, typer.Option(help="Span-corruption pretraining steps (0 = skip).")] = 600,
+    run: NameOpt = "flame",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
+    train_args: FinetuneArgs = None,
+):
+    """Pretrain a FLAME model on formulas (T5 span corruption), then fine-tune it for repair and completion."""
+    from slmkit.domains.flame import flame_train
+
+    s = flame_train(data, model, pretrain_steps, run, runs_dir, resume, train_args)
+    out.print(f"done: fine-tuning validation loss {s['tune']['val_loss']:.4f}; model in {s['tune']['run_dir']}/model")
+
+
+FlameModelArg = Annotated[str, typer.Option("--model", "-m", help="A trained FLAME model directory.")]
+
+
+@flame_app.command("eval")
+def flame_eval_command(
+    model: FlameModelArg = "runs/flame/tune/model",
+    data: Annotated[Path, typer.Option(help="Directory written by `slm flame data`.")] = Path("data/flame"),
+    limit: Annotated[int, typer.Option(help="Held-out repair pairs / formulas to score.")] = 300,
+):
+    """Held-out repair exact match per corruption kind against copying the input, parse rate, completion."""
+    from rich.table import Table
+
+    from slmkit.domains.flame import flame_eval
+
+    r = flame_eval(model, data, limit, out=Path(model) / "flame_eval.json")
+    table = Table("corruption", "count", "model", "copy input", title=f"last-mile repair, {r['repairs']} held-out "
+                  f"pairs (parse rate {r['broken_parse_rate']:.2f} -> {r['parse_rate']:.2f})")
+    for kind, k in sorted(r["per_kind"].items()):
+        table.add_row(kind, str(k["count"]), f"{k['model']:.3f}", f"{k['copy']:.3f}")
+    table.add_row("all", str(r["repairs"]), f"{r['repair_exact']:.3f}", f"{r['copy_exact']:.3f}")
+    out.print(table)
+    out.print(f"completion exact match {r['completion_exact']:.3f} on {r['completions']} held-out formulas; "
+              f"-> {model}/flame_eval.json")
+
+
+@flame_app.command("repair")
+def flame_repair_command(formulas: Annotated[list[str], typer.Argument(help="Broken formulas.")],
+                         model: FlameModelArg = "runs/flame/tune/model"):
+    """Fix broken formulas (last-mile repair)."""
+    from slmkit.domains.flame import repair
+
+    for f, y in zip(formulas, repair(model, formulas), strict=True):
+        out.print(f"{f}  ->  {y}", highlight=False)
+
+
+@flame_app.command("complete")
+def flame_complete_command(prefixes: Annotated[list[str], typer.Argument(help="Formula beginnings.")],
+                           model: FlameModelArg = "runs/flame/tune/model"):
+    """Complete formulas from what was typed so far."""
+    from slmkit.domains.flame import complete
+
+    for p, y in zip(prefixes, complete(model, prefixes), strict=True):
+        out.print(f"{p}  ->  {y}", highlight=False)
+
+
+@flame_app.command("search")
+def flame_search_command(query: Annotated[str, typer.Argument(help="A partial formula or words.")],
+                         model: FlameModelArg = "runs/flame/tune/model",
+                         data: Annotated[Path, typer.Option(help="The formula collection (`slm flame data`).")]
+                         = Path("data/flame"),
+                         top: Annotated[int, typer.Option(help="Results.")] = 5):
+    """Retrieve the formulas of a collection closest to a query (mean-pooled encoder embeddings)."""
+    from slmkit.domains.flame import search
+
+    for score, formula in search(model, query, data, top):
+        out.print(f"{score:.3f}  {formula}", highlight=False)
+
+
 @app.command("ul2r")
 @dataclass_options(TrainArgs, "train_args")
 def ul2r_command(

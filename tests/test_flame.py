@@ -72,3 +72,37 @@ def test_flame_data_writes_corpus_repairs_and_tokenizer(tmp_path):
     assert "VLOOKUP(" in pieces and "FALSE" in pieces  # functions and literals are never split across pieces
     assert re.findall(flame.FORMULA_SPLIT, '=SUM(TaxRate)*0.25&"a b"') == ["=", "SUM(", "TaxRate", ")", "*", "0.25",
                                                                          "&", '"a b"']
+
+
+def test_normalise_and_completion_prefix():
+    assert flame.normalise('= sum(a1, b2) & " x y"') == '=SUM(A1,B2)&" x y"'
+    prefix = flame.completion_prefix("=VLOOKUP(A2,$B$1:$D$9,3,FALSE)", random.Random(0))
+    assert prefix.startswith("=VLOOKUP(") and len(prefix) < len("=VLOOKUP(A2,$B$1:$D$9,3,FALSE)")
+
+
+def test_flame_train_eval_and_commands_end_to_end(tmp_path):
+    """Data, span-corruption pretraining of flame-nano, repair/completion fine-tuning (a few steps: mechanics,
+    not quality), evaluation with the copy baseline, and the repair / search commands."""
+    from typer.testing import CliRunner
+
+    from slmkit.cli import app
+    from slmkit.methods.finetune import FinetuneArgs
+
+    data = tmp_path / "flame"
+    flame.flame_data(data, count=300, seed=0, vocab_size=600, progress=False)
+    args = FinetuneArgs(steps=8, batch_size=8, seq_len=64, lr=2e-3, warmup_steps=1, eval_every=0, save_every=0,
+                        log_every=2, eval_batches=2)
+    s = flame.flame_train(data, "flame-nano", pretrain_steps=6, run="f", runs_dir=tmp_path, train_args=args,
+                          progress=False)
+    assert s["pretrain"]["val_loss"] < 8 and s["tune"]["val_loss"] < s["tune"]["val_loss_before"]
+    model = tmp_path / "f" / "tune" / "model"
+    r = flame.flame_eval(str(model), data, limit=8, out=tmp_path / "eval.json")
+    assert r["repairs"] == 8 and sum(k["count"] for k in r["per_kind"].values()) == 8
+    assert 0 <= r["repair_exact"] <= 1 and r["copy_exact"] == 0 and len(r["examples"]) == 8
+    assert json.loads((tmp_path / "eval.json").read_text())["repairs"] == 8
+    result = CliRunner().invoke(app, ["flame", "repair", "=SUM(A1:A3", "--model", str(model)])
+    assert result.exit_code == 0 and "=SUM(A1:A3  ->" in result.output, result.output
+    hits = flame.search(str(model), "=VLOOKUP(", data, top=3)
+    assert len(hits) == 3 and hits[0][0] >= hits[1][0] >= hits[2][0]
+    with pytest.raises(SlmError, match="slm flame data"):
+        flame.flame_train(tmp_path / "missing", run="x", runs_dir=tmp_path, train_args=args, progress=False)

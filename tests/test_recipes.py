@@ -41,6 +41,13 @@ def test_bad_recipes_are_named(recipe, message):
         parse_recipe(recipe, "bad.yaml")
 
 
+def test_overrides_accept_numbers_yaml_reads_as_strings():
+    _, kwargs = load_recipe(RECIPES[0].parent / "tinyllama-nano.yaml", ["train.lr=3e-5", "train.steps=7"])
+    assert kwargs["train_args"].lr == 3e-5 and kwargs["train_args"].steps == 7
+    with pytest.raises(SlmError, match="train.lr: expected"):
+        load_recipe(RECIPES[0].parent / "tinyllama-nano.yaml", ["train.lr=fast"])
+
+
 def test_nano_recipe_runs_through_the_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "slmkit.cli", "run", str(RECIPES[0].parent / "tinyllama-nano.yaml"),
                         "--set", "data=python-docs", "--set", "tokenizer=bpe:1024", "--set", f"runs_dir={tmp_path}",

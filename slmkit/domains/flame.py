@@ -14,6 +14,14 @@ seed:
   function names, swapped arguments, missing quotes - each kind named, so metrics can be reported per kind;
 - `FORMULA_SPLIT`: formula-aware pre-tokenisation (functions with their "(", references, strings,
   numbers, operators kept whole) for a byte-level BPE (`slmkit.data.tokenizers.train_bpe`).
+
+and trains and uses it:
+- `flame_train`: the zoo's FLAME spec (T5-style; `flame-nano` here, `flame-60m` real size) pretrained with
+  T5 span corruption on the training formulas, then fine-tuned on two tasks with task prefixes -
+  `repair: BROKEN` -> formula and `complete: PREFIX` -> formula;
+- `flame_eval`: exact match after normalisation on held-out repair pairs, per corruption kind, against
+  the copy-the-input baseline; the parse rate of the outputs; exact match of completions;
+- `repair`, `complete`, `search` (retrieval: cosine similarity of mean-pooled encoder states).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.methods.finetune import FinetuneArgs
 
 # --- references and literals -----------------------------------------------------------------------------
 
@@ -405,10 +414,17 @@ def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: floa
     for f in formulas_:
         split = "test" if rng.random() < test_fraction else "train"
         rows.append({"formula": f, "sketch": sketch(f), "split": split})
-        broken = corrupt(f, rng)
-        if broken:
-            repairs.append({"broken": broken[1], "fixed": f, "kind": broken[0], "split": split})
-    for name, data in (("formulas.jsonl", rows), ("repair.jsonl", repairs)):
+        for _ in range(2):  # two corruptions of different kinds when the formula allows
+            broken = corrupt(f, rng)
+            if broken and not any(r["fixed"] == f and r["kind"] == broken[0] for r in repairs[-1:]):
+                repairs.append({"broken": broken[1], "fixed": f, "kind": broken[0], "split": split})
+    tasks = [{"prompt": "repair: " + r["broken"], "completion": r["fixed"]} for r in repairs if r["split"] == "train"]
+    tasks += [{"prompt": "complete: " + completion_prefix(r["formula"], rng), "completion": r["formula"]}
+              for r in rows if r["split"] == "train"]
+    rng.shuffle(tasks)
+    pretrain = [{"text": r["formula"]} for r in rows if r["split"] == "train"]
+    for name, data in (("formulas.jsonl", rows), ("repair.jsonl", repairs), ("pretrain.jsonl", pretrain),
+                       ("tasks.jsonl", tasks)):
         tmp = out / f".{name}.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in data))
         tmp.replace(out / name)
@@ -416,3 +432,152 @@ def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: floa
     kinds = {k: sum(r["kind"] == k for r in repairs) for k in CORRUPTIONS}
     return {"formulas": len(rows), "test": sum(r["split"] == "test" for r in rows), "repairs": len(repairs),
             "kinds": kinds, "out": str(out)}
+
+
+# --- training, evaluation, use ---------------------------------------------------------------------------
+
+
+def completion_prefix(formula: str, rng: random.Random) -> str:
+    """The first 30-70% of a formula's pieces (what a user has typed so far)."""
+    pieces = re.findall(FORMULA_SPLIT, formula)
+    return "".join(pieces[:max(2, round(len(pieces) * rng.uniform(0.3, 0.7)))])
+
+
+def normalise(formula: str) -> str:
+    """Whitespace dropped and letters upper-cased outside string literals (Excel ignores both)."""
+    parts = re.split(r'("[^"]*")', formula.strip())
+    return "".join(p if p.startswith('"') else re.sub(r"\s+", "", p).upper() for p in parts)
+
+
+def _read(path: Path, split: str | None = None) -> list[dict]:
+    from slmkit.data.corpora import read_jsonl
+
+    if not path.is_file():
+        raise SlmError(f"{path} not found: run `slm flame data --out {path.parent}` first")
+    return [row for _, row in read_jsonl(path) if split is None or row.get("split") == split]
+
+
+def flame_train(
+    data: Path = Path("data/flame"),
+    model: str = "flame-nano",
+    pretrain_steps: int = 600,
+    run: str = "flame",
+    runs_dir: Path = Path("runs"),
+    resume: bool = False,
+    train_args: FinetuneArgs | None = None,
+    progress: bool = True,
+) -> dict:
+    """Pretrain `model` (a zoo spec or checkpoint) with span corruption on DATA/pretrain.jsonl using DATA's
+    formula tokenizer (`pretrain_steps`; 0 skips), then fine-tune it on DATA/tasks.jsonl (repair and
+    completion). Returns both stages' summaries; the model is RUNS_DIR/RUN/tune/model."""
+    from dataclasses import replace
+
+    from slmkit.methods.finetune import finetune
+    from slmkit.methods.pretrain import pretrain
+
+    data = Path(data)
+    for name in ("pretrain.jsonl", "tasks.jsonl", "tokenizer/tokenizer.json"):
+        if not (data / name).is_file():
+            raise SlmError(f"{data / name} not found: run `slm flame data --out {data}` first")
+    args = (train_args or FinetuneArgs()).validate()
+    base, summary = model, {}
+    if pretrain_steps:
+        done = Path(runs_dir) / run / "pretrain" / "model"
+        if not done.is_dir():
+            summary["pretrain"] = pretrain(model, str(data / "pretrain.jsonl"), str(data / "tokenizer"), "span",
+                                           run=f"{run}/pretrain", runs_dir=runs_dir, resume=resume,
+                                           train_args=replace(args, steps=pretrain_steps), progress=progress)
+        base = str(done)
+    summary["tune"] = finetune(base, str(data / "tasks.jsonl"), "chat", val_fraction=0.02, lora=False,
+                               run=f"{run}/tune", runs_dir=runs_dir, resume=resume, train_args=args,
+                               progress=progress)
+    return summary
+
+
+def _generate(loaded, prompts: list[str], batch_size: int, max_new_tokens: int = 96) -> list[str]:
+    from slmkit.generate import SamplingParams, generate
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += [c.text.strip() for c in generate(loaded, prompts[i:i + batch_size], params, chat=False)]
+    return out
+
+
+def repair(model: str, formulas_: list[str], batch_size: int = 16) -> list[str]:
+    from slmkit.models import load
+
+    return _generate(load(model, dtype="fp32"), ["repair: " + f for f in formulas_], batch_size)
+
+
+def complete(model: str, prefixes: list[str], batch_size: int = 16) -> list[str]:
+    from slmkit.models import load
+
+    return _generate(load(model, dtype="fp32"), ["complete: " + p for p in prefixes], batch_size)
+
+
+def embed(loaded, texts: list[str], batch_size: int = 64):
+    """Mean-pooled, L2-normalised encoder states of a FLAME model."""
+    import torch
+
+    tok, net = loaded.tokenizer, loaded.model
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            batch = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            states = net.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            mask = batch["attention_mask"][..., None].float()
+            pooled = (states.last_hidden_state * mask).sum(1) / mask.sum(1)
+            rows.append(torch.nn.functional.normalize(pooled, dim=-1))
+    return torch.cat(rows)
+
+
+def search(model: str, query: str, data: Path = Path("data/flame"), top: int = 5) -> list[tuple[float, str]]:
+    """The formulas of DATA's collection closest to `query` (a partial formula or words)."""
+    from slmkit.models import load
+
+    loaded = load(model, dtype="fp32")
+    collection = [r["formula"] for r in _read(Path(data) / "formulas.jsonl")]
+    scores = embed(loaded, collection) @ embed(loaded, [query])[0]
+    best = scores.argsort(descending=True)[:top]
+    return [(float(scores[i]), collection[i]) for i in best.tolist()]
+
+
+def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, batch_size: int = 16,
+               out: Path | None = None) -> dict:
+    """Held-out last-mile repair (exact match after normalisation, per corruption kind, against copying the
+    input), the parse rate of repaired formulas, and completion exact match on held-out formulas."""
+    from slmkit.models import load
+
+    data = Path(data)
+    tests = _read(data / "repair.jsonl", "test")[:limit]
+    held_out = _read(data / "formulas.jsonl", "test")[:limit]
+    if not tests:
+        raise SlmError(f"{data}/repair.jsonl has no test pairs")
+    loaded = load(model, dtype="fp32")
+    fixed = _generate(loaded, ["repair: " + t["broken"] for t in tests], batch_size)
+    rng = random.Random(0)
+    prefixes = [completion_prefix(r["formula"], rng) for r in held_out]
+    completed = _generate(loaded, ["complete: " + p for p in prefixes], batch_size)
+    per_kind: dict = {}
+    for t, y in zip(tests, fixed, strict=True):
+        k = per_kind.setdefault(t["kind"], {"count": 0, "model": 0, "copy": 0})
+        k["count"] += 1
+        k["model"] += normalise(y) == normalise(t["fixed"])
+        k["copy"] += normalise(t["broken"]) == normalise(t["fixed"])
+    for k in per_kind.values():
+        k["model"], k["copy"] = k["model"] / k["count"], k["copy"] / k["count"]
+    n = len(tests)
+    result = {"model": model, "repairs": n,
+              "repair_exact": sum(normalise(y) == normalise(t["fixed"]) for t, y in zip(tests, fixed, strict=True)) / n,
+              "copy_exact": sum(normalise(t["broken"]) == normalise(t["fixed"]) for t in tests) / n,
+              "parse_rate": sum(check_formula(y) is None for y in fixed) / n,
+              "broken_parse_rate": sum(check_formula(t["broken"]) is None for t in tests) / n,
+              "per_kind": per_kind, "completions": len(held_out),
+              "completion_exact": sum(normalise(y) == normalise(r["formula"])
+                                      for r, y in zip(held_out, completed, strict=True)) / max(len(held_out), 1),
+              "examples": [{"broken": t["broken"], "model": y, "fixed": t["fixed"]} for t, y in
+                           list(zip(tests, fixed, strict=True))[:10]]}
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
