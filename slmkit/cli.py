@@ -856,13 +856,16 @@ def _print_lad(r: dict) -> None:
     from rich.table import Table
 
     table = Table("student", "unpruned acc", "pruned acc", "drop (points)", "FLOPs ratio", "CPU speedup",
-                  title=f"chosen length configuration {r['chosen_lengths']}")
+                  "mean drop, configs at <= 1/2 FLOPs", title=f"test split; chosen length configuration "
+                  f"{r['chosen_lengths']}")
     for name in ("lad", "kd"):
         if name in r:
             m = r[name]
+            half = f"{m['mean_drop_points_at_half_flops']:.1f} ({m['configs_at_half_flops']} configs)" \
+                if "mean_drop_points_at_half_flops" in m else "-"
             table.add_row("LAD" if name == "lad" else "KD without LAD", f"{m['full']['accuracy']:.3f}",
                           f"{m['pruned']['accuracy']:.3f}", f"{m['accuracy_drop_points']:.1f}",
-                          f"{m['flops_ratio']:.2f}x", f"{m['speedup']:.2f}x")
+                          f"{m['flops_ratio']:.2f}x", f"{m['speedup']:.2f}x", half)
     out.print(table)
     out.print(f"model (with length_config.json) -> {r['student_model']}; frontier -> {r['run_dir']}/frontier.png")
 

@@ -158,10 +158,15 @@ def test_length_adaptive_distillation_workflow(tmp_path, minilm_tokenizer):
               "kd/model/config.json", "teacher/model/config.json"):
         assert (run / f).is_file(), f
     search = json.loads((run / "search.json").read_text())
-    assert len(search["points"]) == 6 and search["frontier"]
+    assert len(search["points"]) == 6 and search["frontier"] and len(search["test_curves"]["kd"]) == 6
     again = distill(str(teacher_dir), None, str(data), student_layers=[0, 1, 3], length_adaptive=True,
                     val_size=20, test_size=30, run="lad", runs_dir=tmp_path, train_args=args, progress=False)
     assert again == r  # a finished run is reported, not retrained
+    (run / "distill.json").unlink()  # finished stages are reloaded (with SDPA attention) and measured again
+    again = distill(str(teacher_dir), None, str(data), student_layers=[0, 1, 3], length_adaptive=True,
+                    candidates=6, val_size=20, test_size=30, run="lad", runs_dir=tmp_path, train_args=args,
+                    progress=False)
+    assert again["chosen_lengths"] == chosen and again["lad"]["full"]["accuracy"] == r["lad"]["full"]["accuracy"]
     model = run / "lad" / "model"
     labelled = lad.classify(str(model), ["free prize click", "meeting review notes"], seq_len=16)
     assert [x["label"] for x in labelled] == ["spam", "ham"] and labelled[0]["lengths"] == chosen

@@ -273,25 +273,32 @@ def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, cand
         use_eager_attention,
     )
 
+    models = {"lad": net} | ({"kd": plain} if plain is not None else {})
+    for model in models.values():  # models reloaded from a finished stage come back with SDPA attention
+        use_eager_attention(model)
     search = search_lengths(net, sets["val"], candidates=candidates, max_drop=max_drop, tolerance=tolerance,
                             seed=seed, progress=progress)
     chosen = search["chosen"]["lengths"]
     save_length_config(run_dir / "lad" / "model", chosen, {k: search[k] for k in ("full", "chosen", "frontier")})
     out: dict = {"chosen_lengths": chosen, "student_model": str(run_dir / "lad" / "model")}
-    models = {"lad": net} | ({"kd": plain} if plain is not None else {})
     for name, model in models.items():
-        use_eager_attention(model)
         evaluate_lengths(model, sets["test"], None)  # warm-up: first calls pay one-off allocation costs
         full, pruned = (evaluate_lengths(model, sets["test"], lengths) for lengths in (None, chosen))
         out[name] = {"full": full, "pruned": pruned, "flops_ratio": full["flops"] / pruned["flops"],
                      "speedup": full["seconds"] / pruned["seconds"],
                      "accuracy_drop_points": 100 * (full["accuracy"] - pruned["accuracy"])}
-    others = {}
-    if plain is not None:  # the plain student under the LAD student's frontier configurations
-        others["student without LAD"] = [evaluate_lengths(plain, sets["val"], p["lengths"])
-                                         for p in search["frontier"]]
-    plot_frontier(search, run_dir / "frontier.png", others)
-    (run_dir / "search.json").write_text(json.dumps({**search, "others": others}, indent=2) + "\n")
+    curves = {}
+    if plain is not None:  # both students under every configuration tried, on the test split
+        for name, model in models.items():
+            curves[name] = [evaluate_lengths(model, sets["test"], p["lengths"]) for p in search["points"]]
+            full = out[name]["full"]
+            half = [c for c in curves[name] if c["flops"] <= 0.5 * full["flops"]]
+            out[name]["configs_at_half_flops"] = len(half)
+            if half:
+                out[name]["mean_drop_points_at_half_flops"] = 100 * (full["accuracy"] -
+                                                                     sum(c["accuracy"] for c in half) / len(half))
+    plot_frontier(search, run_dir / "frontier.png", curves, {k: out[k]["full"] for k in curves})
+    (run_dir / "search.json").write_text(json.dumps({**search, "test_curves": curves}, indent=2) + "\n")
     return out
 
 

@@ -17,10 +17,10 @@ LAD (Length-Adaptive Distillation: general and task distillation customised for 
 2. **task distillation with the sandwich rule** - every step trains the full length, the smallest
    configuration and `sandwich` random ones (LengthDrop: each layer keeps (1 - p) of the previous layer's
    tokens, p ~ U(0, max_drop)), each against the teacher's soft labels at temperature T plus the gold label;
-3. **`prune_search`** - length configurations sampled over the same space are scored on a validation split
-   by accuracy and FLOPs; the speed-accuracy frontier is plotted and the cheapest configuration within
-   `tolerance` accuracy points of the unpruned model is saved with the model (`length_config.json`), which
-   `classify()` (`slm classify`) applies.
+3. **`prune_search`** - length configurations sampled from mild to well beyond the trained range are
+   scored on a validation split by accuracy and FLOPs; the speed-accuracy frontier is plotted and the
+   cheapest configuration within `tolerance` accuracy points of the unpruned model is saved with the model
+   (`length_config.json`), which `classify()` (`slm classify`) applies.
 
 Supported encoders: BERT-family sequence classifiers (BERT / MiniLM, RoBERTa) from `transformers`, run with
 eager attention so the attention probabilities can be read.
@@ -269,8 +269,9 @@ def search_lengths(model, data, *, candidates: int, max_drop: float, tolerance: 
     n_layers = len(encoder_parts(model)[1])
     gen = torch.Generator().manual_seed(seed)
     configs = [smallest_lengths(n_layers, max_drop)]
-    configs += [sample_lengths(n_layers, min(0.9, 1.5 * max_drop * float(torch.rand(1, generator=gen))), gen)
-                for _ in range(candidates - 1)]  # from mild to beyond the trained range
+    # each candidate draws its own drop ceiling in [0.1, 0.9]: from mild to well beyond the trained range
+    configs += [sample_lengths(n_layers, 0.1 + 0.8 * float(torch.rand(1, generator=gen)), gen)
+                for _ in range(candidates - 1)]
     full = evaluate_lengths(model, data, None)
     points = []
     with Progress(disable=not progress) as bar:
@@ -297,9 +298,11 @@ def load_length_config(model_dir: Path):
         raise SlmError(f"{path}: not a length configuration ({e})") from e
 
 
-def plot_frontier(search: dict, out: Path, others: dict | None = None) -> Path | None:
-    """Accuracy against FLOPs for every configuration tried, the frontier, the chosen one; `others` adds
-    curves of other models under the same configurations (e.g. the student trained without LAD)."""
+def plot_frontier(search: dict, out: Path, test_curves: dict | None = None,
+                  unpruned: dict | None = None) -> Path | None:
+    """Left: validation accuracy against FLOPs for every configuration tried, the frontier and the chosen one.
+    Right (with `test_curves`, name -> evaluations under the same configurations): each model's test accuracy
+    drop from its own unpruned accuracy (`unpruned`), against FLOPs."""
     try:
         import matplotlib
 
@@ -308,21 +311,28 @@ def plot_frontier(search: dict, out: Path, others: dict | None = None) -> Path |
     except ImportError:
         return None
     full = search["full"]["flops"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    pts = search["points"]
+    fig, axes = plt.subplots(1, 2 if test_curves else 1, figsize=(12 if test_curves else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
+    pts, fr, c = search["points"], search["frontier"], search["chosen"]
     ax.scatter([p["flops"] / full for p in pts], [p["accuracy"] for p in pts], s=12, alpha=0.5,
-               label="LAD student: sampled configurations")
-    fr = search["frontier"]
+               label="sampled configurations")
     ax.plot([p["flops"] / full for p in fr], [p["accuracy"] for p in fr], "o-", label="frontier")
-    for name, rows in (others or {}).items():
-        rows = sorted(rows, key=lambda p: p["flops"])
-        ax.plot([p["flops"] / full for p in rows], [p["accuracy"] for p in rows], "s--", label=name)
-    c = search["chosen"]
     ax.scatter([c["flops"] / full], [c["accuracy"]], s=120, marker="*", color="red", zorder=5, label="chosen")
-    ax.set_xlabel("encoder FLOPs (fraction of unpruned)")
-    ax.set_ylabel("validation accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.axhline(search["full"]["accuracy"], color="gray", lw=0.8, ls=":", label="unpruned")
+    ax.set_title("length search (validation)")
+    ax.set_ylabel("accuracy")
+    for name, rows in (test_curves or {}).items():
+        right = axes[0][1]
+        base = unpruned[name]
+        right.scatter([r["flops"] / base["flops"] for r in rows],
+                      [100 * (base["accuracy"] - r["accuracy"]) for r in rows], s=14, alpha=0.7,
+                      label=name.upper() + " student")
+        right.set_title("the same configurations on the test split")
+        right.set_ylabel("accuracy drop (points)")
+    for a in axes[0]:
+        a.set_xlabel("encoder FLOPs (fraction of unpruned)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
