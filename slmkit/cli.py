@@ -780,7 +780,6 @@ def pet_command(
     lora: LoraOpt = True,
     run: NameOpt = "pet",
     runs_dir: RunsDirOpt = Path("runs"),
-    resume: ResumeOpt = False,
     train_args: FinetuneArgs = None,
 ):
     """PET / iPET: cloze patterns + verbalizers learn from a few labels; the pattern models' ensemble labels
@@ -791,7 +790,7 @@ def pet_command(
 
     r = pet(model, data, pvps, train_size, unlabeled_size, test_size, seeds, ipet, growth, aux_weight=aux_weight,
             temperature=temperature, lora=lora, final_steps=final_steps, baseline=baseline, run=run,
-            runs_dir=runs_dir, resume=resume, train_args=train_args)
+            runs_dir=runs_dir, train_args=train_args)
     table = Table("method", "mean", "std", *[f"seed {s}" for s in r["seeds"]],
                   title=f"{r['data']}: {r['train_size']} labels, test accuracy")
     for m in r["mean"]:

