@@ -405,6 +405,7 @@ def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: floa
     BPE over the training formulas with formula-aware pre-tokenisation; FLAME uses ~16K at real size), all
     deterministic from `seed`."""
     from slmkit.data.tokenizers import train_bpe
+    from slmkit.train import write_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -414,9 +415,11 @@ def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: floa
     for f in formulas_:
         split = "test" if rng.random() < test_fraction else "train"
         rows.append({"formula": f, "sketch": sketch(f), "split": split})
+        kinds_done = set()
         for _ in range(2):  # two corruptions of different kinds when the formula allows
             broken = corrupt(f, rng)
-            if broken and not any(r["fixed"] == f and r["kind"] == broken[0] for r in repairs[-1:]):
+            if broken and broken[0] not in kinds_done:
+                kinds_done.add(broken[0])
                 repairs.append({"broken": broken[1], "fixed": f, "kind": broken[0], "split": split})
     tasks = [{"prompt": "repair: " + r["broken"], "completion": r["fixed"]} for r in repairs if r["split"] == "train"]
     tasks += [{"prompt": "complete: " + completion_prefix(r["formula"], rng), "completion": r["formula"]}
@@ -425,9 +428,7 @@ def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: floa
     pretrain = [{"text": r["formula"]} for r in rows if r["split"] == "train"]
     for name, data in (("formulas.jsonl", rows), ("repair.jsonl", repairs), ("pretrain.jsonl", pretrain),
                        ("tasks.jsonl", tasks)):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in data))
-        tmp.replace(out / name)
+        write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in data))
     train_bpe([r["formula"] for r in rows if r["split"] == "train"], vocab_size, out / "tokenizer", FORMULA_SPLIT)
     kinds = {k: sum(r["kind"] == k for r in repairs) for k in CORRUPTIONS}
     return {"formulas": len(rows), "test": sum(r["split"] == "test" for r in rows), "repairs": len(repairs),

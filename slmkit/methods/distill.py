@@ -20,8 +20,8 @@ import math
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.methods.finetune import FinetuneArgs
-from slmkit.train import train
+from slmkit.methods.finetune import FinetuneArgs, split_rows
+from slmkit.train import train, write_atomic
 
 
 def soft_cross_entropy(student_logits, teacher_probs, temperature: float = 1.0):
@@ -74,7 +74,8 @@ def kd_objective(teacher, *, temperature: float, alpha: float, hidden_weight: fl
         with torch.no_grad():
             t = teacher(**inputs, **extra)
         s = model(**inputs, **extra)
-        mask = torch.ones(inputs["input_ids"].shape) if lm else inputs["attention_mask"].float()
+        ids = inputs["input_ids"]
+        mask = torch.ones(ids.shape, device=ids.device) if lm else inputs["attention_mask"].float()
         soft = torch.softmax(t.logits.float() / temperature, -1)
         if lm:  # every position predicts the next token
             gold = torch.nn.functional.cross_entropy(s.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
@@ -90,7 +91,7 @@ def kd_objective(teacher, *, temperature: float, alpha: float, hidden_weight: fl
             if attention_weight:
                 diff = (s.attentions[i].float().mean(1) - t.attentions[j].float().mean(1)) ** 2
                 loss = loss + attention_weight * (diff.sum(-1) * mask).sum() / mask.sum()
-        return loss, int(mask.sum()) if lm else len(inputs["input_ids"])
+        return loss, int(mask.sum()) if lm else len(ids)
 
     return objective
 
@@ -110,18 +111,6 @@ def _check_pair(teacher, student, hidden_weight: float, attention_weight: float,
         use_eager_attention(teacher)
         use_eager_attention(student)
     return default_layer_map(sc.num_hidden_layers, tc.num_hidden_layers)
-
-
-def split_rows(rows: list[dict], val_size: int, test_size: int) -> tuple[list[dict], list[dict], list[dict]]:
-    """Fixed train / validation / test splits (seeded order), so every model of a run sees the same test."""
-    import numpy as np
-
-    if len(rows) < val_size + test_size + 2:
-        raise SlmError(f"{len(rows)} examples are too few for {val_size} validation + {test_size} test")
-    order = np.random.default_rng(12345).permutation(len(rows))
-    test = [rows[i] for i in order[:test_size]]
-    val = [rows[i] for i in order[test_size:test_size + val_size]]
-    return [rows[i] for i in order[test_size + val_size:]], val, test
 
 
 def teacher_classifier(teacher: str, labels: list[str], train_rows, val_rows, args: FinetuneArgs, steps: int,
@@ -189,8 +178,9 @@ def distill(
     args = (train_args or FinetuneArgs()).validate()
     if task not in ("classify", "lm"):
         raise SlmError(f"unknown task '{task}' (classify or lm)")
-    if not 0 <= alpha <= 1 or temperature <= 0 or hidden_weight < 0 or attention_weight < 0:
-        raise SlmError("--alpha must be in [0, 1], --temperature > 0, --hidden-weight and --attention-weight >= 0")
+    if not 0 <= alpha <= 1 or temperature <= 0 or hidden_weight < 0 or attention_weight < 0 or sandwich < 0:
+        raise SlmError("--alpha must be in [0, 1], --temperature > 0, --hidden-weight, --attention-weight and "
+                       "--sandwich >= 0")
     run_dir = Path(runs_dir) / run
     if task == "lm":
         if length_adaptive:
@@ -223,10 +213,12 @@ def distill(
     def stage(name: str, net, objective, steps: int):
         from dataclasses import replace
 
-        if (run_dir / name / "model").is_dir():
+        if (run_dir / name / "model").is_dir():  # finished before: reload it with the same attention
             from slmkit.models import load
 
-            return load(str(run_dir / name / "model"), dtype="fp32").model
+            done = load(str(run_dir / name / "model"), dtype="fp32").model
+            done.set_attn_implementation(net.config._attn_implementation)
+            return done
         train(net, tok, sets["train"], sets["val"], objective, replace(args, steps=steps), run_dir / name,
               resume=resume, config={"workflow": "distill", "stage": name, "teacher": teacher,
                                      "student": student or teacher, "student_layers": student_layers},
@@ -251,13 +243,12 @@ def distill(
             raise SlmError("LAD imitates the teacher's hidden states: the student needs the teacher's hidden size "
                            f"({teacher_net.config.hidden_size}, student {net.config.hidden_size})")
         net = stage("general", net, general_objective(teacher_net, layer_map, max_drop), general_steps)
-        use_eager_attention(net)
         net = stage("lad", net, task_objective(teacher_net, temperature, alpha, max_drop, sandwich), args.steps)
         plain = stage("kd", new_student(), kd, args.steps) if baseline else None
         summary.update(_measure_lad(net, plain, sets, run_dir, max_drop=max_drop, candidates=candidates,
                                     tolerance=tolerance, seed=args.seed, progress=progress))
     run_dir.mkdir(parents=True, exist_ok=True)
-    result_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(result_path, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -274,7 +265,7 @@ def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, cand
     )
 
     models = {"lad": net} | ({"kd": plain} if plain is not None else {})
-    for model in models.values():  # models reloaded from a finished stage come back with SDPA attention
+    for model in models.values():  # the plain-KD student trains with SDPA attention
         use_eager_attention(model)
     search = search_lengths(net, sets["val"], candidates=candidates, max_drop=max_drop, tolerance=tolerance,
                             seed=seed, progress=progress)
@@ -298,7 +289,7 @@ def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, cand
                 out[name]["mean_drop_points_at_half_flops"] = 100 * (full["accuracy"] -
                                                                      sum(c["accuracy"] for c in half) / len(half))
     plot_frontier(search, run_dir / "frontier.png", curves, {k: out[k]["full"] for k in curves})
-    (run_dir / "search.json").write_text(json.dumps({**search, "test_curves": curves}, indent=2) + "\n")
+    write_atomic(run_dir / "search.json", json.dumps({**search, "test_curves": curves}, indent=2) + "\n")
     return out
 
 

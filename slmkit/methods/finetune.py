@@ -242,6 +242,19 @@ def load_classification(source: str) -> list[dict]:
     return rows
 
 
+def split_rows(rows: list[dict], val_size: int, test_size: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """Fixed train / held-out / test splits (one seeded order for every seed), so every model of a run - and every
+    run on the same data - is tested on the same examples."""
+    import numpy as np
+
+    if len(rows) < val_size + test_size + 2:
+        raise SlmError(f"{len(rows)} examples are too few for {val_size} validation + {test_size} test")
+    order = np.random.default_rng(12345).permutation(len(rows))
+    test = [rows[i] for i in order[:test_size]]
+    val = [rows[i] for i in order[test_size:test_size + val_size]]
+    return [rows[i] for i in order[test_size + val_size:]], val, test
+
+
 class ClassificationData(SFTData):
     """Texts with integer labels, batched like SFTData (same deterministic order)."""
 

@@ -83,9 +83,10 @@ def pruned_forward(model, input_ids, attention_mask, lengths=None, *, restore: b
     real = valid.sum(1)  # each input's token count: length fractions refer to it
     index = torch.arange(width, device=h.device).expand(batch, width)
     full = h if restore else None
-    probs: dict = {}
-    hooks = [layer.attention.self.register_forward_hook(lambda mod, inp, out, i=i: probs.__setitem__(i, out[1]))
-             for i, layer in enumerate(layers)]
+    captured: dict = {}  # the attention probabilities of the layer that just ran (read only when pruning)
+    hooks = [] if lengths is None else [
+        layer.attention.self.register_forward_hook(lambda mod, inp, out: captured.__setitem__("probs", out[1]))
+        for layer in layers]
     states = []
     try:
         for i, layer in enumerate(layers):
@@ -100,7 +101,7 @@ def pruned_forward(model, input_ids, attention_mask, lengths=None, *, restore: b
             k = int(keep.max())
             if k >= h.shape[1]:
                 continue
-            attn = probs[i]
+            attn = captured.pop("probs")
             if attn is None:
                 raise SlmError("token pruning needs eager attention: call use_eager_attention(model) first")
             score = (attn * valid[:, None, :, None]).sum((1, 2))  # attention each token receives
@@ -202,9 +203,8 @@ def general_objective(teacher, layer_map: list[int], max_drop: float):
 
 
 def task_objective(teacher, temperature: float, alpha: float, max_drop: float, sandwich: int):
-    """LAD stage 2 (and, with sandwich < 0, plain knowledge distillation at full length): soft labels from
-    the teacher at temperature T (weight alpha) plus the gold label (weight 1 - alpha), summed over the
-    sandwich of length configurations."""
+    """LAD stage 2: soft labels from the teacher at temperature T (weight alpha) plus the gold label (weight
+    1 - alpha), averaged over the sandwich of length configurations (full length only when evaluating)."""
     import torch
 
     from slmkit.methods.distill import soft_cross_entropy
@@ -215,7 +215,7 @@ def task_objective(teacher, temperature: float, alpha: float, max_drop: float, s
                                  .logits.float() / temperature, -1)
         n_layers = len(encoder_parts(model)[1])
         configs = [None]
-        if model.training and sandwich >= 0:
+        if model.training:
             configs += [smallest_lengths(n_layers, max_drop)]
             configs += [sample_lengths(n_layers, max_drop, generator) for _ in range(sandwich)]
         loss = 0.0
@@ -283,8 +283,10 @@ def search_lengths(model, data, *, candidates: int, max_drop: float, tolerance: 
 
 
 def save_length_config(model_dir: Path, lengths, search: dict | None = None) -> Path:
+    from slmkit.train import write_atomic
+
     out = Path(model_dir) / LENGTH_CONFIG
-    out.write_text(json.dumps({"lengths": list(lengths) if lengths else None, "search": search}, indent=2) + "\n")
+    write_atomic(out, json.dumps({"lengths": list(lengths) if lengths else None, "search": search}, indent=2) + "\n")
     return out
 
 
@@ -358,8 +360,7 @@ def prune_search(
     (the split `slm distill` holds out), save the cheapest within `tolerance` accuracy points of unpruned as
     MODEL/length_config.json, plot the frontier to MODEL/frontier.png, and report the chosen configuration on
     the test split."""
-    from slmkit.methods.distill import split_rows
-    from slmkit.methods.finetune import ClassificationData, load_classification
+    from slmkit.methods.finetune import ClassificationData, load_classification, split_rows
     from slmkit.models import load
 
     loaded = load(model, dtype="fp32")

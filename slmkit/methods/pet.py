@@ -43,6 +43,7 @@ from slmkit.methods.finetune import (
     classification_objective,
     classifier_from,
     load_classification,
+    split_rows,
 )
 from slmkit.train import train
 
@@ -363,14 +364,12 @@ def train_classifier(source: str, labels: list[str], rows: list[dict] | None, so
 def split_data(rows: list[dict], train_size: int, unlabeled_size: int, test_size: int, seed: int):
     """A fixed test set and unlabelled pool (the same for every seed) and `train_size` labelled examples drawn
     with `seed` from the rest."""
-    order = np.random.default_rng(12345).permutation(len(rows))
     if len(rows) < test_size + unlabeled_size + train_size:
         raise SlmError(f"{len(rows)} examples are too few for {train_size} labelled + {unlabeled_size} unlabelled + "
                        f"{test_size} test")
-    test = [rows[i] for i in order[:test_size]]
-    unlabeled = [rows[i]["text"] for i in order[test_size:test_size + unlabeled_size]]
-    rest = order[test_size + unlabeled_size:]
-    labelled = [rows[i] for i in np.random.default_rng(seed).choice(rest, train_size, replace=False)]
+    rest, unlabeled_rows, test = split_rows(rows, unlabeled_size, test_size)
+    unlabeled = [r["text"] for r in unlabeled_rows]
+    labelled = [rest[i] for i in np.random.default_rng(seed).choice(len(rest), train_size, replace=False)]
     if len({r["label"] for r in labelled}) < 2:
         raise SlmError(f"seed {seed}: the {train_size} labelled examples hold one label only; use more")
     return labelled, unlabeled, test
