@@ -1016,6 +1016,87 @@ def flame_search_command(query: Annotated[str, typer.Argument(help="A partial fo
         out.print(f"{score:.3f}  {formula}", highlight=False)
 
 
+slade_app = typer.Typer(no_args_is_help=True, help="SLaDe: a small decompiler from optimised assembly to C.")
+app.add_typer(slade_app, name="slade")
+SladeModelArg = Annotated[str, typer.Option("--model", "-m", help="A trained SLaDe model directory.")]
+SladeDataOpt = Annotated[Path, typer.Option(help="Directory written by `slm slade data`.")]
+
+
+@slade_app.command("data")
+def slade_data_command(
+    to: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("data/slade"),
+    count: Annotated[int, typer.Option(help="Generated C functions (each compiled at -O0 and -O3).")] = 6000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same corpus.")] = 0,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of functions held out (with IO tests).")] = 0.05,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary over assembly and C.")] = 4096,
+    max_tokens: Annotated[int, typer.Option(help="Longest assembly / C side of a training pair, in tokens.")] = 384,
+    c_file: Annotated[list[Path] | None, typer.Option("--c-file", help="Your own C file (declarations, then one "
+                                                     "function) to add to training; repeatable.")] = None,
+):
+    """Generate C functions, compile them with gcc at -O0 and -O3, pair normalised assembly with C (plus the
+    declarations each function needs), write IO harnesses for held-out functions and train the tokenizer."""
+    from slmkit.domains.slade import slade_data
+
+    r = slade_data(to, count, seed, test_fraction, vocab_size, max_tokens, c_file)
+    out.print(f"{r['functions']} functions, {r['train_pairs']} training pairs (longer than {max_tokens} tokens "
+              f"dropped: {r['dropped_long']}), held out: {r['test']} -> {r['out']}")
+
+
+@slade_app.command("train")
+@dataclass_options(FinetuneArgs, "train_args")
+def slade_train_command(
+    data: SladeDataOpt = Path("data/slade"),
+    model: Annotated[str, typer.Option("--model", "-m", help="SLaDe zoo spec (slade-nano, slade-200m) or a "
+                                       "checkpoint to continue from.")] = "slade-nano",
+    run: NameOpt = "slade",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
+    train_args: FinetuneArgs = None,
+):
+    """Train an encoder-decoder to translate assembly into C."""
+    from slmkit.domains.slade import slade_train
+
+    s = slade_train(data, model, run, runs_dir, resume, train_args)
+    out.print(f"done: validation loss {s['val_loss']:.4f}; model in {s['run_dir']}/model")
+
+
+@slade_app.command("eval")
+def slade_eval_command(
+    model: SladeModelArg = "runs/slade/train/model",
+    data: SladeDataOpt = Path("data/slade"),
+    limit: Annotated[int, typer.Option(help="Held-out functions per optimisation level.")] = 200,
+    unsafe_no_sandbox: Annotated[bool, typer.Option(help="Run compiled predictions without bubblewrap "
+                                                    "(resource limits only).")] = False,
+):
+    """IO accuracy, compile rate (with and without type inference) and edit similarity at -O0 and -O3."""
+    from rich.table import Table
+
+    from slmkit.domains.slade import slade_eval
+
+    r = slade_eval(model, data, limit, unsandboxed=unsafe_no_sandbox, out=Path(model) / "slade_eval.json")
+    table = Table("level", "functions", "IO accuracy", "compiles", "compiles w/o inference", "edit similarity",
+                  title="SLaDe on held-out functions")
+    for level, m in r["levels"].items():
+        table.add_row(f"-{level}", str(m["functions"]), f"{m['io_accuracy']:.3f}", f"{m['compile_rate']:.3f}",
+                      f"{m['compile_rate_without_inference']:.3f}", f"{m['edit_similarity']:.3f}")
+    out.print(table)
+    out.print(f"-> {model}/slade_eval.json")
+
+
+@slade_app.command("decompile")
+def slade_decompile_command(
+    asm: Annotated[Path, typer.Argument(help="Assembly from `gcc -S` (x86-64).")],
+    function: Annotated[str | None, typer.Option(help="Function to decompile (default: the first global "
+                                                 "one).")] = None,
+    model: SladeModelArg = "runs/slade/train/model",
+    infer: Annotated[bool, typer.Option(help="Add the declarations gcc finds missing.")] = True,
+):
+    """Decompile one function of an assembly file into C that compiles on its own."""
+    from slmkit.domains.slade import decompile
+
+    out.print(decompile(model, asm, function, infer), highlight=False, markup=False)
+
+
 @app.command("ul2r")
 @dataclass_options(TrainArgs, "train_args")
 def ul2r_command(

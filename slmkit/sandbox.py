@@ -12,7 +12,9 @@ parent). For every program the worker forks a child, which
 - and is killed with its whole process group when the wall-clock limit passes.
 
 The child execs the program, evaluates `call` (e.g. `solution()`) and reports the value; the worker
-answers with a `Result`: status ok / error / timeout / memory / output. Because the sandbox starts once
+answers with a `Result`: status ok / error / timeout / memory / output. `run_binary` runs a compiled
+program (e.g. SLaDe's decompiled C, built with gcc) the same way: the child writes the executable into its
+temporary directory and `exec`s it under the same limits; the value is its exit status. Because the sandbox starts once
 per worker and a program costs one fork, throughput is hundreds of programs per second
 (`benchmarks/sandbox.py`).
 
@@ -109,13 +111,15 @@ class Sandbox:
 
     def run(self, code: str, call: str | None = "solution()", stdin: str = "") -> Result:
         """Execute `code`, then evaluate `call` (None: just run the code) in the same namespace."""
+        return self._request({"code": code, "call": call, "stdin": stdin})
+
+    def _request(self, request: dict) -> Result:
         with self._lock:
             while not self._free:
                 self._lock.wait()
             worker = self._free.pop()
         try:
-            request = {"code": code, "call": call, "stdin": stdin, "limits": asdict(self.limits)}
-            worker.stdin.write(json.dumps(request) + "\n")
+            worker.stdin.write(json.dumps({**request, "limits": asdict(self.limits)}) + "\n")
             worker.stdin.flush()
             line = worker.stdout.readline()
             if not line:
@@ -125,6 +129,13 @@ class Sandbox:
             with self._lock:
                 self._free.append(worker)
                 self._lock.notify()
+
+    def run_binary(self, binary: bytes, stdin: str = "") -> Result:
+        """Execute a native executable (its bytes) under the same isolation and limits. `value` is the exit
+        status; a non-zero status or a signal is an `error`."""
+        import base64
+
+        return self._request({"binary": base64.b64encode(binary).decode(), "stdin": stdin})
 
     def map(self, codes: list[str], call: str | None = "solution()") -> list[Result]:
         """Run many programs across the pool (results in order)."""
@@ -163,9 +174,19 @@ def _child(request: dict, workdir: str, report: int) -> None:
     os.chdir(workdir)
     out_path = os.path.join(workdir, ".out")
     out = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    program = None
+    if "binary" in request:
+        import base64
+
+        program = os.path.join(workdir, "program")
+        with open(program, "wb") as f:
+            f.write(base64.b64decode(request["binary"]))
+        os.chmod(program, 0o700)
     if os.getuid() == 0:
         os.chown(workdir, NOBODY, NOBODY)
         os.chown(out_path, NOBODY, NOBODY)
+        if program:
+            os.chown(program, NOBODY, NOBODY)
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
@@ -181,6 +202,14 @@ def _child(request: dict, workdir: str, report: int) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead of killing
     os.dup2(out, 1)
     os.dup2(out, 2)
+    if program:  # the executable inherits the limits and the report pipe; the worker sees EOF when it exits
+        stdin_path = os.path.join(workdir, ".in")
+        with open(stdin_path, "w") as f:
+            f.write(request["stdin"])
+        os.dup2(os.open(stdin_path, os.O_RDONLY), 0)
+        os.set_inheritable(report, True)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        os.execv(program, [program])
     sys.stdout = sys.stderr = open(1, "w", closefd=False, buffering=1)  # noqa: SIM115
     import io
 
@@ -263,6 +292,18 @@ def _serve_one(request: dict) -> dict:
     text = stdout[:limits["output_bytes"]].decode("utf-8", "replace")
     if timed_out:
         return {"status": "timeout", "stdout": text, "error": f"wall-clock limit of {limits['timeout']} s",
+                "seconds": seconds}
+    if "binary" in request:
+        code = os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else None
+        if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) == signal.SIGXFSZ or \
+                len(stdout) > limits["output_bytes"]:
+            return {"status": "output", "stdout": text, "error": "output or file size limit exceeded",
+                    "seconds": seconds}
+        if code is None:
+            error = f"killed by {signal.Signals(os.WTERMSIG(wait_status)).name}"
+        else:
+            error = "" if code == 0 else f"exit status {code}"
+        return {"status": "error" if error else "ok", "value": code, "stdout": text, "error": error,
                 "seconds": seconds}
     try:
         report = json.loads(b"".join(chunks))

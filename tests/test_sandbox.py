@@ -103,3 +103,38 @@ def test_refuses_without_bubblewrap_unless_told(monkeypatch):
         assert not unsafe.isolated
         assert unsafe.run("def solution():\n    return 2 + 2").value == 4
         assert unsafe.run("import os\ndef solution():\n    os.fork()").status == "error"
+
+
+NATIVE = {  # C programs a decompiled function could turn into, and what the sandbox must report
+    "echo": ('int main(void){ int x; scanf("%d", &x); printf("%d\\n", 2 * x); return 0; }', "ok", ""),
+    "exit": ("int main(void){ return 3; }", "error", "exit status 3"),
+    "loop": ("int main(void){ volatile int x = 0; for (;;) x++; }", "timeout", "wall-clock limit"),
+    "segv": ("int main(void){ return *(volatile int *)0; }", "error", "killed by SIGSEGV"),
+    "flood": ('int main(void){ for (;;) puts("xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"); }', "output", "output"),
+    "memory": ("int main(void){ for (;;) { char *p = malloc(1 << 24); if (!p) return 9; memset(p, 1, 1 << 24); } }",
+               "error", "exit status 9"),
+    "escape": ('int main(void){ printf("%d %d", fork(), system("touch /tmp/.owned")); '
+               'FILE *f = fopen("' + str(Path(__file__).resolve().parent / ".native-owned") + '", "w"); '
+               'printf(" %d\\n", f == 0); return 0; }', "ok", ""),
+}
+
+
+@pytest.mark.skipif(__import__("shutil").which("gcc") is None, reason="gcc is not installed")
+def test_native_programs_fail_cleanly(sandbox, tmp_path):
+    import subprocess
+
+    for name, (body, status, error) in NATIVE.items():
+        source = tmp_path / f"{name}.c"
+        source.write_text("#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n#include <unistd.h>\n"
+                          + body + "\n")
+        subprocess.run(["gcc", "-O0", "-w", str(source), "-o", str(tmp_path / name)], check=True)
+        r = sandbox.run_binary((tmp_path / name).read_bytes(), stdin="21")
+        assert r.status == status and error in r.error, (name, r)
+        assert len(r.stdout) <= 4096 and r.seconds < 3
+        if name == "echo":
+            assert r.stdout == "42\n" and r.value == 0
+        if name == "escape":  # no process could start, nothing was written
+            forked, system, no_file = r.stdout.split()
+            assert forked == "-1" and system != "0" and no_file == "1"
+            assert not (Path(__file__).resolve().parent / ".native-owned").exists()
+    assert sandbox.run("def solution():\n    return 7").value == 7  # the pool still serves Python
