@@ -1030,6 +1030,8 @@ def slade_data_command(
     test_fraction: Annotated[float, typer.Option(help="Fraction of functions held out (with IO tests).")] = 0.05,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary over assembly and C.")] = 4096,
     max_tokens: Annotated[int, typer.Option(help="Longest assembly / C side of a training pair, in tokens.")] = 384,
+    arch: Annotated[list[str] | None, typer.Option(help="x86_64 (default) and/or aarch64 (needs Debian's "
+                                                   "gcc-aarch64-linux-gnu); repeatable.")] = None,
     c_file: Annotated[list[Path] | None, typer.Option("--c-file", help="Your own C file (declarations, then one "
                                                      "function) to add to training; repeatable.")] = None,
 ):
@@ -1037,7 +1039,7 @@ def slade_data_command(
     declarations each function needs), write IO harnesses for held-out functions and train the tokenizer."""
     from slmkit.domains.slade import slade_data
 
-    r = slade_data(to, count, seed, test_fraction, vocab_size, max_tokens, c_file)
+    r = slade_data(to, count, seed, test_fraction, vocab_size, max_tokens, arch, c_file)
     out.print(f"{r['functions']} functions, {r['train_pairs']} training pairs (longer than {max_tokens} tokens "
               f"dropped: {r['dropped_long']}), held out: {r['test']} -> {r['out']}")
 
@@ -1074,10 +1076,10 @@ def slade_eval_command(
     from slmkit.domains.slade import slade_eval
 
     r = slade_eval(model, data, limit, unsandboxed=unsafe_no_sandbox, out=Path(model) / "slade_eval.json")
-    table = Table("level", "functions", "IO accuracy", "compiles", "compiles w/o inference", "edit similarity",
+    table = Table("target", "functions", "IO accuracy", "compiles", "compiles w/o inference", "edit similarity",
                   title="SLaDe on held-out functions")
     for level, m in r["levels"].items():
-        table.add_row(f"-{level}", str(m["functions"]), f"{m['io_accuracy']:.3f}", f"{m['compile_rate']:.3f}",
+        table.add_row(level, str(m["functions"]), f"{m['io_accuracy']:.3f}", f"{m['compile_rate']:.3f}",
                       f"{m['compile_rate_without_inference']:.3f}", f"{m['edit_similarity']:.3f}")
     out.print(table)
     out.print(f"-> {model}/slade_eval.json")
@@ -1090,11 +1092,12 @@ def slade_decompile_command(
                                                  "one).")] = None,
     model: SladeModelArg = "runs/slade/train/model",
     infer: Annotated[bool, typer.Option(help="Add the declarations gcc finds missing.")] = True,
+    arch: Annotated[str, typer.Option(help="Architecture of the assembly: x86_64 or aarch64.")] = "x86_64",
 ):
     """Decompile one function of an assembly file into C that compiles on its own."""
     from slmkit.domains.slade import decompile
 
-    out.print(decompile(model, asm, function, infer), highlight=False, markup=False)
+    out.print(decompile(model, asm, function, infer, arch=arch), highlight=False, markup=False)
 
 
 @app.command("ul2r")

@@ -96,7 +96,7 @@ def test_slade_data_corpus_tokenizer_and_user_c_file(tmp_path):
     r = slade.slade_data(tmp_path / "slade", count=60, seed=1, test_fraction=0.2, vocab_size=800,
                          c_files=[user], progress=False)
     rows = [json.loads(x) for x in (tmp_path / "slade" / "pairs.jsonl").read_text().splitlines()]
-    assert r["functions"] == 60 and r["test"]["O0"] == r["test"]["O3"] > 0
+    assert r["functions"] == 60 and r["test"]["x86_64 -O0"] == r["test"]["x86_64 -O3"] > 0
     assert {x["level"] for x in rows} == {"O0", "O3"} and all("harness" in x for x in rows if x["split"] == "test")
     assert any(x["function"] == "add_bias" and "add_bias:" in x["asm"] for x in rows)
     tasks = [json.loads(x) for x in (tmp_path / "slade" / "tasks.jsonl").read_text().splitlines()]
@@ -134,11 +134,11 @@ def test_train_eval_and_decompile_end_to_end(tmp_path):
     model = tmp_path / "runs" / "s" / "train" / "model"
     r = slade.slade_eval(str(model), data, limit=3, max_new_tokens=24, out=tmp_path / "eval.json",
                          unsandboxed=bwrap_command() is None, progress=False)
-    for level in slade.LEVELS:
-        m = r["levels"][level]
+    assert list(r["levels"]) == ["x86_64 -O0", "x86_64 -O3"]
+    for m in r["levels"].values():
         assert m["functions"] == 3 and 0 <= m["io_accuracy"] <= m["compile_rate"] <= 1
         assert 0 < m["edit_similarity"] < 1 and m["examples"][0]["original"]
-    assert json.loads((tmp_path / "eval.json").read_text())["levels"].keys() == {"O0", "O3"}
+    assert json.loads((tmp_path / "eval.json").read_text())["levels"].keys() == r["levels"].keys()
     source = tmp_path / "f.c"
     source.write_text("int twice(int x)\n{\n    return 2 * x;\n}\n")
     (tmp_path / "f.s").write_text(slade.compile_asm(source.read_text(), "O3"))
@@ -146,3 +146,20 @@ def test_train_eval_and_decompile_end_to_end(tmp_path):
     assert isinstance(out, str) and out.strip()
     with pytest.raises(SlmError, match="not found"):
         slade.decompile(str(model), tmp_path / "nope.s")
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu)")
+def test_aarch64_assembly(programs, tmp_path):
+    p = next(p for p in programs if "for (" in p.function)
+    asm = slade.asm_of(p, "O3", "aarch64")
+    assert asm.startswith(f"{p.name}:\n") and "ret" in asm.split() and "%rbp" not in asm
+    assert "#" in asm or "ldr" in asm  # ARM immediates keep their '#', comments ('//') are gone
+    assert "//" not in asm and not re.search(r"^\s*\.(cfi|p2align|type)", asm, flags=re.M)
+    r = slade.slade_data(tmp_path / "arm", count=12, seed=3, vocab_size=600, arches=["x86_64", "aarch64"],
+                         progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "arm" / "pairs.jsonl").read_text().splitlines()]
+    assert {(x["arch"], x["level"]) for x in rows} == {(a, lv) for a in slade.ARCHES for lv in slade.LEVELS}
+    assert r["pairs"] == 48
+    with pytest.raises(SlmError, match="unknown architecture"):
+        slade.compile_asm(p.source, "O0", "riscv")

@@ -44,6 +44,8 @@ from slmkit.errors import SlmError
 from slmkit.methods.finetune import FinetuneArgs
 
 LEVELS = ("O0", "O3")
+# architecture -> (gcc, assembly comment marker, Debian package of the compiler)
+ARCHES = {"x86_64": ("gcc", "#", "gcc"), "aarch64": ("aarch64-linux-gnu-gcc", "//", "gcc-aarch64-linux-gnu")}
 ASM_FLAGS = ["-S", "-fno-asynchronous-unwind-tables", "-fno-stack-protector", "-fcf-protection=none", "-w"]
 # IO runs: wrapping arithmetic, so equal C gives equal output; C99 rules on undeclared functions (as gcc 14)
 RUN_FLAGS = ["-O0", "-fwrapv", "-Werror=implicit-function-declaration", "-Werror=implicit-int"]
@@ -201,13 +203,9 @@ def _paren(e: str) -> str:
     return f"({e})" if " " in e or e.startswith("-") else e
 
 
-def _name(rng: random.Random, used: set[str]) -> str:
-    while True:
-        name = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
-        if rng.random() < 0.3:
-            name += str(rng.randint(1, 9))
-        if name not in used and name not in HELPERS:
-            return name
+def _name(rng: random.Random) -> str:
+    name = f"{rng.choice(VERBS)}_{rng.choice(NOUNS)}"
+    return name + str(rng.randint(1, 9)) if rng.random() < 0.3 else name
 
 
 def _use(rng: random.Random, g: _Gen, var: str, names: list[str]) -> str:
@@ -317,21 +315,28 @@ def _gcc(gcc: str, args: list[str], cwd: str) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(args, 1, "", "error: gcc timed out")
 
 
-def compile_asm(source: str, level: str, gcc: str = "gcc") -> str:
-    """gcc -S at LEVEL (O0, O3, ...) of a C compilation unit; the assembly text."""
+def compile_asm(source: str, level: str, arch: str = "x86_64") -> str:
+    """gcc -S at LEVEL (O0, O3, ...) for ARCH (x86_64, or aarch64 with Debian's cross compiler) of a C
+    compilation unit; the assembly text."""
+    if arch not in ARCHES:
+        raise SlmError(f"unknown architecture '{arch}' (one of {', '.join(ARCHES)})")
+    gcc, _, package = ARCHES[arch]
+    if shutil.which(gcc) is None:
+        raise SlmError(f"{gcc} is not installed: `apt-get install {package}`")
     with tempfile.TemporaryDirectory(prefix="slade-") as tmp:
         (Path(tmp) / "f.c").write_text(source)
         done = _gcc(gcc, [f"-{level}", *ASM_FLAGS, "f.c", "-o", "f.s"], tmp)
         if done.returncode:
-            raise SlmError(f"gcc -{level} failed: {_first_error(done.stderr)}")
+            raise SlmError(f"{gcc} -{level} failed: {_first_error(done.stderr)}")
         return (Path(tmp) / "f.s").read_text()
 
 
-def normalise_asm(asm: str, function: str) -> str:
+def normalise_asm(asm: str, function: str, arch: str = "x86_64") -> str:
     """The instructions of FUNCTION in gcc's assembly: directives and comments dropped, one space between
-    mnemonic and operands, local labels renumbered in order of appearance, and the local constants it
-    references (`.LC0: .long ...`) appended."""
-    lines = [ln.split("#", 1)[0].rstrip() for ln in asm.splitlines()]
+    mnemonic and operands, local labels that are jumped to or read renumbered in order of appearance (others
+    dropped), and the local constants it references (`.LC0: .long ...`) appended."""
+    comment = ARCHES[arch][1]
+    lines = [ln.split(comment, 1)[0].rstrip() for ln in asm.splitlines()]
     try:
         start = lines.index(f"{function}:")
     except ValueError:
@@ -343,13 +348,15 @@ def normalise_asm(asm: str, function: str) -> str:
             break
         if s and (not s.startswith(".") or re.fullmatch(r"\.L\w+:", s)):
             body.append(re.sub(r"\s+", " ", s.replace("\t", " ")))
+    used = set(re.findall(r"\.L\w+", "\n".join(b for b in body if not b.endswith(":"))))
+    body = [b for b in body if not b.endswith(":") or b[:-1] in used]
     constants = []  # .LCn blocks the function reads
     for label in dict.fromkeys(re.findall(r"\.LC\d+", "\n".join(body))):
         if f"{label}:" in lines:
             i = lines.index(f"{label}:") + 1
             block = [label + ":"]
-            while i < len(lines) and re.match(r"\s+\.(long|quad|value|byte|word|string|ascii|float|double)\b",
-                                               lines[i]):
+            while i < len(lines) and re.match(r"\s+\.(long|quad|value|byte|word|hword|xword|string|ascii|float|"
+                                               r"double)\b", lines[i]):
                 block.append(re.sub(r"\s+", " ", lines[i].strip()))
                 i += 1
             constants += block
@@ -358,8 +365,13 @@ def normalise_asm(asm: str, function: str) -> str:
     return re.sub(r"\.L\w+", lambda m: f".L{list(labels).index(m.group())}", text) + "\n"
 
 
-def asm_of(program: Program, level: str) -> str:
-    return normalise_asm(compile_asm(HEADERS + program.source, level), program.name)
+def asm_of(program: Program, level: str, arch: str = "x86_64") -> str:
+    return normalise_asm(compile_asm(HEADERS + program.source, level, arch), program.name, arch)
+
+
+def target_of(row: dict) -> str:
+    """The evaluation group of a corpus row: architecture and optimisation level, e.g. `x86_64 -O3`."""
+    return f"{row.get('arch', 'x86_64')} -{row['level']}"
 
 
 # --- the IO harness ------------------------------------------------------------------------------------
@@ -476,12 +488,13 @@ SLADE_SPLIT = r"[^\n]+\n?|\n"
 
 
 def _example(args) -> list[dict] | None:
-    program, levels, split, seed = args
+    program, arches, split, seed = args
     rows = []
     try:
-        for level in levels:
-            rows.append({"asm": asm_of(program, level), "c": program.target, "level": level,
-                         "function": program.name, "split": split})
+        for arch in arches:
+            for level in LEVELS:
+                rows.append({"asm": asm_of(program, level, arch), "c": program.target, "arch": arch,
+                             "level": level, "function": program.name, "split": split})
     except SlmError:
         return None
     if split == "test":
@@ -494,30 +507,39 @@ def _example(args) -> list[dict] | None:
 
 
 def slade_data(out: Path, count: int = 6000, seed: int = 0, test_fraction: float = 0.05, vocab_size: int = 4096,
-               max_tokens: int = 384, c_files: list[Path] | None = None, progress: bool = True) -> dict:
+               max_tokens: int = 384, arches: list[str] | None = None, c_files: list[Path] | None = None,
+               progress: bool = True) -> dict:
     """Write the SLaDe corpus to OUT: pairs.jsonl (normalised assembly at -O0 and -O3 -> C with declarations;
     held-out functions carry their IO harness), tasks.jsonl (prompt/completion training pairs within
-    `max_tokens`) and tokenizer/ (a BPE over assembly and C). `c_files`: the user's C files, each holding
-    one function after its declarations, added to the training pairs."""
+    `max_tokens`) and tokenizer/ (a BPE over assembly and C). `arches`: x86_64 (default) and/or aarch64
+    (Debian's cross gcc). `c_files`: the user's C files, each holding one function after its declarations,
+    added to the training pairs."""
     from slmkit.data.tokenizers import train_bpe
     from slmkit.train import write_atomic
 
+    arches = list(arches or ["x86_64"])
+    for arch in arches:
+        if arch not in ARCHES:
+            raise SlmError(f"unknown architecture '{arch}' (one of {', '.join(ARCHES)})")
+        if shutil.which(ARCHES[arch][0]) is None:
+            raise SlmError(f"{ARCHES[arch][0]} is not installed: `apt-get install {ARCHES[arch][2]}`")
     if shutil.which("gcc") is None:
         raise SlmError("gcc is not installed: `apt-get install gcc`")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    used: set[str] = set()
     programs, seen = [], set()
-    while len(programs) < count:
-        name = _name(rng, used)
-        p = random_program(rng, name)
+    for _ in range(count * 20):
+        if len(programs) == count:
+            break
+        p = random_program(rng, _name(rng))
         key = re.sub(r"\w+\(", "(", p.function)  # de-duplicate by body, whatever the name
         if key in seen:
             continue
         seen.add(key)
-        used.add(name)
-        programs.append((p, LEVELS, "test" if rng.random() < test_fraction else "train", rng.randint(0, 1 << 30)))
+        programs.append((p, arches, "test" if rng.random() < test_fraction else "train", rng.randint(0, 1 << 30)))
+    if len(programs) < count:
+        raise SlmError(f"the generator found only {len(programs)} distinct functions (asked for {count})")
     rows = []
     with ThreadPoolExecutor(2) as pool, Progress(disable=not progress) as bar:
         task = bar.add_task("compiling with gcc", total=len(programs))
@@ -525,7 +547,7 @@ def slade_data(out: Path, count: int = 6000, seed: int = 0, test_fraction: float
             rows += result or []
             bar.advance(task)
     for path in c_files or []:
-        rows += user_pairs(Path(path))
+        rows += user_pairs(Path(path), arches)
     train_bpe([t for r in rows if r["split"] == "train" for t in (r["asm"], r["c"])], vocab_size,
               out / "tokenizer", SLADE_SPLIT)
     from transformers import AutoTokenizer
@@ -539,24 +561,32 @@ def slade_data(out: Path, count: int = 6000, seed: int = 0, test_fraction: float
     write_atomic(out / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_atomic(out / "tasks.jsonl", "".join(json.dumps(r) + "\n" for r in tasks))
     summary = {"functions": len(programs), "pairs": len(rows), "train_pairs": len(tasks), "out": str(out),
-               "test": {lv: sum(r["split"] == "test" and r["level"] == lv for r in rows) for lv in LEVELS},
-               "dropped_long": {lv: sum(r["split"] == "train" and r["level"] == lv and max(
-                   r["asm_tokens"], r["c_tokens"]) > max_tokens for r in rows) for lv in LEVELS}}
+               "test": _count(r for r in rows if r["split"] == "test"),
+               "dropped_long": _count(r for r in rows if r["split"] == "train"
+                                      and max(r["asm_tokens"], r["c_tokens"]) > max_tokens)}
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def user_pairs(path: Path) -> list[dict]:
+def _count(rows) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[target_of(r)] = counts.get(target_of(r), 0) + 1
+    return counts
+
+
+def user_pairs(path: Path, arches: list[str] | None = None) -> list[dict]:
     """Training pairs from a user's C file: its last function is the target, everything before it the
-    declarations; compiled at each level."""
+    declarations; compiled at each level for each architecture."""
     if not path.is_file():
         raise SlmError(f"{path} not found")
     source = path.read_text()
     names = re.findall(r"^[\w \*]+?\b(\w+)\s*\([^;{]*\)\s*\{", source, flags=re.M)
     if not names:
         raise SlmError(f"{path}: no function definition found")
-    return [{"asm": normalise_asm(compile_asm(source, level), names[-1]), "c": strip_includes(source).strip() + "\n",
-             "level": level, "function": names[-1], "split": "train"} for level in LEVELS]
+    return [{"asm": normalise_asm(compile_asm(source, level, arch), names[-1], arch),
+             "c": strip_includes(source).strip() + "\n", "arch": arch, "level": level, "function": names[-1],
+             "split": "train"} for arch in arches or ["x86_64"] for level in LEVELS]
 
 
 # --- training, decompiling, evaluation -------------------------------------------------------------------
@@ -599,8 +629,9 @@ def decompile_asm(loaded, asms: list[str], batch_size: int = 8, max_new_tokens: 
 
 
 def decompile(model: str, asm_file: Path, function: str | None = None, infer: bool = True,
-              max_new_tokens: int = 384) -> str:
-    """Decompile FUNCTION (default: the first global function) of a gcc assembly file (`gcc -S`, x86-64)."""
+              max_new_tokens: int = 384, arch: str = "x86_64") -> str:
+    """Decompile FUNCTION (default: the first global function) of a gcc assembly file (`gcc -S`; x86_64, or
+    aarch64 for a model trained on it)."""
     from slmkit.models import load
 
     path = Path(asm_file)
@@ -608,12 +639,12 @@ def decompile(model: str, asm_file: Path, function: str | None = None, infer: bo
         raise SlmError(f"{path} not found")
     asm = path.read_text()
     if function is None:
-        globl = re.findall(r"^\s*\.globl\s+(\w+)", asm, flags=re.M) or re.findall(r"^([A-Za-z_]\w*):", asm,
+        globl = re.findall(r"^\s*\.glob(?:a)?l\s+(\w+)", asm, flags=re.M) or re.findall(r"^([A-Za-z_]\w*):", asm,
                                                                                     flags=re.M)
         if not globl:
             raise SlmError(f"{path}: no function label found")
         function = globl[0]
-    c = decompile_asm(load(model, dtype="fp32"), [normalise_asm(asm, function)], 1, max_new_tokens)[0]
+    c = decompile_asm(load(model, dtype="fp32"), [normalise_asm(asm, function, arch)], 1, max_new_tokens)[0]
     return infer_declarations(c)[0] if infer else c
 
 
@@ -660,9 +691,9 @@ def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, ba
     result: dict = {"model": model, "levels": {}}
     sandbox = Sandbox(2, Limits(timeout=2.0, memory_mb=256), unsandboxed=unsandboxed)
     with sandbox, Progress(disable=not progress) as bar:
-        for level in LEVELS:
-            rows = [r for r in tests if r["level"] == level][:limit]
-            task = bar.add_task(f"-{level}: decompiling", total=len(rows))
+        for group in dict.fromkeys(target_of(r) for r in tests):
+            rows = [r for r in tests if target_of(r) == group][:limit]
+            task = bar.add_task(f"{group}: decompiling", total=len(rows))
             preds = []
             for i in range(0, len(rows), batch_size):
                 preds += decompile_asm(loaded, [r["asm"] for r in rows[i:i + batch_size]], batch_size,
@@ -682,7 +713,7 @@ def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, ba
                     examples.append({"asm": r["asm"], "original": r["c"], "prediction": pred, "added": added,
                                      **check})
             n = max(len(rows), 1)
-            result["levels"][level] = {"functions": len(rows), "io_accuracy": stats["io"] / n,
+            result["levels"][group] = {"functions": len(rows), "io_accuracy": stats["io"] / n,
                                        "compile_rate": stats["compiles"] / n,
                                        "compile_rate_without_inference": stats["compiles_raw"] / n,
                                        "edit_similarity": stats["edit_similarity"] / n, "examples": examples}
