@@ -45,6 +45,25 @@ def test_seq2seq_examples_one_per_answer(tokenizer):
     assert tokenizer.decode(i) == "Q: 2+2?" and tokenizer.decode(o) == "4" + tokenizer.eos_token
 
 
+def test_group_by_length_keeps_a_seeded_epoch_and_cuts_padding(tokenizer):
+    import random
+
+    rng = random.Random(0)
+    records = [("x " * rng.randint(1, 120), "y") for _ in range(300)]
+    plain = ft.SFTData(tokenizer, records, 256)
+    grouped = ft.SFTData(tokenizer, records, 256, group_by_length=True)
+    order = grouped.order(seed=3, epoch=0, batch_size=8)
+    assert sorted(order.tolist()) == list(range(300))  # every example once per epoch
+    assert (order == ft.SFTData(tokenizer, records, 256, group_by_length=True).order(3, 0, 8)).all()
+    assert not (order == grouped.order(3, 1, 8)).all()
+
+    def padding(data):
+        batches = [data.train_batch(step, 8, 256, seed=3) for step in range(30)]
+        return sum(int((b["attention_mask"] == 0).sum()) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 4
+
+
 def test_sft_data_errors(tmp_path):
     f = tmp_path / "sft.jsonl"
     f.write_text('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "x"}]}\n')

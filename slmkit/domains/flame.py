@@ -496,13 +496,11 @@ def flame_train(
 
 
 def _generate(loaded, prompts: list[str], batch_size: int, max_new_tokens: int = 96) -> list[str]:
-    from slmkit.generate import SamplingParams, generate
+    from slmkit.client import LocalLM
+    from slmkit.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        out += [c.text.strip() for c in generate(loaded, prompts[i:i + batch_size], params, chat=False)]
-    return out
+    return [t.strip() for t in LocalLM(loaded, batch_size).generate(prompts, params, chat=False)]
 
 
 def repair(model: str, formulas_: list[str], batch_size: int = 16) -> list[str]:

@@ -619,13 +619,11 @@ def slade_train(data: Path = Path("data/slade"), model: str = "slade-nano", run:
 
 def decompile_asm(loaded, asms: list[str], batch_size: int = 8, max_new_tokens: int = 384) -> list[str]:
     """Greedy decoding of C for each normalised assembly text."""
-    from slmkit.generate import SamplingParams, generate
+    from slmkit.client import LocalLM
+    from slmkit.generate import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    out = []
-    for i in range(0, len(asms), batch_size):
-        out += [c.text.strip() + "\n" for c in generate(loaded, asms[i:i + batch_size], params, chat=False)]
-    return out
+    return [t.strip() + "\n" for t in LocalLM(loaded, batch_size).generate(asms, params, chat=False)]
 
 
 def decompile(model: str, asm_file: Path, function: str | None = None, infer: bool = True,

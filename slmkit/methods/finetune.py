@@ -33,6 +33,8 @@ class FinetuneArgs(TrainArgs):
     beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     eval_every: int = field(default=50, metadata={"help": "Steps between validation runs (0 = only at end)."})
     save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0 = only at end)."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "Batch examples of similar length together (less padding; the order stays seeded)."})
 
 
 # --- data ------------------------------------------------------------------------------------------------
@@ -176,7 +178,8 @@ def seq2seq_batch(examples, pad: int):
 class SFTData:
     """Tokenised examples served as padded batches in a (seed, step)-determined order, like PackedTokens."""
 
-    def __init__(self, tokenizer, records, seq_len: int, encoder_decoder: bool = False):
+    def __init__(self, tokenizer, records, seq_len: int, encoder_decoder: bool = False,
+                 group_by_length: bool = False):
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.encoder_decoder = encoder_decoder
         self.examples = []
@@ -190,6 +193,29 @@ class SFTData:
                 self.examples.append((ids, labels))
         if not self.examples:
             raise SlmError("no example has an answer within --seq-len tokens")
+        self.group_by_length = group_by_length
+        self._grouped: tuple = (None, None)
+
+    def order(self, seed: int, epoch: int, batch_size: int):
+        """The epoch's seeded order; grouped by length, it is sorted within windows of 64 batches, cut into
+        batches, and the full batches shuffled (seeded), so each batch holds examples of similar length."""
+        import numpy as np
+
+        order = epoch_order(len(self.examples), seed, epoch)
+        if not self.group_by_length:
+            return order
+        key = (seed, epoch, batch_size)
+        if self._grouped[0] != key:
+            lengths = np.array([len(i) + len(t) for i, t in self.examples])[order]
+            window = batch_size * 64
+            grouped = np.concatenate([order[i:i + window][np.argsort(lengths[i:i + window], kind="stable")]
+                                      for i in range(0, len(order), window)])
+            full = len(grouped) // batch_size
+            shuffled = np.random.default_rng([seed, epoch, 1]).permutation(full)
+            grouped = np.concatenate([grouped[k * batch_size:(k + 1) * batch_size] for k in shuffled]
+                                     + [grouped[full * batch_size:]])
+            self._grouped = (key, grouped)
+        return self._grouped[1]
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -214,7 +240,7 @@ class SFTData:
         items = []
         for j in range(batch_size):
             epoch, pos = divmod((step * world + rank) * batch_size + j, n)
-            items.append(self.examples[int(epoch_order(n, seed, epoch)[pos])])
+            items.append(self.examples[int(self.order(seed, epoch, batch_size)[pos])])
         return self.collate(items)
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int):
@@ -430,5 +456,6 @@ def _chat_setup(model: str | None, train_records, val_records, args: FinetuneArg
     if loaded.tokenizer is None:
         raise SlmError(f"{loaded.name} has no tokenizer to fine-tune with")
     tok, enc_dec = loaded.tokenizer, loaded.task == "seq2seq"
-    train_set, val_set = (SFTData(tok, r, args.seq_len, enc_dec) for r in (train_records, val_records))
+    train_set = SFTData(tok, train_records, args.seq_len, enc_dec, args.group_by_length)
+    val_set = SFTData(tok, val_records, args.seq_len, enc_dec)
     return loaded.model, tok, train_set, val_set, sft_objective
