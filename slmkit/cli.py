@@ -979,6 +979,8 @@ def flame_eval_command(
         table.add_row(kind, str(k["count"]), f"{k['model']:.3f}", f"{k['copy']:.3f}")
     table.add_row("all", str(r["repairs"]), f"{r['repair_exact']:.3f}", f"{r['copy_exact']:.3f}")
     out.print(table)
+    out.print(f"evaluation-equivalent on random sheets: {r['equivalence']:.3f} (copy input "
+              f"{r['copy_equivalence']:.3f}) over {r['equivalence_pairs']} pairs `formulas` can evaluate")
     out.print(f"completion exact match {r['completion_exact']:.3f} on {r['completions']} held-out formulas; "
               f"-> {model}/flame_eval.json")
 

@@ -35,6 +35,10 @@ def test_sketch_check_and_evaluate():
     assert flame.check_formula("SUM(A1)") == "does not start with ="
     assert flame.evaluate("=SUM(A1:A3)*2+IF(B1>3,10,1)", {"A1:A3": [[1], [2], [3]], "B1": 5}) == 22
     assert flame.evaluate('=UPPER(LEFT(A1,3))&"-"&B2', {"A1": "hello", "B2": 7}) == "HEL-7"
+    assert flame.equivalent("=SUM(A1:A3)*2+Data!B2", "=2*SUM(A1:A3)+Data!B2")
+    assert flame.equivalent("=A1-B1", "=B1-A1") is False and flame.equivalent("=SUMM(A1)", "=SUM(A1)") is False
+    sheet = flame.random_sheet("=SUM(A1:B3)+TaxRate+C4", random.Random(0))
+    assert len(sheet["A1:B3"]) == 3 and len(sheet["A1:B3"][0]) == 2 and {"TAXRATE", "C4"} <= set(sheet)
 
 
 def test_corruptions_break_what_they_claim(corpus):

@@ -251,6 +251,48 @@ def evaluate(formula: str, sheet: dict[str, object]):
     return out if isinstance(out, (int, float, str, bool)) else str(out)
 
 
+def random_sheet(formula: str, rng: random.Random) -> dict[str, object]:
+    """Random numbers for every reference a formula reads (ranges get arrays of their shape)."""
+    import formulas
+    from openpyxl.utils.cell import range_boundaries
+
+    sheet: dict[str, object] = {}
+    for name in formulas.Parser().ast(formula)[1].compile().inputs:
+        ref = name.split("!")[-1].replace("$", "")
+        try:
+            low_col, low_row, high_col, high_row = range_boundaries(ref)
+        except ValueError:  # a named range
+            sheet[name] = rng.randint(1, 100)
+            continue
+        if ":" not in ref:
+            sheet[name] = rng.randint(1, 100)
+        else:
+            rows, cols = min((high_row or 20) - (low_row or 1) + 1, 50), (high_col or 1) - (low_col or 1) + 1
+            sheet[name] = [[rng.randint(1, 100) for _ in range(cols)] for _ in range(rows)]
+    return sheet
+
+
+def equivalent(candidate: str, reference: str, trials: int = 2, seed: int = 0) -> bool | None:
+    """Whether CANDIDATE computes what REFERENCE computes on `trials` random sheets (None: the reference
+    itself cannot be evaluated by `formulas`)."""
+    import logging
+
+    logging.getLogger("schedula").setLevel(logging.CRITICAL)  # it logs a traceback for each unknown function
+    rng = random.Random(seed)
+    for _ in range(trials):
+        try:
+            sheet = random_sheet(reference, rng)
+            expected = evaluate(reference, sheet)
+        except Exception:  # noqa: BLE001 - `formulas` does not evaluate every function it parses
+            return None
+        try:
+            if evaluate(candidate, sheet) != expected:
+                return False
+        except Exception:  # noqa: BLE001 - a candidate that does not evaluate is not equivalent
+            return False
+    return True
+
+
 # --- corruptions for last-mile repair --------------------------------------------------------------------
 
 MISSPELL = {"SUM": ["SUMM", "SUN"], "AVERAGE": ["AVERGE", "AVRAGE"], "VLOOKUP": ["VLOKUP", "VLOOKPU"],
@@ -542,10 +584,24 @@ def search(model: str, query: str, data: Path = Path("data/flame"), top: int = 5
     return [(float(scores[i]), collection[i]) for i in best.tolist()]
 
 
+def _equivalence(tests: list[dict], fixed: list[str]) -> dict:
+    """Evaluation-equivalence on random sheets, over the pairs whose reference `formulas` can evaluate."""
+    model = copy = count = 0
+    for t, y in zip(tests, fixed, strict=True):
+        verdict = equivalent(y, t["fixed"])
+        if verdict is None:
+            continue
+        count += 1
+        model += verdict
+        copy += bool(equivalent(t["broken"], t["fixed"]))
+    return {"equivalence_pairs": count, "equivalence": model / max(count, 1), "copy_equivalence": copy / max(count, 1)}
+
+
 def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, batch_size: int = 16,
                out: Path | None = None) -> dict:
     """Held-out last-mile repair (exact match after normalisation, per corruption kind, against copying the
-    input), the parse rate of repaired formulas, and completion exact match on held-out formulas."""
+    input), the parse rate of repaired formulas, evaluation-equivalence on random sheets, and completion exact
+    match on held-out formulas."""
     from slmkit.models import load
 
     data = Path(data)
@@ -572,7 +628,7 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
               "copy_exact": sum(normalise(t["broken"]) == normalise(t["fixed"]) for t in tests) / n,
               "parse_rate": sum(check_formula(y) is None for y in fixed) / n,
               "broken_parse_rate": sum(check_formula(t["broken"]) is None for t in tests) / n,
-              "per_kind": per_kind, "completions": len(held_out),
+              "per_kind": per_kind, **_equivalence(tests, fixed), "completions": len(held_out),
               "completion_exact": sum(normalise(y) == normalise(r["formula"])
                                       for r, y in zip(held_out, completed, strict=True)) / max(len(held_out), 1),
               "examples": [{"broken": t["broken"], "model": y, "fixed": t["fixed"]} for t, y in
