@@ -1299,6 +1299,8 @@ def finetune(
                                               "full fine-tuning (default: LoRA for chat, full for classify).")] = None,
     lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
     lora_alpha: Annotated[int, typer.Option(help="LoRA scaling alpha.")] = 32,
+    qlora: Annotated[bool, typer.Option(help="QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes) under the "
+                                        "LoRA adapters; the saved model is merged in full precision.")] = False,
     name: Annotated[str, typer.Option(help="Run name: output goes to RUNS_DIR/NAME.")] = "finetune",
     runs_dir: Annotated[Path, typer.Option(help="Where runs are written.")] = Path("runs"),
     resume: Annotated[bool, typer.Option(help="Continue the run from its last checkpoint.")] = False,
@@ -1308,8 +1310,8 @@ def finetune(
     from slmkit.methods.finetune import finetune as run_finetune
 
     s = run_finetune(model=model, data=data, task=task, val_data=val_data, val_fraction=val_fraction, lora=lora,
-                     lora_r=lora_r, lora_alpha=lora_alpha, run=name, runs_dir=runs_dir, resume=resume,
-                     train_args=train_args)
+                     lora_r=lora_r, lora_alpha=lora_alpha, qlora=qlora, run=name, runs_dir=runs_dir,
+                     resume=resume, train_args=train_args)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out.print(f"done: held-out loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f} "

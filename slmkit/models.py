@@ -240,8 +240,10 @@ def resolve(source: str | None) -> tuple[str, Path | None]:
                    "a directory, a .gguf file or a hub id (org/name)")
 
 
-def load(source: str | None = None, *, dtype: str = "auto", progress: bool = True) -> Loaded:
-    """Load a model and its tokenizer from a zoo name, an HF directory, a GGUF file or a hub id.
+def load(source: str | None = None, *, dtype: str = "auto", progress: bool = True,
+         quantize: str | None = None) -> Loaded:
+    """Load a model and its tokenizer from a zoo name, an HF directory, a GGUF file or a hub id
+    (`quantize="nf4"`: in 4-bit, see `load_dir`).
 
     A zoo name of a packaged model (the embedded default, MiniLM) loads its real weights; any other zoo name
     builds a randomly initialised model of that spec (for training). `dtype="auto"` picks bf16 on CPUs with bf16 units.
@@ -251,6 +253,8 @@ def load(source: str | None = None, *, dtype: str = "auto", progress: bool = Tru
     name = source or zoo.DEFAULT_MODEL
     if kind == "zoo":
         spec = zoo.get(name)
+        if spec.package is None and quantize:
+            raise SlmError(f"{spec.name} is a random-initialised spec; a quantised base must be a trained checkpoint")
         if spec.package is None:
             model = zoo.build_model(spec).to(pick_dtype(dtype)).eval()
             return Loaded(model, None, spec.name, None, spec.task)
@@ -260,8 +264,10 @@ def load(source: str | None = None, *, dtype: str = "auto", progress: bool = Tru
     if kind == "gguf":
         path = convert_gguf(path, progress=progress)
     if kind == "hub":
+        if quantize:
+            raise SlmError("a quantised base loads from a local directory")
         return _load_hub(name, dtype)
-    return load_dir(path, dtype=dtype, name=name)
+    return load_dir(path, dtype=dtype, name=name, quantize=quantize)
 
 
 def check_checkpoint(path: Path) -> dict:
@@ -284,7 +290,9 @@ def check_checkpoint(path: Path) -> dict:
     return config
 
 
-def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None) -> Loaded:
+def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None, quantize: str | None = None) -> Loaded:
+    """Load an HF directory. `quantize="nf4"` loads the linear layers in 4-bit NormalFloat with double
+    quantisation through bitsandbytes (the QLoRA base; compute in `dtype`)."""
     import transformers
 
     quiet_transformers()
@@ -297,9 +305,10 @@ def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None) -> Loa
     task = task_of(config)
     auto = getattr(transformers, zoo.AUTO_CLASS[task])
     torch_dtype = pick_dtype(dtype)
+    extra = _quantization(quantize, torch_dtype) if quantize else {}
     try:
         model, info = auto.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
-                                           attn_implementation=attention_for(torch_dtype))
+                                           attn_implementation=attention_for(torch_dtype), **extra)
     except Exception as e:  # truncated safetensors, wrong shapes, unknown architecture...
         raise SlmError(f"cannot load the checkpoint in {path}: {_one_line(e)}") from e
     if info.get("missing_keys"):
@@ -314,6 +323,22 @@ def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None) -> Loa
         except Exception as e:
             raise SlmError(f"cannot load the tokenizer in {path}: {_one_line(e)}") from e
     return Loaded(model.eval(), tokenizer, name or str(path), path, task)
+
+
+def _quantization(quantize: str, torch_dtype) -> dict:
+    import torch
+
+    if quantize != "nf4":
+        raise SlmError(f"unknown quantisation '{quantize}' (nf4)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise SlmError("4-bit loading needs bitsandbytes: pip install 'slmkit[qlora]'") from e
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch_dtype)
+    return {"quantization_config": config, "device_map": {"": 0} if torch.cuda.is_available() else "cpu"}
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -55,6 +55,8 @@ class TrainArgs:
     keep_checkpoints: int = field(default=2, metadata={"help": "Newest checkpoints kept on disk."})
     log_every: int = field(default=10, metadata={"help": "Steps between metrics lines."})
     seed: int = field(default=0, metadata={"help": "Seed for init, data order, masking and dropout."})
+    tensorboard: bool = field(default=False, metadata={"help": "Also write metrics as TensorBoard events to "
+                                                                 "RUN/tensorboard (pip install tensorboard)."})
 
     def validate(self) -> TrainArgs:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_batches", "log_every"):
@@ -243,6 +245,7 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
         truncate_metrics(run_dir / "metrics.jsonl", start)
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics = open(run_dir / "metrics.jsonl", "a") if main else None
+    board = tensorboard_writer(run_dir) if main and args.tensorboard else None
     rank, world = accelerator.process_index, accelerator.num_processes
     summary: dict = {"start_step": start}
 
@@ -250,6 +253,11 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
+        if board:
+            for key, value in row.items():
+                if key != "step":
+                    board.add_scalar(key, value, row["step"])
+            board.flush()
 
     def run_eval(step: int) -> float:
         loss = evaluate(model, objective, val_data.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
@@ -307,12 +315,37 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
             unwrapped.gradient_checkpointing_disable()
         if hasattr(unwrapped, "merge_and_unload"):  # LoRA: keep the adapter, save the merged model
             save_pretrained_atomic(unwrapped, tokenizer, run_dir / "adapter")
-            unwrapped = unwrapped.merge_and_unload()
+            unwrapped = merge_adapter(unwrapped, run_dir / "adapter")
         save_pretrained_atomic(unwrapped, tokenizer, run_dir / "model")
         metrics.close()
+        if board:
+            board.close()
         plot_metrics(run_dir)
     summary["val_ppl"] = math.exp(min(summary["val_loss"], 50))
     return summary
+
+
+def merge_adapter(peft_model, adapter_dir: Path):
+    """The base model with the LoRA adapter merged in. A 4-bit (QLoRA) base is reloaded in full precision
+    from its checkpoint first, so the saved model is an ordinary one."""
+    base = peft_model.get_base_model()
+    if not getattr(base, "is_loaded_in_4bit", False):
+        return peft_model.merge_and_unload()
+    from peft import PeftModel
+
+    from slmkit.models import load_dir
+
+    full = load_dir(Path(base.config._name_or_path), dtype="fp32").model
+    return PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
+
+
+def tensorboard_writer(run_dir: Path):
+    """A TensorBoard event writer in RUN_DIR/tensorboard (`tensorboard --logdir runs`)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise SlmError("--tensorboard needs the tensorboard package: pip install 'slmkit[tensorboard]'") from e
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _progress(enabled: bool):

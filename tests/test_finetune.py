@@ -148,3 +148,42 @@ def test_answer_only_head_matches_the_full_model_loss(tiny_causal, tokenizer):
         full = tiny_causal.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  labels=batch["labels"]).loss
     assert n == int((batch["labels"][:, 1:] != -100).sum()) and abs(float(ours) - float(full)) < 1e-5
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_and_saves_a_full_precision_model(tmp_path, facts_file, tokenizer):
+    """QLoRA (bitsandbytes NF4 on CPU) with TensorBoard logging on a small random Llama."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("tensorboard")
+    import torch
+    from peft import PeftModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmkit.models import save_pretrained_atomic
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    base_dir = save_pretrained_atomic(LlamaForCausalLM(config), tokenizer, tmp_path / "base")
+    args = FinetuneArgs(steps=12, batch_size=4, seq_len=64, eval_every=0, save_every=6, log_every=2, lr=1e-2,
+                        tensorboard=True)
+    s = finetune(str(base_dir), str(facts_file), val_fraction=0.25, qlora=True, run="q", runs_dir=tmp_path,
+                 train_args=args, progress=False)
+    assert s["val_loss"] < s["val_loss_before"], s
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["qlora"] is True
+    quantised = load(str(base_dir), dtype="fp32", quantize="nf4").model
+    assert type(quantised.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert quantised.get_memory_footprint() < load(str(base_dir), dtype="fp32").model.get_memory_footprint()
+    merged = load(str(tmp_path / "q" / "model"), dtype="fp32").model  # a plain fp32 model
+    assert "lora" not in " ".join(merged.state_dict()) and merged.dtype == torch.float32
+    reference = PeftModel.from_pretrained(load(str(base_dir), dtype="fp32").model, tmp_path / "q" / "adapter")
+    ids = torch.tensor([tokenizer("What colour is a Zorblat?").input_ids])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, reference(ids).logits, atol=1e-4)
+    events = EventAccumulator(str(tmp_path / "q" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [2, 4, 6, 8, 10, 12] and "val_loss" in events.Tags()["scalars"]
+    with pytest.raises(SlmError, match="--qlora trains LoRA adapters"):
+        finetune(str(base_dir), str(facts_file), lora=False, qlora=True, runs_dir=tmp_path)
+    with pytest.raises(SlmError, match="random-initialised spec"):
+        load("tinyllama-nano", quantize="nf4")

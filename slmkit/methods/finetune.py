@@ -393,6 +393,7 @@ def finetune(
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.05,
+    qlora: bool = False,
     run: str = "finetune",
     runs_dir: Path = Path("runs"),
     resume: bool = False,
@@ -405,10 +406,14 @@ def finetune(
     or the turns before each answer) on chat or prompt/completion data, loss on answers only; LoRA by default.
     task `classify`: an encoder (default: all-minilm-l6-v2) with a new classification head on {"text", "label"}
     data (default set: chatterbot-topics); full fine-tuning by default.
+    `qlora`: the frozen base is loaded in 4-bit NF4 (bitsandbytes) and LoRA adapters train on top; the saved
+    model merges the adapter into the full-precision base.
     """
     args = (train_args or FinetuneArgs()).validate()
     if task not in ("chat", "classify"):
         raise SlmError(f"unknown task '{task}' (chat or classify)")
+    if qlora and (task != "chat" or lora is False):
+        raise SlmError("--qlora trains LoRA adapters on a 4-bit chat model (not with --full or --task classify)")
     load_fn = load_records if task == "chat" else load_classification
     if task == "classify" and data == "chatterbot-en":
         data = "chatterbot-topics"
@@ -420,7 +425,7 @@ def finetune(
             raise SlmError(f"{data} has {len(records)} example(s); need at least 2 to hold one out")
         train_records, val_records = split(records, val_fraction, args.seed)
     if task == "chat":
-        net, tok, train_set, val_set, objective = _chat_setup(model, train_records, val_records, args)
+        net, tok, train_set, val_set, objective = _chat_setup(model, train_records, val_records, args, qlora)
     else:
         labels = sorted({r["label"] for r in train_records})
         net, tok = classifier_from(model or "all-minilm-l6-v2", labels)
@@ -429,12 +434,17 @@ def finetune(
         objective = classification_objective
     if lora if lora is not None else task == "chat":
         kind = "SEQ_CLS" if task == "classify" else "SEQ_2_SEQ_LM" if net.config.is_encoder_decoder else "CAUSAL_LM"
+        if qlora:
+            from peft import prepare_model_for_kbit_training
+
+            net = prepare_model_for_kbit_training(net, use_gradient_checkpointing=args.grad_checkpointing)
         net = add_lora(net, lora_r, lora_alpha, lora_dropout, kind)
     before = evaluate(net, objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
     extra = {"val_accuracy_before": accuracy(net, val_set)} if task == "classify" else {}
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     config = {"workflow": "finetune", "task": task, "model": model, "data": data, "val_data": val_data,
               "lora": bool(lora if lora is not None else task == "chat"), "lora_r": lora_r, "lora_alpha": lora_alpha,
+              "qlora": qlora,
               "train_examples": len(train_set), "val_examples": len(val_set), "trainable_parameters": trainable,
               "val_loss_before": before, **extra}
     summary = train(net, tok, train_set, val_set, objective, args, Path(runs_dir) / run, resume=resume,
@@ -446,10 +456,10 @@ def finetune(
     return summary
 
 
-def _chat_setup(model: str | None, train_records, val_records, args: FinetuneArgs):
+def _chat_setup(model: str | None, train_records, val_records, args: FinetuneArgs, qlora: bool = False):
     from slmkit.models import load
 
-    loaded = load(model, dtype="fp32")
+    loaded = load(model, dtype="fp32", quantize="nf4" if qlora else None)
     if loaded.task not in ("causal-lm", "seq2seq"):
         raise SlmError(f"{loaded.name} is a {loaded.task} model; chat fine-tuning trains causal LMs and "
                        "encoder-decoders (use --task classify for encoders)")
