@@ -233,7 +233,10 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
         raise SlmError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.json", json.dumps({**(config or {}), "train": asdict(args)}, indent=2))
+        setup = {"distributed": str(accelerator.distributed_type).split(".")[-1],
+                 "processes": accelerator.num_processes}
+        write_atomic(run_dir / "config.json", json.dumps({**(config or {}), "train": asdict(args), **setup},
+                                                         indent=2))
     torch.manual_seed(args.seed + accelerator.process_index)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()

