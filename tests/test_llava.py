@@ -1,0 +1,81 @@
+"""LLaVA-ϕ: procedural scenes and questions, the LLaVA-format corpus, and assembling a standard
+`transformers` LLaVA checkpoint from a CLIP tower and a causal LM."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from slmkit.domains import llava_phi as L
+from slmkit.errors import SlmError
+
+
+def test_scenes_are_deterministic_and_questions_match_what_is_drawn():
+    a, things, word = L.draw_scene(random.Random(3), 64)
+    b, things_b, word_b = L.draw_scene(random.Random(3), 64)
+    assert a.tobytes() == b.tobytes() and things == things_b and word == word_b
+    rng = random.Random(0)
+    for _ in range(100):
+        image, things, word = L.draw_scene(rng, 64)
+        cells = {(t.row, t.col) for t in things}
+        assert len(cells) == len(things) and 1 <= len(things) <= 4
+        for t in things:  # the drawn colour is at the cell centre
+            cx, cy = int((t.col + 0.5) * 64 / 3), int((t.row + 0.5) * 64 / 3)
+            assert image.getpixel((cx, cy)) == L.COLOURS[t.colour]
+        for q in L.questions(things, word, rng):
+            if q["type"] == "colour":
+                [t] = [t for t in things if q["question"] == f"What colour is the {t.shape}?"]
+                assert q["answer"] == t.colour
+            if q["type"] == "count" and q["question"] == "How many shapes are there?":
+                assert q["answer"] == L.NUMBERS[len(things)]
+    text = L.caption([L.Thing("circle", "red", 0, 0, True), L.Thing("square", "blue", 1, 1, False)], "CAT")
+    assert text == 'A large red circle at the top left and a small blue square in the center. The word "CAT" ' \
+                   'is written at the bottom.'
+
+
+def test_llava_data_writes_the_llava_format(tmp_path):
+    r = L.llava_data(tmp_path / "d", count=40, seed=1, test_fraction=0.2, progress=False)
+    stage1 = [json.loads(x) for x in (tmp_path / "d" / "stage1.jsonl").read_text().splitlines()]
+    stage2 = [json.loads(x) for x in (tmp_path / "d" / "stage2.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (tmp_path / "d" / "test.jsonl").read_text().splitlines()]
+    assert len(stage1) == len(stage2) == r["stage1"] and 0 < len({t["image"] for t in test}) < 40
+    assert not {t["image"] for t in test} & {s["image"] for s in stage2}  # held-out images
+    conv = stage2[0]["conversations"]
+    assert conv[0]["from"] == "human" and conv[0]["value"].startswith("<image>\n") and conv[1]["from"] == "gpt"
+    assert sum("<image>" in c["value"] for c in conv) == 1
+    assert (tmp_path / "d" / stage1[0]["image"]).is_file() and set(r["test_types"]) >= {"count", "exists"}
+
+
+def test_assemble_a_standard_llava_checkpoint(tmp_path, tiny_causal):
+    from PIL import Image
+
+    from slmkit.models import save_pretrained_atomic
+
+    lm_dir = save_pretrained_atomic(tiny_causal.model, tiny_causal.tokenizer, tmp_path / "lm")
+    out = L.assemble(tmp_path / "llava", lm=str(lm_dir), image_size=32)
+    model, processor = L.load_llava(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"] and config["vision_feature_layer"] == -2
+    assert type(model.model.multi_modal_projector.act).__name__ == "GELUActivation"
+    assert config["image_seq_length"] == (32 // 8) ** 2  # nano tower: patch 8
+    image = Image.open(_scene(tmp_path))
+    inputs = processor(images=[image], text=["<image>\nWhat colour is the circle?"], return_tensors="pt")
+    assert int((inputs["input_ids"] == config["image_token_index"]).sum()) == 16
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 32, 32)
+    with torch.no_grad():
+        with_image = model(**inputs).logits
+        text_ids = tiny_causal.tokenizer("What colour is the circle?", return_tensors="pt").input_ids
+        assert torch.allclose(model(input_ids=text_ids).logits[..., :-1], tiny_causal.model(text_ids).logits,
+                              atol=1e-5)  # the language model is carried over unchanged
+    assert with_image.shape[1] == inputs["input_ids"].shape[1]
+    with pytest.raises(SlmError, match="not a CLIP checkpoint"):
+        L.vision_tower(str(tmp_path))
+    with pytest.raises(SlmError, match="not a LLaVA checkpoint"):
+        L.load_llava(tmp_path / "nowhere")
+
+
+def _scene(tmp_path):
+    image, _, _ = L.draw_scene(random.Random(0), 48)
+    image.save(tmp_path / "scene.png")
+    return tmp_path / "scene.png"
