@@ -1102,6 +1102,87 @@ def slade_decompile_command(
     out.print(decompile(model, asm, function, infer, arch=arch), highlight=False, markup=False)
 
 
+llava_app = typer.Typer(no_args_is_help=True, help="LLaVA-ϕ: a small vision-language assistant.")
+app.add_typer(llava_app, name="llava")
+LlavaDataOpt = Annotated[Path, typer.Option(help="Directory written by `slm llava data` (or a LLaVA-format "
+                                            "JSONL file).")]
+
+
+@llava_app.command("data")
+def llava_data_command(
+    to: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("data/llava"),
+    count: Annotated[int, typer.Option(help="Images to draw.")] = 4000,
+    seed: Annotated[int, typer.Option(help="Seed: the same seed draws the same images.")] = 0,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of images held out for evaluation.")] = 0.1,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+):
+    """Draw scenes (shapes, colours, sizes, positions, counts, words) with captions (stage 1), question-answer
+    conversations (stage 2) and typed held-out questions, in LLaVA's format."""
+    from slmkit.domains.llava_phi import llava_data
+
+    r = llava_data(to, count, seed, test_fraction, image_size)
+    types = ", ".join(f"{k} {v}" for k, v in sorted(r["test_types"].items()))
+    out.print(f"{r['images']} images: {r['stage1']} captions, {r['stage2']} conversations, {r['test']} held-out "
+              f"questions ({types}) -> {r['out']}")
+
+
+@llava_app.command("assemble")
+def llava_assemble_command(
+    to: Annotated[Path, typer.Option("--out", help="Output checkpoint directory.")] = Path("runs/llava/base"),
+    lm: Annotated[str | None, typer.Option("--lm", help="Causal LM (default: the embedded model).")] = None,
+    vision: Annotated[str | None, typer.Option(help="CLIP checkpoint directory (default: the zoo's nano "
+                                               "tower, randomly initialised).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side for the nano tower.")] = 64,
+):
+    """Build a LLaVA-ϕ checkpoint: CLIP tower + 2-layer GELU projector + language model, with its processor."""
+    from slmkit.domains.llava_phi import assemble
+
+    path = assemble(to, lm, vision, image_size)
+    out.print(f"LLaVA-ϕ checkpoint -> {path}")
+
+
+@llava_app.command("train")
+@dataclass_options(FinetuneArgs, "train_args")
+def llava_train_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="A LLaVA-ϕ checkpoint (assembled, or stage 1's "
+                                       "output).")] = "runs/llava/base",
+    data: LlavaDataOpt = Path("data/llava"),
+    stage: Annotated[int, typer.Option(help="1: projector on captions; 2: projector + LM on instructions.")] = 1,
+    lora: Annotated[bool, typer.Option(help="Stage 2 with LoRA adapters on the LM instead of full tuning.")] = False,
+    run: NameOpt = "llava",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
+    train_args: FinetuneArgs = None,
+):
+    """Train LLaVA-ϕ stage 1 or 2 (default learning rates 1e-3 and 2e-5); loss on answers only."""
+    from slmkit.domains.llava_phi import llava_train
+
+    s = llava_train(model, data, stage, lora, run, runs_dir, resume, train_args)
+    out.print(f"done: held-out loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f}; model in "
+              f"{s['run_dir']}/model")
+
+
+@llava_app.command("eval")
+def llava_eval_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="A trained LLaVA-ϕ checkpoint.")]
+    = "runs/llava/stage2/model",
+    data: LlavaDataOpt = Path("data/llava"),
+    limit: Annotated[int, typer.Option(help="Held-out questions to answer.")] = 600,
+):
+    """Held-out visual question accuracy by type, with the image and from the text alone."""
+    from rich.table import Table
+
+    from slmkit.domains.llava_phi import llava_eval
+
+    r = llava_eval(model, data, limit, out=Path(model) / "llava_eval.json")
+    table = Table("question type", "count", "with image", "text only", title="LLaVA-ϕ on held-out questions")
+    for kind, t in r["per_type"].items():
+        table.add_row(kind, str(t["count"]), f"{t['image']:.3f}", f"{t['text_only']:.3f}")
+    table.add_row("all", str(r["questions"]), f"{r['accuracy']:.3f}", f"{r['text_only_accuracy']:.3f}")
+    out.print(table)
+    out.print(f"-> {model}/llava_eval.json")
+
+
 @app.command("ul2r")
 @dataclass_options(TrainArgs, "train_args")
 def ul2r_command(

@@ -21,6 +21,7 @@ from slmkit.errors import SlmError
 
 def workflows() -> dict:
     from slmkit.domains.flame import flame_train
+    from slmkit.domains.llava_phi import llava_train
     from slmkit.domains.slade import slade_train
     from slmkit.methods.distill import distill
     from slmkit.methods.eft import eft_eval
@@ -41,7 +42,7 @@ def workflows() -> dict:
             "gsm_data": (gsm_data, None), "gsm_train": (gsm_train, FinetuneArgs),
             "verify_train": (verify_train, FinetuneArgs), "gsm_eval": (gsm_eval, None), "pet": (pet, FinetuneArgs),
             "distill": (distill, FinetuneArgs), "flame_train": (flame_train, FinetuneArgs),
-            "slade_train": (slade_train, FinetuneArgs)}
+            "slade_train": (slade_train, FinetuneArgs), "llava_train": (llava_train, FinetuneArgs)}
 
 
 def _check_type(value, annotation, where: str):

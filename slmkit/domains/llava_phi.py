@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.methods.finetune import FinetuneArgs
 
 IMAGE_TOKEN = "<image>"
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -234,3 +235,230 @@ def load_llava(path: str | Path):
         raise SlmError(f"{path} is not a LLaVA checkpoint (no config.json): build one with `slm llava assemble`")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(path)
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+
+def read_conversations(path: Path) -> list[dict]:
+    """LLaVA-format rows ({"image", "conversations": [{"from": "human"|"gpt", "value"}]}), image paths made
+    absolute (relative to the file's directory); errors name the file and line."""
+    from slmkit.data.corpora import read_jsonl
+
+    path = Path(path)
+    if not path.is_file():
+        raise SlmError(f"{path} not found (write one with `slm llava data`, or give LLaVA-format JSONL)")
+    rows = []
+    for where, row in read_jsonl(path):
+        conv = row.get("conversations")
+        if not isinstance(row.get("image"), str) or not isinstance(conv, list) or not conv:
+            raise SlmError(f'{where}: expected {{"image": "file.png", "conversations": [...]}}')
+        image = (path.parent / row["image"]) if not Path(row["image"]).is_absolute() else Path(row["image"])
+        if not image.is_file():
+            raise SlmError(f"{where}: image {image} not found")
+        roles = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+        try:
+            messages = [{"role": roles[m["from"]], "content": m["value"]} for m in conv]
+        except (KeyError, TypeError):
+            raise SlmError(f'{where}: each turn needs "from" (human/gpt) and "value"') from None
+        if sum(IMAGE_TOKEN in m["content"] for m in messages) != 1:
+            raise SlmError(f"{where}: the conversation must hold exactly one {IMAGE_TOKEN} placeholder")
+        rows.append({"image": str(image), "messages": messages})
+    return rows
+
+
+class LlavaData:
+    """Conversations with one image each, as padded batches in a (seed, step)-determined order (like
+    SFTData): the `<image>` token is expanded to the tower's patch count; loss on assistant turns only."""
+
+    def __init__(self, processor, rows: list[dict], seq_len: int, image_tokens: int):
+        from slmkit.methods.finetune import chat_example
+
+        tok = processor.tokenizer
+        self.processor, self.pad = processor, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.examples = []
+        for row in rows:
+            ids, labels = chat_example(tok, row["messages"])
+            k = ids.index(image_id)
+            ids = ids[:k] + [image_id] * image_tokens + ids[k + 1:]
+            labels = labels[:k] + [-100] * image_tokens + labels[k + 1:]
+            if len(ids) > seq_len:
+                raise SlmError(f"a conversation of {len(ids)} tokens (with {image_tokens} image tokens) exceeds "
+                               f"--seq-len {seq_len}")
+            self.examples.append((row["image"], ids, labels))
+        if not self.examples:
+            raise SlmError("no conversations to train on")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def collate(self, items):
+        import torch
+        from PIL import Image
+
+        width = max(len(ids) for _, ids, _ in items)
+        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
+        labels = torch.full((len(items), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, (_, i, lab) in enumerate(items):
+            ids[row, :len(i)], labels[row, :len(lab)], mask[row, :len(i)] = torch.tensor(i), torch.tensor(lab), 1
+        images = [Image.open(path).convert("RGB") for path, _, _ in items]
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+
+    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1):
+        from slmkit.data.packing import epoch_order
+
+        n, items = len(self.examples), []
+        for j in range(batch_size):
+            epoch, pos = divmod((step * world + rank) * batch_size + j, n)
+            items.append(self.examples[int(epoch_order(n, seed, epoch)[pos])])
+        return self.collate(items)
+
+    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int):
+        for start in range(0, min(len(self.examples), batch_size * max_batches), batch_size):
+            yield self.collate(self.examples[start:start + batch_size])
+
+
+def llava_objective(model, batch, generator):
+    """Next-token cross-entropy on the assistant's tokens, the image spliced in at its placeholder."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], labels=batch["labels"])
+    return out.loss, int((batch["labels"][:, 1:] != -100).sum())
+
+
+def set_trainable(model, stage: int) -> int:
+    """Stage 1: the projector only. Stage 2: projector and language model (the vision tower stays frozen).
+    Returns the number of trainable parameters."""
+    if stage not in (1, 2):
+        raise SlmError(f"--stage must be 1 (projector) or 2 (projector + language model), got {stage}")
+    for name, p in model.named_parameters():
+        p.requires_grad = "multi_modal_projector" in name or (stage == 2 and "vision_tower" not in name)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+STAGE_LR = {1: 1e-3, 2: 2e-5}  # LLaVA's: the projector alone, then projector + LM
+
+
+def llava_train(model: str, data: Path = Path("data/llava"), stage: int = 1, lora: bool = False,
+                run: str = "llava", runs_dir: Path = Path("runs"), resume: bool = False,
+                train_args: FinetuneArgs | None = None, progress: bool = True) -> dict:
+    """Train a LLaVA-ϕ checkpoint (from `slm llava assemble`, or stage 1's output) on DATA (a directory from
+    `slm llava data`, whose stageN.jsonl is used, or a LLaVA-format JSONL file). Stage 1 trains the projector
+    on captions, stage 2 the projector and the language model (or LoRA adapters on it with `lora`) on
+    visual instructions; the default learning rate is the stage's (1e-3, 2e-5). The model is
+    RUNS_DIR/RUN/stageN/model."""
+    from dataclasses import replace
+
+    from slmkit.methods.finetune import split
+    from slmkit.train import evaluate, train
+
+    args = (train_args or FinetuneArgs()).validate()
+    if stage not in STAGE_LR:
+        raise SlmError(f"--stage must be 1 (projector) or 2 (projector + language model), got {stage}")
+    if args.lr == FinetuneArgs().lr:
+        args = replace(args, lr=STAGE_LR[stage])
+    if lora and stage == 1:
+        raise SlmError("--lora applies to stage 2 (stage 1 trains the projector only)")
+    data = Path(data)
+    rows = read_conversations(data / f"stage{stage}.jsonl" if data.is_dir() else data)
+    if len(rows) < 2:
+        raise SlmError(f"{data}: need at least 2 conversations")
+    net, processor = load_llava(model)
+    image_tokens = net.config.image_seq_length
+    train_rows, val_rows = split(rows, 0.02, args.seed)
+    train_set = LlavaData(processor, train_rows, args.seq_len, image_tokens)
+    val_set = LlavaData(processor, val_rows, args.seq_len, image_tokens)
+    trainable = set_trainable(net, stage)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, modules_to_save=["multi_modal_projector"],
+                            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|"
+                                           r"down_proj|dense|fc1|fc2)")
+        net = get_peft_model(net, config)
+        trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    before = evaluate(net, llava_objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
+    config = {"workflow": "llava_train", "model": model, "data": str(data), "stage": stage, "lora": lora,
+              "trainable_parameters": trainable, "train_examples": len(train_set), "val_examples": len(val_set),
+              "val_loss_before": before}
+    summary = train(net, processor, train_set, val_set, llava_objective, args, Path(runs_dir) / run / f"stage{stage}",
+                    resume=resume, config=config, progress=progress)
+    summary.update(val_loss_before=before, trainable_parameters=trainable,
+                   run_dir=str(Path(runs_dir) / run / f"stage{stage}"))
+    return summary
+
+
+def normalise_answer(text: str) -> str:
+    import re
+
+    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
+    return " ".join(words)
+
+
+def _answers(model, processor, prompts: list[str], images: list | None, max_new_tokens: int) -> list[str]:
+    import torch
+
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    if images is None:
+        inputs = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    else:
+        inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    return [tok.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+
+
+def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, batch_size: int = 16,
+               out: Path | None = None, progress: bool = True) -> dict:
+    """Accuracy on held-out visual questions (DATA/test.jsonl) by question type, with the image and without it
+    (the same model answering from the text alone: the baseline the image must beat). An answer is right
+    when its normalised first words are the expected answer."""
+    from PIL import Image
+    from rich.progress import Progress
+
+    from slmkit.data.corpora import read_jsonl
+    from slmkit.generate import format_prompt
+
+    path = Path(data) / "test.jsonl" if Path(data).is_dir() else Path(data)
+    if not path.is_file():
+        raise SlmError(f"{path} not found: run `slm llava data` first")
+    tests = [row for _, row in read_jsonl(path)][:limit]
+    net, processor = load_llava(model)
+    tok = processor.tokenizer
+    per_type: dict[str, dict] = {}
+    examples = []
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task("answering", total=len(tests))
+        for i in range(0, len(tests), batch_size):
+            batch = tests[i:i + batch_size]
+            with_image = [format_prompt(tok, [{"role": "user", "content": f"{IMAGE_TOKEN}\n{q['question']}"}])
+                          for q in batch]
+            text_only = [format_prompt(tok, [{"role": "user", "content": q["question"]}]) for q in batch]
+            images = [Image.open(path.parent / q["image"]).convert("RGB") for q in batch]
+            seen = _answers(net, processor, with_image, images, 6)
+            blind = _answers(net, processor, text_only, None, 6)
+            for q, a, b in zip(batch, seen, blind, strict=True):
+                t = per_type.setdefault(q["type"], {"count": 0, "image": 0, "text_only": 0})
+                want = normalise_answer(q["answer"])
+                t["count"] += 1
+                t["image"] += normalise_answer(a).startswith(want)
+                t["text_only"] += normalise_answer(b).startswith(want)
+                if len(examples) < 12:
+                    examples.append({**q, "with_image": a, "text_only": b})
+            bar.advance(task, len(batch))
+    n = max(len(tests), 1)
+    result = {"model": model, "questions": len(tests),
+              "accuracy": sum(t["image"] for t in per_type.values()) / n,
+              "text_only_accuracy": sum(t["text_only"] for t in per_type.values()) / n,
+              "per_type": {k: {"count": t["count"], "image": t["image"] / t["count"],
+                               "text_only": t["text_only"] / t["count"]} for k, t in sorted(per_type.items())},
+              "examples": examples}
+    if out:
+        from slmkit.train import write_atomic
+
+        write_atomic(Path(out), json.dumps(result, indent=2) + "\n")
+    return result
