@@ -1126,6 +1126,25 @@ def llava_data_command(
               f"questions ({types}) -> {r['out']}")
 
 
+@llava_app.command("vision-pretrain")
+@dataclass_options(FinetuneArgs, "train_args")
+def llava_vision_pretrain_command(
+    data: LlavaDataOpt = Path("data/llava"),
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary of the caption tokenizer.")] = 1000,
+    run: NameOpt = "llava-clip",
+    runs_dir: RunsDirOpt = Path("runs"),
+    resume: ResumeOpt = False,
+    train_args: FinetuneArgs = None,
+):
+    """Train a nano CLIP (vision tower + small text tower) contrastively on the captions, for users without
+    CLIP weights; then `slm llava assemble --vision RUNS_DIR/RUN/model`."""
+    from slmkit.domains.llava_phi import vision_pretrain
+
+    s = vision_pretrain(data, image_size, vocab_size, run, runs_dir, resume, train_args)
+    out.print(f"done: contrastive loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f}; CLIP in {s['run_dir']}/model")
+
+
 @llava_app.command("assemble")
 def llava_assemble_command(
     to: Annotated[Path, typer.Option("--out", help="Output checkpoint directory.")] = Path("runs/llava/base"),

@@ -117,3 +117,22 @@ def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
     bad.write_text('{"image": "none.png", "conversations": [{"from": "human", "value": "hi"}]}\n')
     with pytest.raises(SlmError, match=r"bad.jsonl:1: image .* not found"):
         L.read_conversations(bad)
+
+
+def test_vision_tower_pretrained_here_with_clip_loss(tmp_path, tiny_causal):
+    from slmkit.methods.finetune import FinetuneArgs
+    from slmkit.models import save_pretrained_atomic
+
+    data = tmp_path / "data"
+    L.llava_data(data, count=48, seed=4, test_fraction=0.1, image_size=32, progress=False)
+    args = FinetuneArgs(steps=12, batch_size=16, seq_len=64, eval_every=0, save_every=12, log_every=4,
+                        warmup_steps=2, lr=2e-3)
+    s = L.vision_pretrain(data, image_size=32, vocab_size=400, run="clip", runs_dir=tmp_path, train_args=args,
+                          progress=False)
+    assert s["val_loss"] < s["val_loss_before"]  # images and their captions pull together
+    lm_dir = save_pretrained_atomic(tiny_causal.model, tiny_causal.tokenizer, tmp_path / "lm")
+    out = L.assemble(tmp_path / "llava", lm=str(lm_dir), vision=str(tmp_path / "clip" / "model"))
+    model, _ = L.load_llava(out)
+    tower = L.vision_tower(str(tmp_path / "clip" / "model"))
+    assert all(torch.equal(a, b) for a, b in zip(model.model.vision_tower.state_dict().values(),
+                                                  tower.state_dict().values(), strict=True))

@@ -237,6 +237,96 @@ def load_llava(path: str | Path):
     return model, AutoProcessor.from_pretrained(path)
 
 
+# --- a vision tower trained here -------------------------------------------------------------------------
+
+
+class CaptionImages:
+    """(image, caption) pairs for CLIP's contrastive objective, batched in a (seed, step)-determined order."""
+
+    def __init__(self, rows: list[dict], tokenizer, image_processor, max_tokens: int = 64):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.pairs = []
+        for row in rows:
+            caption = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
+            ids = tokenizer(caption).input_ids[:max_tokens - 1] + [tokenizer.eos_token_id]
+            self.pairs.append((row["image"], ids))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def collate(self, items):
+        import torch
+        from PIL import Image
+
+        width = max(len(ids) for _, ids in items)
+        ids = torch.full((len(items), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, (_, i) in enumerate(items):
+            ids[row, :len(i)], mask[row, :len(i)] = torch.tensor(i), 1
+        images = [Image.open(path).convert("RGB") for path, _ in items]
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1):
+        from slmkit.data.packing import epoch_order
+
+        n = len(self.pairs)
+        picks = [divmod((step * world + rank) * batch_size + j, n) for j in range(batch_size)]
+        return self.collate([self.pairs[int(epoch_order(n, seed, e)[pos])] for e, pos in picks])
+
+    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int):
+        for start in range(0, min(len(self.pairs), batch_size * max_batches), batch_size):
+            yield self.collate(self.pairs[start:start + batch_size])
+
+
+def clip_objective(model, batch, generator):
+    """CLIP's symmetric contrastive loss: each image against every caption of the batch."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], return_loss=True)
+    return out.loss, int(batch["input_ids"].shape[0])
+
+
+def vision_pretrain(data: Path = Path("data/llava"), image_size: int = 64, vocab_size: int = 1000,
+                    run: str = "llava-clip", runs_dir: Path = Path("runs"), resume: bool = False,
+                    train_args: FinetuneArgs | None = None, progress: bool = True) -> dict:
+    """Train the zoo's nano CLIP vision tower (with a small text tower and a BPE trained on the captions) with
+    CLIP's contrastive objective on DATA/stage1.jsonl, for users without CLIP weights. The CLIP checkpoint is
+    RUNS_DIR/RUN/model; give it to `slm llava assemble --vision`."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from slmkit import zoo
+    from slmkit.data.tokenizers import train_bpe
+    from slmkit.methods.finetune import split
+    from slmkit.train import evaluate, train
+
+    args = (train_args or FinetuneArgs(lr=1e-3, warmup_steps=50, weight_decay=0.1)).validate()
+    data = Path(data)
+    rows = read_conversations(data / "stage1.jsonl" if data.is_dir() else data)
+    captions = [next(m["content"] for m in r["messages"] if m["role"] == "assistant") for r in rows]
+    tokenizer = train_bpe(captions, vocab_size)
+    vision = dict(zoo.get("llava-phi-nano").sub_configs["vision_config"][1], image_size=image_size)
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, projection_dim=vision["projection_dim"],
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id)
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=vision["projection_dim"]))
+    images = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    train_rows, val_rows = split(rows, 0.05, args.seed)
+    train_set, val_set = CaptionImages(train_rows, tokenizer, images), CaptionImages(val_rows, tokenizer, images)
+    before = evaluate(model, clip_objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
+    config = {"workflow": "llava_vision_pretrain", "data": str(data), "image_size": image_size,
+              "train_examples": len(train_set), "val_examples": len(val_set), "val_loss_before": before}
+    summary = train(model, tokenizer, train_set, val_set, clip_objective, args, Path(runs_dir) / run,
+                    resume=resume, config=config, progress=progress)
+    images.save_pretrained(Path(runs_dir) / run / "model")
+    summary.update(val_loss_before=before, run_dir=str(Path(runs_dir) / run))
+    return summary
+
+
 # --- training --------------------------------------------------------------------------------------------
 
 
