@@ -643,7 +643,17 @@ def decompile(model: str, asm_file: Path, function: str | None = None, infer: bo
             raise SlmError(f"{path}: no function label found")
         function = globl[0]
     c = decompile_asm(load(model, dtype="fp32"), [normalise_asm(asm, function, arch)], 1, max_new_tokens)[0]
+    c = restore_name(c, function)
     return infer_declarations(c)[0] if infer else c
+
+
+def restore_name(source: str, function: str) -> str:
+    """Give the first function defined in SOURCE the symbol name the assembly shows (the label is in the
+    input; a misspelt name would only fail to link)."""
+    m = re.search(r"^[A-Za-z_][\w \*]*?\b(\w+)\s*\([^;{]*\)\s*\{", source, flags=re.M)
+    if m is None or m.group(1) == function:
+        return source
+    return source[:m.start(1)] + function + source[m.end(1):]
 
 
 def defines(source: str, function: str) -> bool:
@@ -700,6 +710,7 @@ def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, ba
             stats = {"functions": len(rows), "compiles_raw": 0, "compiles": 0, "io": 0, "edit_similarity": 0.0}
             examples = []
             for r, pred in zip(rows, preds, strict=True):
+                pred = restore_name(pred, r["function"])
                 completed, added, compiles = infer_declarations(pred)
                 compiles = compiles and defines(completed, r["function"])
                 stats["compiles_raw"] += compiles and not added
