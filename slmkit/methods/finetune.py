@@ -176,7 +176,11 @@ def seq2seq_batch(examples, pad: int):
 
 
 class SFTData:
-    """Tokenised examples served as padded batches in a (seed, step)-determined order, like PackedTokens."""
+    """Tokenised examples served as padded batches in a (seed, step)-determined order, like PackedTokens.
+    Subclasses fill `examples` themselves and keep the plain order unless they set `group_by_length`."""
+
+    group_by_length = False
+    _grouped: tuple = (None, None)
 
     def __init__(self, tokenizer, records, seq_len: int, encoder_decoder: bool = False,
                  group_by_length: bool = False):
@@ -194,7 +198,6 @@ class SFTData:
         if not self.examples:
             raise SlmError("no example has an answer within --seq-len tokens")
         self.group_by_length = group_by_length
-        self._grouped: tuple = (None, None)
 
     def order(self, seed: int, epoch: int, batch_size: int):
         """The epoch's seeded order; grouped by length, it is sorted within windows of 64 batches, cut into
