@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import socket
@@ -53,6 +54,8 @@ def quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", category=FutureWarning, module="peft")
+    # bitsandbytes (imported by peft when installed) warns on CPU that an optional kernel package is missing
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def pick_dtype(name: str = "auto"):
