@@ -34,6 +34,7 @@ err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever 
 LoraOpt = Annotated[bool, typer.Option("--lora/--full", help="LoRA adapters or full fine-tuning.")]
 NameOpt = Annotated[str, typer.Option("--name", help="Run name (runs/NAME).")]
 RunsDirOpt = Annotated[Path, typer.Option(help="Where runs go.")]
+CorpusSeedOpt = Annotated[int, typer.Option(help="Seed: the same seed writes the same corpus.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo name, model directory, .gguf "
                                                  "file or hub id. Default: the embedded SmolLM2-135M.")]
@@ -926,7 +927,7 @@ app.add_typer(flame_app, name="flame")
 def flame_data_command(
     to: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("data/flame"),
     count: Annotated[int, typer.Option(help="Formulas (one per sketch).")] = 20000,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same corpus.")] = 0,
+    seed: CorpusSeedOpt = 0,
     test_fraction: Annotated[float, typer.Option(help="Fraction of formulas held out for testing.")] = 0.05,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary of the formula tokenizer.")] = 4096,
 ):
@@ -1028,7 +1029,7 @@ SladeDataOpt = Annotated[Path, typer.Option(help="Directory written by `slm slad
 def slade_data_command(
     to: Annotated[Path, typer.Option("--out", help="Output directory.")] = Path("data/slade"),
     count: Annotated[int, typer.Option(help="Generated C functions (each compiled at -O0 and -O3).")] = 6000,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed writes the same corpus.")] = 0,
+    seed: CorpusSeedOpt = 0,
     test_fraction: Annotated[float, typer.Option(help="Fraction of functions held out (with IO tests).")] = 0.05,
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary over assembly and C.")] = 4096,
     max_tokens: Annotated[int, typer.Option(help="Longest assembly / C side of a training pair, in tokens.")] = 384,

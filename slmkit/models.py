@@ -256,9 +256,10 @@ def load(source: str | None = None, *, dtype: str = "auto", progress: bool = Tru
     name = source or zoo.DEFAULT_MODEL
     if kind == "zoo":
         spec = zoo.get(name)
-        if spec.package is None and quantize:
-            raise SlmError(f"{spec.name} is a random-initialised spec; a quantised base must be a trained checkpoint")
         if spec.package is None:
+            if quantize:
+                raise SlmError(f"{spec.name} is a random-initialised spec; a quantised base must be a trained "
+                               "checkpoint")
             model = zoo.build_model(spec).to(pick_dtype(dtype)).eval()
             return Loaded(model, None, spec.name, None, spec.task)
         path = packaged_weights(spec)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.methods.finetune import FinetuneArgs
+from slmkit.methods.finetune import FinetuneArgs, SFTData
 
 IMAGE_TOKEN = "<image>"
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -240,19 +240,16 @@ def load_llava(path: str | Path):
 # --- a vision tower trained here -------------------------------------------------------------------------
 
 
-class CaptionImages:
-    """(image, caption) pairs for CLIP's contrastive objective, batched in a (seed, step)-determined order."""
+class CaptionImages(SFTData):
+    """(image, caption) pairs for CLIP's contrastive objective, batched like SFTData."""
 
     def __init__(self, rows: list[dict], tokenizer, image_processor, max_tokens: int = 64):
         self.tokenizer, self.image_processor = tokenizer, image_processor
-        self.pairs = []
+        self.examples = []
         for row in rows:
             caption = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
             ids = tokenizer(caption).input_ids[:max_tokens - 1] + [tokenizer.eos_token_id]
-            self.pairs.append((row["image"], ids))
-
-    def __len__(self) -> int:
-        return len(self.pairs)
+            self.examples.append((row["image"], ids))
 
     def collate(self, items):
         import torch
@@ -266,17 +263,6 @@ class CaptionImages:
         images = [Image.open(path).convert("RGB") for path, _ in items]
         pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
-
-    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1):
-        from slmkit.data.packing import epoch_order
-
-        n = len(self.pairs)
-        picks = [divmod((step * world + rank) * batch_size + j, n) for j in range(batch_size)]
-        return self.collate([self.pairs[int(epoch_order(n, seed, e)[pos])] for e, pos in picks])
-
-    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int):
-        for start in range(0, min(len(self.pairs), batch_size * max_batches), batch_size):
-            yield self.collate(self.pairs[start:start + batch_size])
 
 
 def clip_objective(model, batch, generator):
@@ -357,9 +343,9 @@ def read_conversations(path: Path) -> list[dict]:
     return rows
 
 
-class LlavaData:
-    """Conversations with one image each, as padded batches in a (seed, step)-determined order (like
-    SFTData): the `<image>` token is expanded to the tower's patch count; loss on assistant turns only."""
+class LlavaData(SFTData):
+    """Conversations with one image each, batched like SFTData: the `<image>` token is expanded to the
+    tower's patch count; loss on assistant turns only."""
 
     def __init__(self, processor, rows: list[dict], seq_len: int, image_tokens: int):
         from slmkit.methods.finetune import chat_example
@@ -380,9 +366,6 @@ class LlavaData:
         if not self.examples:
             raise SlmError("no conversations to train on")
 
-    def __len__(self) -> int:
-        return len(self.examples)
-
     def collate(self, items):
         import torch
         from PIL import Image
@@ -396,19 +379,6 @@ class LlavaData:
         images = [Image.open(path).convert("RGB") for path, _, _ in items]
         pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
-
-    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1):
-        from slmkit.data.packing import epoch_order
-
-        n, items = len(self.examples), []
-        for j in range(batch_size):
-            epoch, pos = divmod((step * world + rank) * batch_size + j, n)
-            items.append(self.examples[int(epoch_order(n, seed, epoch)[pos])])
-        return self.collate(items)
-
-    def eval_batches(self, batch_size: int, seq_len: int, max_batches: int):
-        for start in range(0, min(len(self.examples), batch_size * max_batches), batch_size):
-            yield self.collate(self.examples[start:start + batch_size])
 
 
 def llava_objective(model, batch, generator):
