@@ -38,7 +38,11 @@ CorpusSeedOpt = Annotated[int, typer.Option(help="Seed: the same seed writes the
 ResumeOpt = Annotated[bool, typer.Option(help="Continue the run from its latest checkpoint.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo name, model directory, .gguf "
                                                  "file or hub id. Default: the embedded SmolLM2-135M.")]
-DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU has bf16 units), fp32, bf16, fp16.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU has bf16 units), fp32, bf16, fp16, or int8 "
+                                       "(torch engine: int8 linear layers, dynamic quantisation).")]
+EngineOpt = Annotated[str, typer.Option(help="torch, llamacpp (a GGUF in llama.cpp; other models are exported "
+                                        "once, cached), vllm (CUDA), or auto: vllm on a GPU, llama.cpp when "
+                                        "installed and the model has a GGUF, else torch.")]
 
 
 def dataclass_options(cls, name: str):
@@ -178,6 +182,7 @@ def generate(
     chat: ChatOpt = None,
     as_json: JsonOpt = False,
     dtype: DtypeOpt = "auto",
+    engine: EngineOpt = "auto",
     eft_ft: Annotated[str | None, typer.Option(help="Emulated fine-tuning: a small fine-tuned model whose "
                                                "fine-tuning is added to --model (see `slm eft`).")] = None,
     eft_base: Annotated[str | None, typer.Option(help="EFT: the small fine-tuned model's base.")] = None,
@@ -191,11 +196,11 @@ def generate(
     if eft_ft is not None:
         return run_eft(prompt, model, eft_ft, eft_base, beta, speculative, input, batch_size, system, chat, as_json,
                        dtype, sampling)
-    from slmkit.models import load
+    from slmkit.engines import open_model
 
     prompts = read_prompts(prompt, input)
     sampling.validate()
-    print_generations(load(model, dtype=dtype), prompts, sampling, batch_size, system, chat, as_json)
+    print_generations(open_model(model, engine, dtype=dtype), prompts, sampling, batch_size, system, chat, as_json)
 
 
 def print_generations(loaded, prompts, sampling, batch_size, system, chat, as_json, decode=None):
@@ -320,14 +325,15 @@ def chat(
     system: Annotated[str | None, typer.Option(help="System prompt "
                                                "(default: \"You are a helpful assistant.\").")] = None,
     dtype: DtypeOpt = "auto",
+    engine: EngineOpt = "auto",
     sampling: SamplingParams = None,
 ):
     """Interactive multi-turn chat. Commands: /reset clears history, /system TEXT sets the system prompt,
     /exit quits. Works through a pipe: one user message per line."""
-    from slmkit.models import load
+    from slmkit.engines import open_model
 
     sampling.validate()
-    loaded = load(model, dtype=dtype)
+    loaded = open_model(model, engine, dtype=dtype)
     from slmkit.generate import is_chat_model
 
     if not is_chat_model(loaded.tokenizer):
@@ -1248,6 +1254,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option(envvar="SLMKIT_API_KEY", help="Require this bearer token.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Default max_tokens when a request gives none.")] = 512,
     dtype: DtypeOpt = "auto",
+    engine: EngineOpt = "auto",
 ):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (both stream with "stream": true),
     /v1/models, /health. Concurrent requests are batched. Use it with any OpenAI client:
@@ -1255,11 +1262,13 @@ def serve(
     from slmkit.serve import serve as run_server
 
     def ready(server):
-        err.print(f"serving [bold]{server.name}[/] at {server.url} (max batch {max_batch}); Ctrl-C stops")
+        engine_used = server.loaded.engine
+        how = f"{engine_used.name} engine" if engine_used else f"torch engine, max batch {max_batch}"
+        err.print(f"serving [bold]{server.name}[/] at {server.url} ({how}); Ctrl-C stops")
 
     try:
         run_server(model, host=host, port=port, max_batch=max_batch, served_name=served_name, api_key=api_key,
-                   max_tokens=max_tokens, dtype=dtype, on_ready=ready)
+                   max_tokens=max_tokens, dtype=dtype, engine=engine, on_ready=ready)
     except KeyboardInterrupt:
         err.print("stopped")
 
@@ -1419,6 +1428,37 @@ def finetune(
               f"({s['trainable_parameters']:,} trainable parameters); model in {s['run_dir']}/model")
     if "val_accuracy" in s:
         out.print(f"held-out accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy']:.3f}")
+
+
+@app.command("export")
+def export_command(
+    model: Annotated[str | None, typer.Argument(help="A run's model directory, any HF directory, a .gguf file or "
+                                                "a packaged zoo model (default: the embedded SmolLM2).")] = None,
+    to: Annotated[str, typer.Option(help="gguf (llama.cpp) or onnx (optimum).")] = "gguf",
+    quant: Annotated[str, typer.Option(help="GGUF type: f32, f16, bf16, q8_0 (llama.cpp's converter), or a quant "
+                                       "q4_k_m, q5_k_m, q6_k, q4_0... (llama.cpp's quantiser).")] = "q8_0",
+    out_path: Annotated[Path | None, typer.Option("--out", help="Output file (GGUF) or directory (ONNX). Default: "
+                                                  "NAME-QUANT.gguf / NAME-onnx here.")] = None,
+    check: Annotated[bool, typer.Option(help="GGUF: run it in llama.cpp beside the PyTorch model and report greedy "
+                                        "agreement and next-token logit differences.")] = True,
+    tokens: Annotated[int, typer.Option(help="Greedy tokens compared by the parity check.")] = 64,
+):
+    """Ship a model: a GGUF that llama.cpp runs (llama.cpp's own converter and quantiser), or ONNX."""
+    from slmkit import export
+
+    if to == "onnx":
+        target = export.to_onnx(model, out_path or Path(f"{Path(model or 'model').name}-onnx"))
+        out.print(f"ONNX model -> {target}")
+        return
+    if to != "gguf":
+        raise SlmError(f"unknown export format '{to}' (gguf or onnx)")
+    target = export.to_gguf(model, out_path, quant)
+    out.print(f"GGUF ({quant}, {target.stat().st_size / 1e6:.1f} MB) -> {target}")
+    if check:
+        r = export.parity(model, target, tokens=tokens)
+        out.print(f"parity vs PyTorch fp32 over {r['tokens']} greedy tokens: {r['agree']:.0%} of positions agree "
+                  f"(identical for the first {r['agree_prefix']}); mean |Δlogit| {r['mean_abs_logit_delta']:.4f}")
+        (target.parent / f"{target.stem}.parity.json").write_text(json.dumps(r, indent=2) + "\n")
 
 
 @app.command("run")

@@ -96,7 +96,7 @@ def with_system(messages: list[dict], system: str | None = None) -> list[dict]:
 
 def stop_token_ids(model, tokenizer) -> set[int]:
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
         eos = getattr(source, "eos_token_id", None) if source is not None else None
         if isinstance(eos, int):
             ids.add(eos)
@@ -384,11 +384,23 @@ def _prepare(loaded, prompts, params: SamplingParams, system, chat):
     tok = loaded.tokenizer
     texts = [format_prompt(tok, p, system=system, chat=chat) for p in prompts]
     templated = any(isinstance(p, list) for p in prompts) or (chat if chat is not None else is_chat_model(tok))
-    ids, mask, max_new = encode(tok, texts, loaded.context_length, params.max_new_tokens,
-                                loaded.model.config.is_encoder_decoder, templated)
+    encoder_decoder = loaded.engine is None and loaded.model.config.is_encoder_decoder
+    ids, mask, max_new = encode(tok, texts, loaded.context_length, params.max_new_tokens, encoder_decoder, templated)
     run_params = SamplingParams(**{**params.__dict__, "max_new_tokens": max_new})
-    eos = set() if params.ignore_eos else stop_token_ids(loaded.model, tok)
+    eos = set() if params.ignore_eos else stop_ids(loaded)
     return texts, ids, mask, run_params, eos
+
+
+def stop_ids(loaded) -> set[int]:
+    """The tokens that end a reply: the model's and tokenizer's EOS, and an engine's own."""
+    if loaded.engine is not None:
+        return loaded.engine.eos | stop_token_ids(None, loaded.tokenizer)
+    return stop_token_ids(loaded.model, loaded.tokenizer)
+
+
+def decoder(loaded, decode=None):
+    """The token loop: `decode` if given (EFT), the engine's (llama.cpp, vLLM), else slmkit's own."""
+    return decode or (loaded.engine.decode if loaded.engine is not None else decode_tokens)
 
 
 def stream(loaded, prompt: str | list[dict], params: SamplingParams | None = None, *,
@@ -399,7 +411,7 @@ def stream(loaded, prompt: str | list[dict], params: SamplingParams | None = Non
     params = params or SamplingParams()
     texts, ids, mask, run_params, eos = _prepare(loaded, [prompt], params, system, chat)
     tracker = _TextTracker(loaded.tokenizer, list(params.stop), eos)
-    for tokens in (decode or decode_tokens)(loaded.model, ids, mask, run_params, eos):
+    for tokens in decoder(loaded, decode)(loaded.model, ids, mask, run_params, eos):
         delta = tracker.add(int(tokens[0]))
         if delta:
             yield delta
@@ -416,9 +428,13 @@ def generate(loaded, prompts: list[str | list[dict]], params: SamplingParams | N
     """Generate for a batch of prompts at once. `on_text(row, delta)` receives text as it is produced;
     `decode` replaces the token loop as in `stream`."""
     params = params or SamplingParams()
+    if loaded.engine is not None and len(prompts) > 1:  # an engine decodes one prompt at a time
+        return [c for row, p in enumerate(prompts) for c in generate(
+            loaded, [p], params, system=system, chat=chat,
+            on_text=on_text and (lambda _, delta, row=row: on_text(row, delta)), decode=decode)]
     texts, ids, mask, run_params, eos = _prepare(loaded, prompts, params, system, chat)
     trackers = [_TextTracker(loaded.tokenizer, list(params.stop), eos) for _ in prompts]
-    for tokens in (decode or decode_tokens)(loaded.model, ids, mask, run_params, eos):
+    for tokens in decoder(loaded, decode)(loaded.model, ids, mask, run_params, eos):
         for row, tracker in enumerate(trackers):
             delta = tracker.add(int(tokens[row]))
             if delta and on_text:

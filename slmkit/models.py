@@ -35,9 +35,12 @@ class Loaded:
     name: str
     path: Path | None  # the HF directory it was read from (None for a fresh zoo spec)
     task: str  # causal-lm | masked-lm | seq2seq | vision-lm | encoder
+    engine: Any = None  # an `engines` decoder (llama.cpp, vLLM) when `model` is not a torch model
 
     @property
     def context_length(self) -> int | None:
+        if self.engine is not None:
+            return self.engine.n_ctx
         c = getattr(self.model.config, "text_config", None) or self.model.config
         return getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
 
@@ -252,6 +255,8 @@ def load(source: str | None = None, *, dtype: str = "auto", progress: bool = Tru
     builds a randomly initialised model of that spec (for training). `dtype="auto"` picks bf16 on CPUs with bf16 units.
     """
     quiet_transformers()
+    if dtype == "int8":  # int8 dynamic quantisation runs on fp32 activations
+        dtype, quantize = "fp32", "int8"
     kind, path = resolve(source)
     name = source or zoo.DEFAULT_MODEL
     if kind == "zoo":
@@ -296,7 +301,8 @@ def check_checkpoint(path: Path) -> dict:
 
 def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None, quantize: str | None = None) -> Loaded:
     """Load an HF directory. `quantize="nf4"` loads the linear layers in 4-bit NormalFloat with double
-    quantisation through bitsandbytes (the QLoRA base; compute in `dtype`)."""
+    quantisation through bitsandbytes (the QLoRA base; compute in `dtype`); `quantize="int8"` makes them int8
+    for CPU inference (`quantize_int8`)."""
     import transformers
 
     quiet_transformers()
@@ -308,8 +314,8 @@ def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None, quanti
         raise SlmError(f"{path}/config.json: cannot build a config: {_one_line(e)}") from e
     task = task_of(config)
     auto = getattr(transformers, zoo.AUTO_CLASS[task])
-    torch_dtype = pick_dtype(dtype)
-    extra = _quantization(quantize, torch_dtype) if quantize else {}
+    torch_dtype = pick_dtype("fp32" if quantize == "int8" else dtype)
+    extra = _quantization(quantize, torch_dtype) if quantize and quantize != "int8" else {}
     try:
         model, info = auto.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
                                            attn_implementation=attention_for(torch_dtype), **extra)
@@ -326,14 +332,29 @@ def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None, quanti
             tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         except Exception as e:
             raise SlmError(f"cannot load the tokenizer in {path}: {_one_line(e)}") from e
+    if quantize == "int8":
+        quantize_int8(model)
     return Loaded(model.eval(), tokenizer, name or str(path), path, task)
+
+
+def quantize_int8(model):
+    """CPU inference with int8 linear layers: torch's dynamic quantisation (weights int8 per output channel,
+    activations quantised on the fly); embeddings and norms stay fp32. In place; returns the model."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch marks its quantised tensor types for a future move to torchao
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    model._slmkit_quantized = "int8"
+    return model
 
 
 def _quantization(quantize: str, torch_dtype) -> dict:
     import torch
 
     if quantize != "nf4":
-        raise SlmError(f"unknown quantisation '{quantize}' (nf4)")
+        raise SlmError(f"unknown quantisation '{quantize}' (nf4, int8)")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:

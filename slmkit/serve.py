@@ -30,7 +30,7 @@ from slmkit.generate import (
     format_prompt,
     is_chat_model,
     next_tokens,
-    stop_token_ids,
+    stop_ids,
 )
 
 
@@ -84,8 +84,8 @@ class BatchEngine:
             raise SlmError(f"{loaded.name} has no tokenizer; save one beside the model to serve it")
         self.loaded, self.max_batch = loaded, max_batch
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.encoder_decoder = bool(self.model.config.is_encoder_decoder)
-        self.eos = stop_token_ids(self.model, self.tokenizer)
+        self.encoder_decoder = loaded.engine is None and bool(self.model.config.is_encoder_decoder)
+        self.eos = stop_ids(loaded)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos or {0})
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.stats = {"requests": 0, "tokens": 0, "max_batch_seen": 0, "steps": 0}
@@ -105,8 +105,8 @@ class BatchEngine:
                 raise ApiError(400, f"the prompt is {len(ids)} tokens but the model's context is {context} tokens",
                                "messages", "context_length_exceeded")
             params.max_new_tokens = min(params.max_new_tokens, context - len(ids))
-        stop_ids = set() if params.ignore_eos else self.eos
-        req = Request(ids, params, _TextTracker(self.tokenizer, list(params.stop), stop_ids), events, index, text,
+        eos = set() if params.ignore_eos else self.eos
+        req = Request(ids, params, _TextTracker(self.tokenizer, list(params.stop), eos), events, index, text,
                       seen=list(ids))
         if params.seed is not None:
             import torch
@@ -199,12 +199,15 @@ class BatchEngine:
             if delta:
                 req.events.put((req.index, "text", delta))
             if req.finished and not req.cancelled:
-                delta = req.tracker.close()
-                if delta:
-                    req.events.put((req.index, "text", delta))
-                completion = Completion(req.prompt, req.tracker.text, len(req.ids), len(req.tracker.ids),
-                                        req.tracker.finished)
-                req.events.put((req.index, "done", completion))
+                self._complete(req)
+
+    @staticmethod
+    def _complete(req: Request) -> None:
+        delta = req.tracker.close()
+        if delta:
+            req.events.put((req.index, "text", delta))
+        completion = Completion(req.prompt, req.tracker.text, len(req.ids), len(req.tracker.ids), req.tracker.finished)
+        req.events.put((req.index, "done", completion))
 
     def _retire(self, lm: CachedLM, last, running: list[Request]):
         keep = [i for i, r in enumerate(running) if not r.finished]
@@ -214,6 +217,35 @@ class BatchEngine:
             return lm, last, running
         lm.select(keep)
         return lm, last[keep], [running[i] for i in keep]
+
+
+class SerialEngine(BatchEngine):
+    """For engines with their own token loop (llama.cpp, vLLM): requests run one at a time, in arrival order,
+    through the same request/stop-string/event handling as the batching engine."""
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.is_set():
+            try:
+                req = self.waiting.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if req.cancelled:
+                continue
+            self.stats["requests"] += 1
+            self.stats["max_batch_seen"] = 1
+            ids = torch.tensor([req.ids])
+            try:
+                for tokens in self.loaded.engine.decode(None, ids, torch.ones_like(ids), req.params, req.tracker.eos):
+                    self.stats["steps"] += 1
+                    self._deliver([req], torch.tensor(tokens))
+                    if req.finished:
+                        break
+                if not req.finished:  # the engine ended the sequence itself
+                    self._complete(req)
+            except Exception as e:  # a failed request ends with an error; the server goes on
+                req.events.put((req.index, "error", f"generation failed: {type(e).__name__}: {e}"))
 
 
 # --- requests and responses ------------------------------------------------------------------------------
@@ -285,7 +317,7 @@ class Server:
                  served_name: str | None = None, api_key: str | None = None, max_tokens: int = 512):
         self.loaded, self.api_key, self.max_tokens = loaded, api_key, max_tokens
         self.name = served_name or loaded.name
-        self.engine = BatchEngine(loaded, max_batch=max_batch)
+        self.engine = (SerialEngine if loaded.engine is not None else BatchEngine)(loaded, max_batch=max_batch)
         self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -490,11 +522,12 @@ def _new_id(chat: bool) -> str:
 
 def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           served_name: str | None = None, api_key: str | None = None, max_tokens: int = 512, dtype: str = "auto",
-          on_ready=None) -> None:
-    """Load a model and serve it until interrupted. `on_ready(server)` runs once it listens."""
-    from slmkit.models import load
+          engine: str = "auto", on_ready=None) -> None:
+    """Load a model on `engine` (see `engines.open_model`) and serve it until interrupted. `on_ready(server)`
+    runs once it listens."""
+    from slmkit.engines import open_model
 
-    loaded = load(model, dtype=dtype)
+    loaded = open_model(model, engine, dtype=dtype)
     try:
         server = Server(loaded, host=host, port=port, max_batch=max_batch, served_name=served_name,
                         api_key=api_key, max_tokens=max_tokens)

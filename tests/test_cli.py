@@ -39,7 +39,7 @@ def test_generate_jsonl_batch_and_errors(tmp_path, smol):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 2 and all(row["completion_tokens"] <= 12 and "\n" not in row["text"] for row in rows)
-    assert "4" in rows[0]["text"]
+    assert "4" in rows[0]["text"] or "four" in rows[0]["text"].lower()
 
     prompts.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     r = slm("generate", "--input", str(prompts))

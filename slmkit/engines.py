@@ -1,0 +1,245 @@
+"""Inference engines behind `slm generate`, `slm chat` and `slm serve`.
+
+- `torch`: slmkit's own decode loop over a `transformers` model (`generate.py`): every feature (EFT, batching in
+  the server, any architecture, models being trained).
+- `llamacpp`: the model as a GGUF in llama.cpp through `llama-cpp-python`: several times faster on a CPU and
+  loaded in a fraction of a second. A .gguf file and the embedded default (its packaged GGUF) run directly; any
+  other decoder is exported once with llama.cpp's converter (`export.to_gguf`) into the cache.
+- `vllm`: CUDA GPUs, through vLLM.
+
+Every engine is opened as a `models.Loaded` whose `engine` decodes. Prompts are rendered and tokenised by the
+model's Hugging Face tokenizer and text is detokenised by it too, so the chat template, stop strings and
+token counts are the same whatever the engine; only the token loop differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from slmkit.errors import SlmError
+
+ENGINES = ("auto", "torch", "llamacpp", "vllm")
+EXPORT_QUANT = "q8_0"  # what a model without a GGUF is exported to for llama.cpp: near-lossless, 2x smaller than f16
+
+
+def installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def open_model(source: str | None, engine: str = "auto", *, dtype: str = "auto", progress: bool = True):
+    """Load `source` for inference on `engine` (ENGINES). `auto`: vLLM on a CUDA GPU when vllm is installed,
+    llama.cpp when llama-cpp-python is installed and the model already has a GGUF (a .gguf file, the embedded
+    default, or an export cached by an earlier `--engine llamacpp`), torch otherwise."""
+    from slmkit.models import load
+
+    if engine not in ENGINES:
+        raise SlmError(f"unknown engine '{engine}' (one of {', '.join(ENGINES)})")
+    if engine == "auto":
+        engine = pick_engine(source)
+    if engine == "llamacpp":
+        return open_llamacpp(source, progress=progress)
+    if engine == "vllm":
+        return open_vllm(source)
+    return load(source, dtype=dtype, progress=progress)
+
+
+def pick_engine(source: str | None) -> str:
+    if installed("vllm") and cuda_available():
+        return "vllm"
+    if installed("llama_cpp"):
+        try:
+            if existing_gguf(source) is not None:
+                return "llamacpp"
+        except SlmError:
+            pass  # let the torch loader report what is wrong with the source
+    return "torch"
+
+
+# --- llama.cpp -----------------------------------------------------------------------------------------
+
+
+def existing_gguf(source: str | None) -> Path | None:
+    """The GGUF `source` already has: itself, a packaged one, or a cached export; None if it has none."""
+    from slmkit import zoo
+    from slmkit.models import packaged_weights, resolve
+
+    kind, path = resolve(source)
+    if kind == "gguf":
+        return path
+    if kind == "zoo":
+        spec = zoo.get(source or zoo.DEFAULT_MODEL)
+        if spec.package is None or spec.task != "causal-lm":
+            return None
+        weights = packaged_weights(spec)
+        return weights if weights.suffix == ".gguf" else _cached_export(weights)
+    if kind == "dir":
+        return _cached_export(path)
+    return None
+
+
+def _export_path(directory: Path) -> Path:
+    """Where the llama.cpp export of a model directory is cached: keyed by its path and weights' mtimes."""
+    from slmkit.models import WEIGHT_FILES, cache_dir
+
+    stamps = [f"{f}:{(directory / f).stat().st_mtime_ns}" for f in WEIGHT_FILES if (directory / f).is_file()]
+    key = hashlib.sha256(f"{directory.resolve()}|{'|'.join(stamps)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{directory.resolve().name}-{key}-{EXPORT_QUANT}.gguf"
+
+
+def _cached_export(directory: Path) -> Path | None:
+    path = _export_path(directory)
+    return path if path.is_file() else None
+
+
+def gguf_tokenizer(gguf: Path):
+    """The Hugging Face tokenizer stored in a GGUF, read once and cached beside its dequantised copy."""
+    import transformers
+
+    from slmkit.models import _one_line, gguf_cache_path, quiet_transformers
+
+    quiet_transformers()
+    converted = gguf_cache_path(gguf)  # where `models.load` dequantises it, tokenizer included
+    directory = converted.with_name(converted.name + "-tokenizer")
+    for known in (converted, directory):
+        if (known / "tokenizer_config.json").is_file():
+            return transformers.AutoTokenizer.from_pretrained(known)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise SlmError(f"cannot read the tokenizer of GGUF file {gguf}: {_one_line(e)}") from e
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def open_llamacpp(source: str | None, *, n_ctx: int | None = None, threads: int | None = None,
+                  progress: bool = True):
+    """A `Loaded` whose engine is llama.cpp. A model without a GGUF is exported (q8_0) once into the cache."""
+    import transformers
+
+    from slmkit import zoo
+    from slmkit.export import require_llama_cpp, to_gguf
+    from slmkit.models import Loaded, quiet_transformers, resolve
+
+    require_llama_cpp("--engine llamacpp")
+    gguf = existing_gguf(source)
+    kind, path = resolve(source)
+    if gguf is None:
+        if kind not in ("dir", "zoo"):
+            raise SlmError(f"{source}: llama.cpp runs a .gguf file or a local model directory")
+        if kind == "zoo":
+            raise SlmError(f"{source} is a random-initialised spec; llama.cpp runs trained checkpoints")
+        gguf = _export_path(path)
+        if progress:
+            print(f"first llama.cpp use of {path}: exporting it to {EXPORT_QUANT} GGUF (once) -> {gguf}")
+        to_gguf(str(path), gguf, EXPORT_QUANT, progress=progress)
+    if kind == "dir":
+        quiet_transformers()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    else:
+        tokenizer = gguf_tokenizer(gguf)
+    name = (source or zoo.DEFAULT_MODEL) if kind != "zoo" else zoo.get(source or zoo.DEFAULT_MODEL).name
+    return Loaded(None, tokenizer, name, gguf, "causal-lm", engine=LlamaCppEngine(gguf, n_ctx=n_ctx, threads=threads))
+
+
+class LlamaCppEngine:
+    """A GGUF in llama.cpp: one sequence at a time, its KV cache kept between calls, so a chat's next turn
+    reuses the prefix it already evaluated."""
+
+    name = "llamacpp"
+
+    def __init__(self, gguf: Path, *, n_ctx: int | None = None, threads: int | None = None):
+        import llama_cpp
+
+        self.gguf = Path(gguf)
+        try:
+            self.llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx or 0, n_threads=threads or os.cpu_count() or 1,
+                                       n_batch=512, verbose=False)
+        except ValueError as e:
+            raise SlmError(f"llama.cpp cannot load {gguf}: {e}") from e
+        self.n_ctx = self.llm.n_ctx()
+        self.eos = {self.llm.token_eos()}
+
+    def decode(self, model, input_ids, attention_mask, params, eos: set[int]) -> Iterator[list[int]]:
+        """The `generate.decode_tokens` interface for one row: yield [token] per step until EOS or
+        `max_new_tokens`. Sampling is llama.cpp's own (temperature, top-k, top-p, repetition penalty over
+        its last 64 tokens, seed)."""
+        if input_ids.shape[0] != 1:
+            raise SlmError("the llama.cpp engine decodes one prompt at a time")
+        ids = input_ids[0][attention_mask[0].bool()].tolist()
+        if params.seed is not None:  # reproducible: also re-evaluate the prompt from scratch, since reusing a
+            self.llm.set_seed(params.seed)  # cached prefix changes the float sums enough to flip a sampled token
+            self.llm.reset()
+        processors = None
+        if params.ignore_eos:
+            blocked = sorted(self.eos)
+
+            def no_eos(_, scores):
+                scores[blocked] = -float("inf")
+                return scores
+
+            processors = [no_eos]
+        tokens = self.llm.generate(ids, top_k=params.top_k, top_p=params.top_p, min_p=0.0, typical_p=1.0,
+                                   temp=params.temperature, repeat_penalty=params.repetition_penalty,
+                                   logits_processor=processors)
+        for n, token in enumerate(tokens, 1):
+            yield [token]
+            if token in eos or n >= params.max_new_tokens:
+                return
+
+
+# --- vLLM ----------------------------------------------------------------------------------------------
+
+
+def vllm_sampling(params) -> dict:
+    """slmkit's SamplingParams as vLLM SamplingParams keyword arguments (stop strings stay with slmkit's
+    text tracker, so they behave the same on every engine)."""
+    return {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "top_k": params.top_k if params.top_k > 0 else -1, "repetition_penalty": params.repetition_penalty,
+            "seed": params.seed, "ignore_eos": params.ignore_eos, "detokenize": False}
+
+
+def open_vllm(source: str | None):
+    """A `Loaded` whose engine is vLLM (a CUDA GPU and `pip install 'slmkit[gpu]'`)."""
+    from slmkit.export import model_dir
+    from slmkit.models import Loaded, load_dir
+
+    if not installed("vllm"):
+        raise SlmError("--engine vllm needs vLLM: pip install 'slmkit[gpu]' (CUDA GPUs)")
+    if not cuda_available():
+        raise SlmError("--engine vllm needs a CUDA GPU; use --engine llamacpp or torch on a CPU")
+    path, name = model_dir(source)
+    tokenizer = load_dir(path, dtype="fp32").tokenizer  # the same tokenizer the torch path uses
+    return Loaded(None, tokenizer, name, path, "causal-lm", engine=VllmEngine(path))
+
+
+class VllmEngine:
+    """A model in vLLM. vLLM schedules its own batches; here each call generates one prompt's tokens and
+    hands them to slmkit's text tracker."""
+
+    name = "vllm"
+
+    def __init__(self, path: Path):
+        from vllm import LLM
+
+        self.llm = LLM(model=str(path), tokenizer=str(path))
+        self.n_ctx = self.llm.llm_engine.model_config.max_model_len
+        self.eos = set()
+
+    def decode(self, model, input_ids, attention_mask, params, eos: set[int]) -> Iterator[list[int]]:
+        from vllm import SamplingParams, TokensPrompt
+
+        ids = input_ids[0][attention_mask[0].bool()].tolist()
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(**vllm_sampling(params)),
+                                use_tqdm=False)
+        for token in out[0].outputs[0].token_ids:
+            yield [token]
