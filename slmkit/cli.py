@@ -39,7 +39,7 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue the run from its latest 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Zoo name, model directory, .gguf "
                                                  "file or hub id. Default: the embedded SmolLM2-135M.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (bf16 where the CPU has bf16 units), fp32, bf16, fp16, or int8 "
-                                       "(torch engine: int8 linear layers, dynamic quantisation).")]
+                                       "(torch engine: int8 weights, bf16 activations).")]
 EngineOpt = Annotated[str, typer.Option(help="torch, llamacpp (a GGUF in llama.cpp; other models are exported "
                                         "once, cached), vllm (CUDA), or auto: vllm on a GPU, llama.cpp when "
                                         "installed and the model has a GGUF, else torch.")]
@@ -298,14 +298,15 @@ def eft_eval_command(
     out.print(f"results -> {Path(out_dir) / 'eft_eval.json'}, plot -> {r['plot']}")
 
 
-def stream_to_terminal(loaded, prompt, sampling, *, system=None, chat=None, interruptible=False, decode=None) -> str:
+def stream_to_terminal(loaded, prompt, sampling, *, system=None, chat=None, interruptible=False, decode=None,
+                       images=None) -> str:
     """Print text as it is generated; return all of it. With `interruptible`, Ctrl-C ends this reply early
     (and keeps what was said) instead of the program."""
     from slmkit import generate as g
 
     parts = []
     try:
-        for delta in g.stream(loaded, prompt, sampling, system=system, chat=chat, decode=decode):
+        for delta in g.stream(loaded, prompt, sampling, system=system, chat=chat, decode=decode, images=images):
             parts.append(delta)
             sys.stdout.write(delta)
             sys.stdout.flush()
@@ -326,15 +327,28 @@ def chat(
                                                "(default: \"You are a helpful assistant.\").")] = None,
     dtype: DtypeOpt = "auto",
     engine: EngineOpt = "auto",
+    image: Annotated[list[Path] | None, typer.Option(help="A picture to talk about (repeatable), for a "
+                                                     "vision-language model such as a LLaVA-ϕ checkpoint.")] = None,
     sampling: SamplingParams = None,
 ):
     """Interactive multi-turn chat. Commands: /reset clears history, /system TEXT sets the system prompt,
-    /exit quits. Works through a pipe: one user message per line."""
-    from slmkit.engines import open_model
+    /exit quits. Works through a pipe: one user message per line. With --image, the conversation is about
+    the picture(s)."""
+    from slmkit.engines import IMAGE_TOKEN, open_model, read_image
 
     sampling.validate()
+    images = [read_image(p) for p in image or []]
     loaded = open_model(model, engine, dtype=dtype)
     from slmkit.generate import is_chat_model
+
+    if images and not getattr(loaded.engine, "takes_images", False):
+        raise SlmError(f"{loaded.name} does not take images (a LLaVA-style model does: `slm llava assemble`)")
+
+    def with_images(history: list[dict]) -> list[dict]:  # the pictures go before the first user message
+        if not images:
+            return history
+        first = {"role": "user", "content": IMAGE_TOKEN * len(images) + "\n" + history[0]["content"]}
+        return [first, *history[1:]]
 
     if not is_chat_model(loaded.tokenizer):
         raise SlmError(f"{loaded.name} has no chat template; use `slm generate` for plain text")
@@ -365,7 +379,8 @@ def chat(
             continue
         history.append({"role": "user", "content": line})
         history = fit_history(loaded, history, sampling.max_new_tokens, system)
-        reply = stream_to_terminal(loaded, history, sampling, system=system, chat=True, interruptible=True)
+        reply = stream_to_terminal(loaded, with_images(history), sampling, system=system, chat=True,
+                                   interruptible=True, images=images or None)
         history.append({"role": "assistant", "content": reply})
 
 
@@ -1428,6 +1443,50 @@ def finetune(
               f"({s['trainable_parameters']:,} trainable parameters); model in {s['run_dir']}/model")
     if "val_accuracy" in s:
         out.print(f"held-out accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy']:.3f}")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str | None, typer.Argument(help="Zoo name, model directory, .gguf file or hub id "
+                                                "(default: the embedded SmolLM2).")] = None,
+    perplexity: Annotated[str | None, typer.Option(help="Perplexity on this text: a packaged corpus (brown, austen, "
+                                                   "python-docs...) or a .txt/.jsonl file.")] = None,
+    tokens: Annotated[int, typer.Option(help="Perplexity: tokens measured.")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="Perplexity: window length in tokens.")] = 512,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", help="lm-eval tasks (repeatable): slmkit_spam, "
+                                                    "slmkit_arithmetic, slmkit_brown, or yours via --include.")] = None,
+    include: Annotated[list[Path] | None, typer.Option(help="A directory of lm-eval task YAMLs (repeatable).")] = None,
+    limit: Annotated[int | None, typer.Option(help="lm-eval: at most this many examples per task.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="lm-eval: demonstrations per prompt.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    dtype: DtypeOpt = "fp32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+):
+    """Evaluate a model: perplexity on text, and lm-evaluation-harness tasks through lm-eval's own HF model
+    class (packaged local tasks run with no dataset hub). Compare quantisations with --dtype int8 / bf16."""
+    from slmkit import evaluate
+    from slmkit.models import load
+
+    if not perplexity and not tasks:
+        perplexity = "brown"
+    loaded = load(model, dtype=dtype)
+    result: dict = {"model": loaded.name, "dtype": dtype}
+    if perplexity:
+        result["perplexity"] = evaluate.perplexity(loaded, perplexity, tokens, seq_len, min(batch_size, 4),
+                                                   progress=not as_json)
+    if tasks:
+        result["tasks"] = evaluate.lm_eval_tasks(loaded, tasks, include=include, limit=limit, batch_size=batch_size,
+                                                 num_fewshot=num_fewshot)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    if perplexity:
+        p = result["perplexity"]
+        out.print(f"perplexity on {p['data']}: {p['perplexity']:.3f} ({p['tokens']:,} tokens, windows of {seq_len}, "
+                  f"{dtype})")
+    for task, metrics in result.get("tasks", {}).items():
+        out.print(f"{task}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in metrics.items()))
 
 
 @app.command("export")

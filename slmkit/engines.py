@@ -50,7 +50,8 @@ def open_model(source: str | None, engine: str = "auto", *, dtype: str = "auto",
         return open_llamacpp(source, progress=progress)
     if engine == "vllm":
         return open_vllm(source)
-    return load(source, dtype=dtype, progress=progress)
+    loaded = load(source, dtype=dtype, progress=progress)
+    return open_vision(loaded) if loaded.task == "vision-lm" else loaded
 
 
 def pick_engine(source: str | None) -> str:
@@ -195,6 +196,135 @@ class LlamaCppEngine:
             yield [token]
             if token in eos or n >= params.max_new_tokens:
                 return
+
+
+# --- images: LLaVA-style vision-language models ----------------------------------------------------------
+
+
+IMAGE_TOKEN = "<image>"
+
+
+def read_image(source: str | bytes | Path):
+    """A PIL RGB image from a file path, raw bytes, or a base64 `data:image/...;base64,` URL (OpenAI's image
+    content part)."""
+    import base64
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        if isinstance(source, str) and source.startswith("data:"):
+            header, _, payload = source.partition(",")
+            if ";base64" not in header:
+                raise SlmError("an image data URL must be base64 (data:image/png;base64,...)")
+            source = base64.b64decode(payload, validate=True)
+        elif isinstance(source, str) and source.startswith(("http://", "https://")):
+            raise SlmError("image URLs are not fetched; send the image as a base64 data URL")
+        if isinstance(source, bytes):
+            return Image.open(io.BytesIO(source)).convert("RGB")
+        path = Path(source)
+        if not path.is_file():
+            raise SlmError(f"image not found: {path}")
+        return Image.open(path).convert("RGB")
+    except (UnidentifiedImageError, ValueError, OSError) as e:
+        raise SlmError(f"cannot read the image: {type(e).__name__}: {e}") from e
+
+
+def open_vision(loaded):
+    """A vision-language checkpoint (LLaVA-style: `model(input_ids, pixel_values)`) as a `Loaded` whose engine
+    takes images: the prompt holds one IMAGE_TOKEN per image."""
+    from transformers import AutoProcessor
+
+    if loaded.path is None:
+        raise SlmError(f"{loaded.name}: a vision-language model loads from a checkpoint directory with its processor")
+    try:
+        processor = AutoProcessor.from_pretrained(loaded.path)
+    except Exception as e:
+        raise SlmError(f"{loaded.path}: no image processor beside the model ({type(e).__name__})") from e
+    loaded.engine = VisionEngine(loaded.model, processor)
+    loaded.tokenizer = processor.tokenizer
+    return loaded
+
+
+class VisionEngine:
+    """A LLaVA-style model on torch: IMAGE_TOKEN in the prompt is expanded to the image's patch tokens, the
+    pixels go in beside them, and `transformers`' own `generate` decodes (its token stream handed to slmkit's
+    text tracker)."""
+
+    name = "torch"
+    takes_images = True
+
+    def __init__(self, model, processor):
+        from PIL import Image
+
+        self.model, self.processor = model, processor
+        self.image_token = model.config.image_token_id
+        probe = processor(text=IMAGE_TOKEN, images=[Image.new("RGB", (8, 8))], return_tensors="pt")
+        self.tokens_per_image = int((probe.input_ids == self.image_token).sum())
+        text = getattr(model.config, "text_config", model.config)
+        self.n_ctx = getattr(text, "max_position_embeddings", None)
+        self.eos = set()
+        tok = processor.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def decode(self, model, input_ids, attention_mask, params, eos: set[int], images=None):
+        import queue
+        import threading
+
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        ids = input_ids[0][attention_mask[0].bool()].tolist()
+        slots = ids.count(self.image_token)
+        if slots != len(images or []):
+            raise SlmError(f"the prompt has {slots} image placeholder(s) but {len(images or [])} image(s) came with it")
+        expanded = [t for token in ids for t in ([token] * self.tokens_per_image if token == self.image_token
+                                                   else [token])]
+        extra = {}
+        if images:
+            extra["pixel_values"] = self.processor.image_processor(images, return_tensors="pt").pixel_values.to(
+                self.model.dtype)
+        tokens: queue.Queue = queue.Queue()
+
+        class Stream(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() first hands over the prompt
+                    self.first = False
+                    return
+                for token in value.reshape(-1).tolist():
+                    tokens.put(token)
+
+            def end(self):
+                tokens.put(None)
+
+        sampling = {"do_sample": params.temperature > 0, "repetition_penalty": params.repetition_penalty}
+        if params.temperature > 0:
+            sampling.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        if params.ignore_eos:
+            sampling["min_new_tokens"] = params.max_new_tokens
+        errors = []
+
+        def run():
+            try:
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                with torch.inference_mode():
+                    self.model.generate(input_ids=torch.tensor([expanded]), attention_mask=torch.ones(1, len(expanded),
+                                        dtype=torch.long), max_new_tokens=params.max_new_tokens, streamer=Stream(),
+                                        pad_token_id=self.pad, **sampling, **extra)
+            except Exception as e:  # reported in the caller's thread
+                errors.append(e)
+                tokens.put(None)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        while (token := tokens.get()) is not None:
+            yield [token]
+        worker.join()
+        if errors:
+            raise errors[0]
 
 
 # --- vLLM ----------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ in a single forward: log p(option | prompt), summed over the option's tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from slmkit.errors import SlmError
 
 
@@ -71,3 +73,180 @@ def best_option(loaded, prompt: str, options: list[str], *, templated: bool = Fa
     """Rank classification: the index of the option with the highest log p(option | prompt)."""
     scores = option_logprobs(loaded, prompt, options, templated=templated)
     return max(range(len(options)), key=scores.__getitem__)
+
+
+# --- perplexity ------------------------------------------------------------------------------------------
+
+
+def perplexity(loaded, data: str = "brown", tokens: int = 16_384, seq_len: int = 512, batch_size: int = 4,
+               progress: bool = True) -> dict:
+    """Token-level perplexity of a causal LM on text (a packaged corpus, a file or a directory): documents
+    joined by EOS, the first `tokens` tokens cut into `seq_len` windows, each token predicted within its
+    window. The same data and cut for every model, so the numbers compare (e.g. fp32 vs `--dtype int8`)."""
+    import math
+
+    import torch
+    from rich.progress import Progress
+
+    from slmkit.data.corpora import documents
+
+    if loaded.task != "causal-lm" or loaded.model is None:
+        raise SlmError(f"{loaded.name}: perplexity is measured on a causal LM on the torch engine")
+    tok = loaded.tokenizer
+    ids: list[int] = []
+    for doc in documents(data):
+        ids += tok(doc, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        if len(ids) >= tokens:
+            break
+    windows = [ids[i:i + seq_len] for i in range(0, min(len(ids), tokens), seq_len)]
+    windows = [w for w in windows if len(w) > 1]
+    if not windows:
+        raise SlmError(f"{data}: no text to measure perplexity on")
+    nll, count = 0.0, 0
+    with Progress(disable=not progress) as bar, torch.inference_mode():
+        job = bar.add_task(f"perplexity on {data}", total=len(windows))
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start:start + batch_size]
+            width = max(map(len, batch))
+            x = torch.tensor([w + [tok.eos_token_id] * (width - len(w)) for w in batch])
+            mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in batch])
+            logits = loaded.model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+            target, keep = x[:, 1:], mask[:, 1:].bool()
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+            nll += float(losses[keep].sum())
+            count += int(keep.sum())
+            bar.advance(job, len(batch))
+    return {"model": loaded.name, "data": data, "tokens": count, "seq_len": seq_len, "nll": nll / count,
+            "perplexity": math.exp(nll / count)}
+
+
+# --- lm-eval ---------------------------------------------------------------------------------------------
+
+# Tasks built from packaged data, so lm-eval runs with no dataset hub: written once as lm-eval task YAMLs
+# over local JSON-lines files (lm-eval's `json` dataset loader).
+LOCAL_TASKS = {
+    "slmkit_spam": "spam-assassin emails, 'is this email spam?' as a two-way multiple choice (accuracy)",
+    "slmkit_arithmetic": "reasoning-gym basic arithmetic (2-3 terms), answer generated and matched exactly",
+    "slmkit_brown": "the Brown corpus, rolling log-likelihood (word and byte perplexity, bits per byte)",
+}
+
+
+def _spam_rows(n: int = 200) -> list[dict]:
+    import random
+
+    from slmkit.data.spam import spam_assassin
+
+    rows = spam_assassin()
+    rng = random.Random(0)
+    spam = [r for r in rows if r["label"] == "spam"]
+    ham = [r for r in rows if r["label"] == "ham"]
+    picked = rng.sample(spam, n // 2) + rng.sample(ham, n - n // 2)
+    rng.shuffle(picked)
+    return [{"text": r["text"][:600], "label": int(r["label"] == "spam")} for r in picked]
+
+
+def _arithmetic_rows(n: int = 200) -> list[dict]:
+    import reasoning_gym
+
+    data = reasoning_gym.create_dataset("basic_arithmetic", size=n, seed=0, min_terms=2, max_terms=3,
+                                        min_digits=1, max_digits=2)
+    return [{"question": x["question"], "answer": x["answer"]} for x in data]
+
+
+def _brown_rows(n: int = 50) -> list[dict]:
+    from itertools import islice
+
+    from slmkit.data.corpora import documents
+
+    # the first ~2,000 characters of each document, cut at a sentence end: rolling log-likelihood stays cheap
+    return [{"text": text[:2000].rsplit(". ", 1)[0] + "."} for text in islice(documents("brown"), n)]
+
+
+_TASK_YAML = {
+    "slmkit_spam": """output_type: multiple_choice
+doc_to_text: "Email: {{text}}\\nQuestion: Is this email spam?\\nAnswer:"
+doc_to_choice: ["no", "yes"]
+doc_to_target: label
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""",
+    "slmkit_arithmetic": """output_type: generate_until
+doc_to_text: "Question: {{question}}\\nAnswer:"
+doc_to_target: "{{answer}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 16
+  do_sample: false
+filter_list:
+  - name: first-number
+    filter:
+      - function: regex
+        regex_pattern: "(-?[0-9]+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+""",
+    "slmkit_brown": """output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+""",
+}
+_TASK_ROWS = {"slmkit_spam": _spam_rows, "slmkit_arithmetic": _arithmetic_rows, "slmkit_brown": _brown_rows}
+
+
+def local_tasks_dir() -> Path:
+    """Write (once) the packaged lm-eval tasks: DIR/NAME/NAME.yaml + test.jsonl."""
+    import json
+
+    from slmkit.models import cache_dir
+
+    root = cache_dir() / "lm_eval_tasks"
+    for name, template in _TASK_YAML.items():
+        folder = root / name
+        data = folder / "test.jsonl"
+        if not data.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = data.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in _TASK_ROWS[name]()))
+            tmp.replace(data)
+        header = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                  f"    test: {json.dumps(str(data))}\ntest_split: test\nmetadata:\n  version: 1.0\n")
+        (folder / f"{name}.yaml").write_text(header + template)
+    return root
+
+
+def lm_eval_tasks(loaded, tasks: list[str], *, include: list[Path] | None = None, limit: int | None = None,
+                  batch_size: int = 8, num_fewshot: int | None = None) -> dict:
+    """Run lm-evaluation-harness tasks against a model through lm-eval's own HF model class (`HFLM` over the
+    loaded `transformers` model). Tasks: the packaged LOCAL_TASKS, task YAMLs in `include` directories, or
+    lm-eval's built-in tasks when their datasets are available locally. Returns {task: {metric: value}}."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise SlmError("lm-eval tasks need lm-evaluation-harness: pip install 'slmkit[eval]'") from e
+    if loaded.model is None or loaded.task != "causal-lm":
+        raise SlmError(f"{loaded.name}: lm-eval runs a causal LM on the torch engine")
+    for path in include or []:
+        if not Path(path).is_dir():
+            raise SlmError(f"task directory not found: {path}")
+    builtin = any(t not in LOCAL_TASKS for t in tasks) and not include
+    manager = TaskManager(include_path=[str(local_tasks_dir()), *map(str, include or [])], include_defaults=builtin)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise SlmError(f"unknown lm-eval task '{unknown[0]}' (packaged: {', '.join(LOCAL_TASKS)}; or give --include "
+                       "DIR with task YAMLs)")
+    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                          log_samples=False, bootstrap_iters=0)
+    return {task: {k.split(",")[0]: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            for task, metrics in out["results"].items()}

@@ -376,7 +376,7 @@ def encode(tokenizer, prompts: list[str], context: int | None, max_new_tokens: i
 
 
 def _prepare(loaded, prompts, params: SamplingParams, system, chat):
-    if loaded.task not in ("causal-lm", "seq2seq"):
+    if loaded.task not in ("causal-lm", "seq2seq") and not getattr(loaded.engine, "takes_images", False):
         raise SlmError(f"{loaded.name} is a {loaded.task} model; only causal-lm and seq2seq models generate text")
     if loaded.tokenizer is None:
         raise SlmError(f"{loaded.name} has no tokenizer; save one beside the model to generate text")
@@ -398,20 +398,26 @@ def stop_ids(loaded) -> set[int]:
     return stop_token_ids(loaded.model, loaded.tokenizer)
 
 
-def decoder(loaded, decode=None):
-    """The token loop: `decode` if given (EFT), the engine's (llama.cpp, vLLM), else slmkit's own."""
-    return decode or (loaded.engine.decode if loaded.engine is not None else decode_tokens)
+def decoder(loaded, decode=None, images=None):
+    """The token loop: `decode` if given (EFT), the engine's (llama.cpp, vLLM, a vision model's), else slmkit's
+    own. `images` (PIL images for the prompt's image placeholders) need an engine that takes them."""
+    run = decode or (loaded.engine.decode if loaded.engine is not None else decode_tokens)
+    if not images:
+        return run
+    if not getattr(loaded.engine, "takes_images", False):
+        raise SlmError(f"{loaded.name} does not take images (a LLaVA-style model does: `slm llava assemble`)")
+    return lambda *args: run(*args, images=images)
 
 
 def stream(loaded, prompt: str | list[dict], params: SamplingParams | None = None, *,
-           system: str | None = None, chat: bool | None = None, decode=None) -> Iterator[str]:
+           system: str | None = None, chat: bool | None = None, decode=None, images=None) -> Iterator[str]:
     """Yield text deltas for one prompt as tokens are generated. Returns the Completion at the end
     (available as `StopIteration.value`, or use `generate(..., on_text=...)`). `decode` replaces the token
     loop (same signature as `decode_tokens`; EFT passes its combined-model loop)."""
     params = params or SamplingParams()
     texts, ids, mask, run_params, eos = _prepare(loaded, [prompt], params, system, chat)
     tracker = _TextTracker(loaded.tokenizer, list(params.stop), eos)
-    for tokens in decoder(loaded, decode)(loaded.model, ids, mask, run_params, eos):
+    for tokens in decoder(loaded, decode, images)(loaded.model, ids, mask, run_params, eos):
         delta = tracker.add(int(tokens[0]))
         if delta:
             yield delta
@@ -424,17 +430,19 @@ def stream(loaded, prompt: str | list[dict], params: SamplingParams | None = Non
 
 
 def generate(loaded, prompts: list[str | list[dict]], params: SamplingParams | None = None, *,
-             system: str | None = None, chat: bool | None = None, on_text=None, decode=None) -> list[Completion]:
+             system: str | None = None, chat: bool | None = None, on_text=None, decode=None,
+             images: list[list] | None = None) -> list[Completion]:
     """Generate for a batch of prompts at once. `on_text(row, delta)` receives text as it is produced;
-    `decode` replaces the token loop as in `stream`."""
+    `decode` replaces the token loop as in `stream`; `images` gives each prompt its images."""
     params = params or SamplingParams()
     if loaded.engine is not None and len(prompts) > 1:  # an engine decodes one prompt at a time
         return [c for row, p in enumerate(prompts) for c in generate(
             loaded, [p], params, system=system, chat=chat,
-            on_text=on_text and (lambda _, delta, row=row: on_text(row, delta)), decode=decode)]
+            on_text=on_text and (lambda _, delta, row=row: on_text(row, delta)), decode=decode,
+            images=images and [images[row]])]
     texts, ids, mask, run_params, eos = _prepare(loaded, prompts, params, system, chat)
     trackers = [_TextTracker(loaded.tokenizer, list(params.stop), eos) for _ in prompts]
-    for tokens in decoder(loaded, decode)(loaded.model, ids, mask, run_params, eos):
+    for tokens in decoder(loaded, decode, images and images[0])(loaded.model, ids, mask, run_params, eos):
         for row, tracker in enumerate(trackers):
             delta = tracker.add(int(tokens[row]))
             if delta and on_text:

@@ -255,8 +255,8 @@ def load(source: str | None = None, *, dtype: str = "auto", progress: bool = Tru
     builds a randomly initialised model of that spec (for training). `dtype="auto"` picks bf16 on CPUs with bf16 units.
     """
     quiet_transformers()
-    if dtype == "int8":  # int8 dynamic quantisation runs on fp32 activations
-        dtype, quantize = "fp32", "int8"
+    if dtype == "int8":  # int8 weights, bf16 activations (see quantize_int8)
+        dtype, quantize = "bf16", "int8"
     kind, path = resolve(source)
     name = source or zoo.DEFAULT_MODEL
     if kind == "zoo":
@@ -314,7 +314,7 @@ def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None, quanti
         raise SlmError(f"{path}/config.json: cannot build a config: {_one_line(e)}") from e
     task = task_of(config)
     auto = getattr(transformers, zoo.AUTO_CLASS[task])
-    torch_dtype = pick_dtype("fp32" if quantize == "int8" else dtype)
+    torch_dtype = pick_dtype("bf16" if quantize == "int8" else dtype)
     extra = _quantization(quantize, torch_dtype) if quantize and quantize != "int8" else {}
     try:
         model, info = auto.from_pretrained(path, dtype=torch_dtype, output_loading_info=True,
@@ -338,14 +338,35 @@ def load_dir(path: Path, *, dtype: str = "auto", name: str | None = None, quanti
 
 
 def quantize_int8(model):
-    """CPU inference with int8 linear layers: torch's dynamic quantisation (weights int8 per output channel,
-    activations quantised on the fly); embeddings and norms stay fp32. In place; returns the model."""
+    """Weight-only int8 for CPU inference: every Linear weight becomes int8 per output channel (absmax / 127)
+    with bf16 scales, multiplied by torch's int8-weight kernel (`_weight_int8pack_mm`, the one gpt-fast and
+    torchao use) on bf16 activations; everything else runs in bf16. Activations are not quantised, which keeps
+    perplexity (dynamic int8 activations lose badly on SmolLM2's outlier channels). In place."""
     import torch
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    with warnings.catch_warnings():  # torch marks its quantised tensor types for a future move to torchao
-        warnings.simplefilter("ignore")
-        quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    class Int8Linear(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            w = linear.weight.detach().float()
+            scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
+            self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            self.register_buffer("scales", scale.to(torch.bfloat16))
+            self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().bfloat16(),
+                                                                            requires_grad=False)
+
+        def forward(self, x):
+            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    model.to(torch.bfloat16)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(module, name, Int8Linear(child))
     model._slmkit_quantized = "int8"
     return model
 

@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from slmkit.engines import IMAGE_TOKEN, read_image
 from slmkit.errors import SlmError
 from slmkit.generate import (
     CachedLM,
@@ -64,6 +65,7 @@ class Request:
     cancelled: bool = False
     generator: object = None
     seen: list[int] = field(default_factory=list)  # prompt and generated tokens
+    images: list | None = None  # PIL images for the prompt's image placeholders (a vision engine's requests)
 
     @property
     def generated(self) -> int:
@@ -78,8 +80,9 @@ class BatchEngine:
     """Owns the model; generates for all submitted requests together (see the module docstring)."""
 
     def __init__(self, loaded, max_batch: int = 16):
-        if loaded.task not in ("causal-lm", "seq2seq"):
-            raise SlmError(f"{loaded.name} is a {loaded.task} model; only causal-lm and seq2seq models can be served")
+        if loaded.task not in ("causal-lm", "seq2seq") and not getattr(loaded.engine, "takes_images", False):
+            raise SlmError(f"{loaded.name} is a {loaded.task} model; only causal-lm, seq2seq and vision-language "
+                           "models can be served")
         if loaded.tokenizer is None:
             raise SlmError(f"{loaded.name} has no tokenizer; save one beside the model to serve it")
         self.loaded, self.max_batch = loaded, max_batch
@@ -94,7 +97,7 @@ class BatchEngine:
         self._thread.start()
 
     def submit(self, text: str, params: SamplingParams, events: queue.Queue, *, templated: bool,
-               index: int = 0) -> Request:
+               index: int = 0, images: list | None = None) -> Request:
         """Queue one prompt; its events arrive on `events`. Raises ApiError if it cannot run."""
         ids = self.tokenizer(text, add_special_tokens=not templated).input_ids
         if not ids:
@@ -107,7 +110,7 @@ class BatchEngine:
             params.max_new_tokens = min(params.max_new_tokens, context - len(ids))
         eos = set() if params.ignore_eos else self.eos
         req = Request(ids, params, _TextTracker(self.tokenizer, list(params.stop), eos), events, index, text,
-                      seen=list(ids))
+                      seen=list(ids), images=images)
         if params.seed is not None:
             import torch
 
@@ -236,8 +239,10 @@ class SerialEngine(BatchEngine):
             self.stats["requests"] += 1
             self.stats["max_batch_seen"] = 1
             ids = torch.tensor([req.ids])
+            extra = {"images": req.images} if req.images else {}
             try:
-                for tokens in self.loaded.engine.decode(None, ids, torch.ones_like(ids), req.params, req.tracker.eos):
+                for tokens in self.loaded.engine.decode(None, ids, torch.ones_like(ids), req.params, req.tracker.eos,
+                                                        **extra):
                     self.stats["steps"] += 1
                     self._deliver([req], torch.tensor(tokens))
                     if req.finished:
@@ -291,19 +296,32 @@ def sampling_from(body: dict, default_max_tokens: int) -> SamplingParams:
     )
 
 
-def _message_text(message: dict, i: int) -> dict:
+def _message_text(message: dict, i: int, images: list | None = None) -> dict:
+    """One OpenAI message as {role, content}. Image content parts (base64 data URLs) become IMAGE_TOKEN in the
+    text, their pictures appended to `images` (None: images are refused)."""
     if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
         raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
     content = message.get("content")
-    if isinstance(content, list):  # content parts: text only
+    if isinstance(content, list):  # content parts: text, and images for a model that takes them
         parts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                raise ApiError(400, f"messages[{i}]: only text content parts are supported", f"messages[{i}].content")
-            parts.append(part.get("text", ""))
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append(part.get("text", ""))
+            elif kind == "image_url" and images is not None:
+                url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
+                try:
+                    images.append(read_image(url or ""))
+                except SlmError as e:
+                    raise ApiError(400, f"messages[{i}]: {e}", f"messages[{i}].content") from e
+                parts.append(IMAGE_TOKEN + "\n")
+            elif kind == "image_url":
+                raise ApiError(400, f"messages[{i}]: this model does not take images", f"messages[{i}].content")
+            else:
+                raise ApiError(400, f"messages[{i}]: content parts must be text or image_url", f"messages[{i}].content")
         content = "".join(parts)
     if not isinstance(content, str):
-        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of content parts",
                        f"messages[{i}].content")
     role = "system" if message["role"] == "developer" else message["role"]
     return {"role": role, "content": content}
@@ -355,8 +373,8 @@ class Server:
             raise ApiError(404, f"The model '{model}' does not exist; this server serves '{self.name}'", "model",
                            "model_not_found")
 
-    def prompts(self, body: dict, chat: bool) -> list[tuple[str, bool]]:
-        """(text, templated) per prompt."""
+    def prompts(self, body: dict, chat: bool) -> list[tuple[str, bool, list | None]]:
+        """(text, templated, images) per prompt."""
         tok = self.loaded.tokenizer
         if chat:
             messages = body.get("messages")
@@ -364,14 +382,15 @@ class Server:
                 raise ApiError(400, "'messages' must be a non-empty list", "messages")
             if not is_chat_model(tok):
                 raise ApiError(400, f"{self.name} has no chat template; use /v1/completions", "messages")
-            messages = [_message_text(m, i) for i, m in enumerate(messages)]
-            return [(format_prompt(tok, messages, chat=True), True)]
+            images = [] if getattr(self.loaded.engine, "takes_images", False) else None
+            messages = [_message_text(m, i, images) for i, m in enumerate(messages)]
+            return [(format_prompt(tok, messages, chat=True), True, images or None)]
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
             raise ApiError(400, "'prompt' must be a string or a list of strings", "prompt")
-        return [(p, False) for p in prompt]
+        return [(p, False, None) for p in prompt]
 
     def start_request(self, body: dict, chat: bool):
         self.check_model(body)
@@ -381,11 +400,11 @@ class Server:
         params = sampling_from(body, self.max_tokens)
         reqs = []
         try:
-            for text, templated in prompts:
+            for text, templated, images in prompts:
                 for k in range(n):  # each choice gets its own copy (the engine clamps max_new_tokens) and seed
                     seed = None if params.seed is None else params.seed + k
-                    reqs.append(self.engine.submit(text, replace(params, seed=seed), events,
-                                                   templated=templated, index=len(reqs)))
+                    reqs.append(self.engine.submit(text, replace(params, seed=seed), events, templated=templated,
+                                                   index=len(reqs), images=images))
         except ApiError:
             for r in reqs:
                 r.cancelled = True

@@ -136,3 +136,81 @@ def test_vision_tower_pretrained_here_with_clip_loss(tmp_path, tiny_causal):
     tower = L.vision_tower(str(tmp_path / "clip" / "model"))
     assert all(torch.equal(a, b) for a, b in zip(model.model.vision_tower.state_dict().values(),
                                                   tower.state_dict().values(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory, tiny_causal):
+    from slmkit.models import save_pretrained_atomic
+
+    root = tmp_path_factory.mktemp("llava")
+    lm_dir = save_pretrained_atomic(tiny_causal.model, tiny_causal.tokenizer, root / "lm")
+    return L.assemble(root / "llava", lm=str(lm_dir), image_size=32)
+
+
+def test_images_in_generate_match_transformers_and_change_the_answer(tiny_llava):
+    from PIL import Image
+
+    from slmkit.engines import open_model
+    from slmkit.generate import SamplingParams, format_prompt, generate
+
+    loaded = open_model(str(tiny_llava), "torch")
+    assert loaded.engine.takes_images and loaded.engine.tokens_per_image == 16
+    red, blue = Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))
+    question = [{"role": "user", "content": "<image>\nWhat colour is it?"}]
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    [a] = generate(loaded, [question], params, images=[[red]])
+    [b] = generate(loaded, [question], params, images=[[blue]])
+    assert a.text != b.text  # the pixels reach the language model
+    net, processor = L.load_llava(tiny_llava)  # transformers' own LLaVA pipeline on the same prompt
+    inputs = processor(images=[red], text=[format_prompt(processor.tokenizer, question)], return_tensors="pt")
+    with torch.no_grad():
+        out = net.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert processor.tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True) == a.text
+    with pytest.raises(SlmError, match="1 image placeholder"):
+        generate(loaded, [question], params, images=[[red, blue]])
+
+
+def test_images_over_the_openai_api_and_in_slm_chat(tiny_llava, tmp_path, smol):
+    import base64
+    import io
+
+    from openai import BadRequestError, OpenAI
+    from PIL import Image
+    from test_cli import slm
+
+    from slmkit.engines import open_model
+    from slmkit.generate import SamplingParams, generate
+    from slmkit.serve import Server
+
+    loaded = open_model(str(tiny_llava), "torch")
+    picture = Image.new("RGB", (32, 32), (40, 160, 60))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    server = Server(loaded, port=0).start()
+    try:
+        client = OpenAI(base_url=server.url, api_key="-", max_retries=0)
+        parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]
+        reply = client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": parts}],
+                                               max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+        [same] = generate(loaded, [[{"role": "user", "content": "<image>\nWhat is this?"}]],
+                          SamplingParams(max_new_tokens=6, ignore_eos=True), images=[[picture]])
+        assert reply.choices[0].message.content == same.text
+        with pytest.raises(BadRequestError, match="base64 data URL"):
+            client.chat.completions.create(model=server.name, max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    finally:
+        server.close()
+    text_server = Server(smol, port=0).start()  # a text model refuses image parts clearly
+    try:
+        with pytest.raises(BadRequestError, match="does not take images"):
+            OpenAI(base_url=text_server.url, api_key="-", max_retries=0).chat.completions.create(
+                model=text_server.name, max_tokens=4, messages=[{"role": "user", "content": parts}])
+    finally:
+        text_server.close()
+    picture.save(tmp_path / "p.png")
+    r = slm("chat", "-m", str(tiny_llava), "--image", str(tmp_path / "p.png"), "--max-new-tokens", "4",
+            stdin="What is this?\nAnd now?\n")
+    assert r.returncode == 0, r.stderr
+    r = slm("chat", "--engine", "torch", "--image", str(tmp_path / "p.png"), stdin="hi\n")
+    assert r.returncode != 0 and "does not take images" in r.stderr
