@@ -135,10 +135,13 @@ def open_llamacpp(source: str | None, *, n_ctx: int | None = None, threads: int 
     gguf = existing_gguf(source)
     kind, path = resolve(source)
     if gguf is None:
-        if kind not in ("dir", "zoo"):
-            raise SlmError(f"{source}: llama.cpp runs a .gguf file or a local model directory")
         if kind == "zoo":
-            raise SlmError(f"{source} is a random-initialised spec; llama.cpp runs trained checkpoints")
+            spec = zoo.get(source or zoo.DEFAULT_MODEL)
+            raise SlmError(f"{spec.name} is a random-initialised spec; llama.cpp runs trained checkpoints"
+                           if spec.package is None else f"{spec.name} is a {spec.task} model; llama.cpp runs "
+                           "causal LMs here")
+        if kind != "dir":
+            raise SlmError(f"{source}: llama.cpp runs a .gguf file or a local model directory")
         gguf = _export_path(path)
         if progress:
             print(f"first llama.cpp use of {path}: exporting it to {EXPORT_QUANT} GGUF (once) -> {gguf}")

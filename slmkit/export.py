@@ -185,11 +185,13 @@ def parity(source: str | None, gguf: Path, prompt: str = "The capital of France 
 
 
 def to_onnx(source: str | None, out: Path) -> Path:
-    """An ONNX export through optimum, for architectures it supports."""
+    """An ONNX export through optimum's exporter (the `optimum-onnx` package), for architectures it supports.
+    optimum-onnx 0.1 pins transformers 4.x, so this runs in an environment with transformers 4 and optimum."""
     try:
         from optimum.exporters.onnx import main_export
     except ImportError as e:
-        raise SlmError("ONNX export needs optimum: pip install 'optimum[exporters]' onnxruntime") from e
+        raise SlmError("ONNX export needs optimum's ONNX exporter: pip install optimum-onnx onnxruntime (it requires "
+                       "transformers 4.x; slmkit's default environment has 5.x, so use a separate one)") from e
     path, name = model_dir(source)
     try:
         main_export(str(path), output=str(out), task="text-generation-with-past", no_post_process=False)

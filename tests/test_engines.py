@@ -119,8 +119,13 @@ def test_vllm_mapping_and_clear_errors():
 def test_slm_export_command(tiny_dir, tmp_path):
     from test_cli import slm
 
+    from slmkit.engines import installed
+
     r = slm("export", str(tiny_dir), "--quant", "f16", "--out", str(tmp_path / "t.gguf"), "--tokens", "8")
     assert r.returncode == 0, r.stderr
     assert "GGUF (f16" in r.stdout and "parity vs PyTorch" in r.stdout
     report = json.loads((tmp_path / "t.parity.json").read_text())
     assert report["tokens"] == 8 and report["mean_abs_logit_delta"] < 0.05
+    if not installed("optimum"):
+        r = slm("export", str(tiny_dir), "--to", "onnx", "--out", str(tmp_path / "onnx"))
+        assert r.returncode == 1 and "pip install optimum-onnx" in r.stderr
