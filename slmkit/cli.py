@@ -339,10 +339,9 @@ def chat(
     sampling.validate()
     images = [read_image(p) for p in image or []]
     loaded = open_model(model, engine, dtype=dtype)
-    from slmkit.generate import is_chat_model
+    from slmkit.generate import check_images, is_chat_model
 
-    if images and not getattr(loaded.engine, "takes_images", False):
-        raise SlmError(f"{loaded.name} does not take images (a LLaVA-style model does: `slm llava assemble`)")
+    check_images(loaded, images)
 
     def with_images(history: list[dict]) -> list[dict]:  # the pictures go before the first user message
         if not images:

@@ -152,17 +152,18 @@ def parity(source: str | None, gguf: Path, prompt: str = "The capital of France 
     import numpy as np
     import torch
 
+    from slmkit.generate import SamplingParams, decode_tokens
     from slmkit.models import load_dir
 
     llama_cpp = require_llama_cpp("the GGUF parity check")
     path, _ = model_dir(source)
     loaded = load_dir(path, dtype="fp32")
     ids = loaded.tokenizer(prompt).input_ids
+    prompt_ids = torch.tensor([ids])  # greedy, no EOS stop: the same number of tokens from both
+    greedy = [int(t[0]) for t in decode_tokens(loaded.model, prompt_ids, torch.ones_like(prompt_ids),
+                                                SamplingParams(max_new_tokens=tokens), set())]
+    seq = torch.tensor([ids + greedy])
     with torch.inference_mode():
-        seq = torch.tensor([ids])
-        for _ in range(tokens):  # greedy, no EOS stop: the same number of tokens from both
-            logits = loaded.model(seq).logits
-            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
         torch_logits = loaded.model(seq).logits[0, :-1].float().numpy()
     torch_tokens = seq[0, len(ids):].tolist()
     llm = llama_cpp.Llama(str(gguf), n_ctx=len(seq[0]) + 8, logits_all=True, verbose=False,

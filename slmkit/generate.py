@@ -376,7 +376,7 @@ def encode(tokenizer, prompts: list[str], context: int | None, max_new_tokens: i
 
 
 def _prepare(loaded, prompts, params: SamplingParams, system, chat):
-    if loaded.task not in ("causal-lm", "seq2seq") and not getattr(loaded.engine, "takes_images", False):
+    if loaded.task not in ("causal-lm", "seq2seq") and not takes_images(loaded):
         raise SlmError(f"{loaded.name} is a {loaded.task} model; only causal-lm and seq2seq models generate text")
     if loaded.tokenizer is None:
         raise SlmError(f"{loaded.name} has no tokenizer; save one beside the model to generate text")
@@ -398,14 +398,23 @@ def stop_ids(loaded) -> set[int]:
     return stop_token_ids(loaded.model, loaded.tokenizer)
 
 
+def takes_images(loaded) -> bool:
+    """Whether the model's engine takes pictures beside the prompt (a LLaVA-style model's does)."""
+    return getattr(loaded.engine, "takes_images", False)
+
+
+def check_images(loaded, images) -> None:
+    if images and not takes_images(loaded):
+        raise SlmError(f"{loaded.name} does not take images (a LLaVA-style model does: `slm llava assemble`)")
+
+
 def decoder(loaded, decode=None, images=None):
     """The token loop: `decode` if given (EFT), the engine's (llama.cpp, vLLM, a vision model's), else slmkit's
     own. `images` (PIL images for the prompt's image placeholders) need an engine that takes them."""
     run = decode or (loaded.engine.decode if loaded.engine is not None else decode_tokens)
     if not images:
         return run
-    if not getattr(loaded.engine, "takes_images", False):
-        raise SlmError(f"{loaded.name} does not take images (a LLaVA-style model does: `slm llava assemble`)")
+    check_images(loaded, images)
     return lambda *args: run(*args, images=images)
 
 

@@ -32,6 +32,7 @@ from slmkit.generate import (
     is_chat_model,
     next_tokens,
     stop_ids,
+    takes_images,
 )
 
 
@@ -80,7 +81,7 @@ class BatchEngine:
     """Owns the model; generates for all submitted requests together (see the module docstring)."""
 
     def __init__(self, loaded, max_batch: int = 16):
-        if loaded.task not in ("causal-lm", "seq2seq") and not getattr(loaded.engine, "takes_images", False):
+        if loaded.task not in ("causal-lm", "seq2seq") and not takes_images(loaded):
             raise SlmError(f"{loaded.name} is a {loaded.task} model; only causal-lm, seq2seq and vision-language "
                            "models can be served")
         if loaded.tokenizer is None:
@@ -382,7 +383,7 @@ class Server:
                 raise ApiError(400, "'messages' must be a non-empty list", "messages")
             if not is_chat_model(tok):
                 raise ApiError(400, f"{self.name} has no chat template; use /v1/completions", "messages")
-            images = [] if getattr(self.loaded.engine, "takes_images", False) else None
+            images = [] if takes_images(self.loaded) else None
             messages = [_message_text(m, i, images) for i, m in enumerate(messages)]
             return [(format_prompt(tok, messages, chat=True), True, images or None)]
         prompt = body.get("prompt")
