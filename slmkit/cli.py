@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from slmkit.domains.llava_phi import CLIP_TRAIN
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
 from slmkit.methods.finetune import FinetuneArgs
@@ -45,9 +46,10 @@ EngineOpt = Annotated[str, typer.Option(help="torch, llamacpp (a GGUF in llama.c
                                         "installed and the model has a GGUF, else torch.")]
 
 
-def dataclass_options(cls, name: str):
+def dataclass_options(cls, name: str, **defaults):
     """Add the fields of dataclass `cls` to a command as --options; the command receives one `cls` instance
-    in its parameter `name`. This is how shared argument groups are declared once."""
+    in its parameter `name`. This is how shared argument groups are declared once. `defaults` override the
+    dataclass's defaults for this command (shown in --help)."""
 
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -55,11 +57,12 @@ def dataclass_options(cls, name: str):
         extra = []
         for f in dataclasses.fields(cls):
             # a list field (a repeatable flag) defaults to None on the command line, to its factory in cls
-            has_default = f.default is not dataclasses.MISSING
+            default = defaults.get(f.name, f.default)
+            has_default = default is not dataclasses.MISSING
             annotation = hints[f.name] if has_default else hints[f.name] | None
             option = typer.Option("--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
             extra.append(inspect.Parameter(f"{name}__{f.name}", inspect.Parameter.KEYWORD_ONLY,
-                                           default=f.default if has_default else None,
+                                           default=default if has_default else None,
                                            annotation=Annotated[annotation, option]))
         params = [p for p in sig.parameters.values() if p.name != name] + extra
 
@@ -1148,7 +1151,7 @@ def llava_data_command(
 
 
 @llava_app.command("vision-pretrain")
-@dataclass_options(FinetuneArgs, "train_args")
+@dataclass_options(FinetuneArgs, "train_args", **CLIP_TRAIN)
 def llava_vision_pretrain_command(
     data: LlavaDataOpt = Path("data/llava"),
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,

@@ -123,3 +123,17 @@ def test_data_and_tokenizer_commands(tmp_path):
 def test_unknown_command_is_a_usage_error_not_a_traceback():
     r = slm("nonexistent-command")
     assert r.returncode == 2 and "No such command" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shared_option_groups_take_per_command_defaults():
+    """A command can override the shared FinetuneArgs defaults (the nano CLIP trains from scratch at 1e-3);
+    the others keep the dataclass's."""
+    import inspect
+
+    from slmkit.cli import llava_train_command, llava_vision_pretrain_command
+    from slmkit.domains.llava_phi import CLIP_TRAIN
+    from slmkit.methods.finetune import FinetuneArgs
+
+    clip = inspect.signature(llava_vision_pretrain_command).parameters
+    assert {k: clip[f"train_args__{k}"].default for k in CLIP_TRAIN} == CLIP_TRAIN
+    assert inspect.signature(llava_train_command).parameters["train_args__lr"].default == FinetuneArgs().lr

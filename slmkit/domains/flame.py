@@ -12,8 +12,9 @@ seed:
   metrics);
 - `corrupt`: last-mile repair pairs - missing / extra parentheses, wrong argument separators, misspelled
   function names, swapped arguments, missing quotes - each kind named, so metrics can be reported per kind;
-- `FORMULA_SPLIT`: formula-aware pre-tokenisation (functions with their "(", references, strings,
-  numbers, operators kept whole) for a byte-level BPE (`slmkit.data.tokenizers.train_bpe`).
+- `FORMULA_SPLIT`: formula-aware pre-tokenisation for a byte-level BPE (`slmkit.data.tokenizers.train_bpe`):
+  functions with their "(", sheet prefixes and words whole, references and numbers spelt from column
+  letters and digits so the model can copy them.
 
 and trains and uses it:
 - `flame_train`: the zoo's FLAME spec (T5-style; `flame-nano` here, `flame-60m` real size) pretrained with
@@ -195,9 +196,17 @@ def random_formula(rng: random.Random, max_depth: int = 3) -> str:
 
 REF = (r"(?:(?:'[^']+'|[A-Za-z_][A-Za-z0-9_.]*)!)?"  # optional sheet
        r"(?:\$?[A-Z]{1,3}\$?\d+(?::\$?[A-Z]{1,3}\$?\d+)?|\$?[A-Z]{1,3}:\$?[A-Z]{1,3})(?![A-Za-z0-9_(])")
-# strings | function( | reference | number | name | two-character operator | any other single character
-FORMULA_SPLIT = (r'"[^"]*"|[A-Z][A-Z0-9.]*\(|' + REF +
-                 r"|\d+(?:\.\d+)?|[A-Za-z_][A-Za-z0-9_.]*|<>|<=|>=|[^\sA-Za-z0-9]")
+# The pieces a user types: strings | function( | reference | number | name | two-character operator | any
+# other single character (completion prefixes end between them).
+FORMULA_PIECES = (r'"[^"]*"|[A-Z][A-Z0-9.]*\(|' + REF +
+                  r"|\d+(?:\.\d+)?|[A-Za-z_][A-Za-z0-9_.]*|<>|<=|>=|[^\sA-Za-z0-9]")
+# The tokenizer's pre-tokenisation: functions with their "(", sheet prefixes, booleans and words (named
+# ranges, words in strings) stay whole; column letters, digits, "$", ":" and quotes are pieces of their own,
+# so every reference and number is spelt from a few frequent tokens the model can copy from the input.
+# (Whole references as pieces made each of them a rare token: a nano model learnt the shape of formulas but
+# reproduced `$B$13:$B$178` as a frequent look-alike.)
+FORMULA_SPLIT = (r"[A-Z][A-Z0-9.]*\(|'[^']+'!|[A-Za-z_][A-Za-z0-9_.]*!|TRUE|FALSE|[A-Za-z]*[a-z][A-Za-z_.]*"
+                 r"|[A-Z]|\d|<>|<=|>=|[^\sA-Za-z0-9]")
 
 
 def sketch(formula: str) -> str:
@@ -482,7 +491,7 @@ def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: floa
 
 def completion_prefix(formula: str, rng: random.Random) -> str:
     """The first 30-70% of a formula's pieces (what a user has typed so far)."""
-    pieces = re.findall(FORMULA_SPLIT, formula)
+    pieces = re.findall(FORMULA_PIECES, formula)
     return "".join(pieces[:max(2, round(len(pieces) * rng.uniform(0.3, 0.7)))])
 
 

@@ -272,6 +272,9 @@ def clip_objective(model, batch, generator):
     return out.loss, int(batch["input_ids"].shape[0])
 
 
+CLIP_TRAIN = dict(lr=1e-3, warmup_steps=50, weight_decay=0.1)  # the nano CLIP's defaults (from scratch)
+
+
 def vision_pretrain(data: Path = Path("data/llava"), image_size: int = 64, vocab_size: int = 1000,
                     run: str = "llava-clip", runs_dir: Path = Path("runs"), resume: bool = False,
                     train_args: FinetuneArgs | None = None, progress: bool = True) -> dict:
@@ -285,7 +288,7 @@ def vision_pretrain(data: Path = Path("data/llava"), image_size: int = 64, vocab
     from slmkit.methods.finetune import split
     from slmkit.train import evaluate, train
 
-    args = (train_args or FinetuneArgs(lr=1e-3, warmup_steps=50, weight_decay=0.1)).validate()
+    args = (train_args or FinetuneArgs(**CLIP_TRAIN)).validate()
     data = Path(data)
     rows = read_conversations(data / "stage1.jsonl" if data.is_dir() else data)
     captions = [next(m["content"] for m in r["messages"] if m["role"] == "assistant") for r in rows]

@@ -483,8 +483,11 @@ def infer_declarations(source: str, rounds: int = 6, gcc: str = "gcc") -> tuple[
 
 # --- corpus ----------------------------------------------------------------------------------------------
 
-# assembly and C lines are the pre-tokenisation unit: merges learn whole instructions and statements
-SLADE_SPLIT = r"[^\n]+\n?|\n"
+# Pre-tokenisation: every digit is a piece of its own and the rest of a line between digits is one piece, so
+# merges learn whole instructions and statements while every constant and offset is spelt from ten digit
+# tokens that the model can copy from the assembly into the C. (Whole lines as pieces made `addl $13, %eax`
+# one opaque token: the model wrote the right kind of function with the wrong constants.)
+SLADE_SPLIT = r"\d|[^\d\n]+\n?|\n"
 
 
 def _example(args) -> list[dict] | None:
