@@ -254,6 +254,35 @@ class SerialEngine(BatchEngine):
                 req.events.put((req.index, "error", f"generation failed: {type(e).__name__}: {e}"))
 
 
+def complete_many(loaded, prompts: list[str], params: list[SamplingParams], *, max_batch: int = 16,
+                  on_done=None) -> list[Completion]:
+    """Complete many raw-text prompts through the continuous-batching engine, without HTTP: a row that ends
+    frees its place for the next prompt at once, so no row waits for the longest of a fixed batch (the way
+    to sample many solutions). `params[i]` is prompt i's (give each its own seed for independent samples);
+    `on_done(i)` is called as prompt i completes."""
+    engine = (SerialEngine if loaded.engine is not None else BatchEngine)(loaded, max_batch=max_batch)
+    events: queue.Queue = queue.Queue()
+    results: list[Completion | None] = [None] * len(prompts)
+    try:
+        for i, (text, p) in enumerate(zip(prompts, params, strict=True)):
+            try:
+                engine.submit(text, p, events, templated=False, index=i)
+            except ApiError as e:
+                raise SlmError(f"prompt {i}: {e.message}") from e
+        for _ in prompts:
+            index, kind, payload = events.get()
+            while kind == "text":
+                index, kind, payload = events.get()
+            if kind == "error":
+                raise SlmError(f"prompt {index}: {payload}")
+            results[index] = payload
+            if on_done:
+                on_done(index)
+    finally:
+        engine.close()
+    return results
+
+
 # --- requests and responses ------------------------------------------------------------------------------
 
 

@@ -59,6 +59,22 @@ def test_continuous_batching_matches_one_at_a_time(tiny_causal):
         assert result.text == alone[0].text
 
 
+def test_complete_many_batches_continuously_in_prompt_order(tiny_causal):
+    """The library path to the same engine: more prompts than rows, each answer in its prompt's place and
+    equal to generating it alone; a bad prompt stops with its index."""
+    from slmkit.serve import complete_many
+
+    prompts = ["def add(a, b):", "x", "The quick brown fox jumps over", "import torch"]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (9, 3, 6, 12)]
+    done = []
+    results = complete_many(tiny_causal, prompts, params, max_batch=2, on_done=done.append)
+    assert sorted(done) == [0, 1, 2, 3] and [r.completion_tokens for r in results] == [9, 3, 6, 12]
+    for prompt, p, result in zip(prompts, params, results, strict=True):
+        assert result.text == generate(tiny_causal, [prompt], p, chat=False)[0].text
+    with pytest.raises(SlmError, match="prompt 1: the prompt is empty"):
+        complete_many(tiny_causal, ["a", ""], [SamplingParams(max_new_tokens=2)] * 2)
+
+
 def test_seq2seq_requests_are_batched(tiny_seq2seq):
     engine = BatchEngine(tiny_seq2seq)
     try:

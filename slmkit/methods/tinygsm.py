@@ -644,21 +644,20 @@ class Sample:
 def solve(loaded, questions: list[str], sandbox, *, samples: int = 1, temperature: float = 0.7,
           max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True) -> list[list[Sample]]:
     """`samples` programs per question (greedy when samples == 1 and temperature == 0), executed in the
-    sandbox. Prompts are decoded `batch_size` at a time."""
+    sandbox. Up to `batch_size` prompts are decoded together, continuously batched (a finished program's row
+    takes the next prompt at once); sample i is seeded with `seed + i`."""
     from rich.progress import Progress
 
-    from slmkit.generate import SamplingParams, generate
+    from slmkit.generate import SamplingParams
+    from slmkit.serve import complete_many
 
     prompts = [program_prompt(q) for q in questions for _ in range(samples)]
-    texts: list[str] = []
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, stop=STOP,
+                             seed=seed + i) for i in range(len(prompts))]
     with Progress(disable=not progress) as bar:
         job = bar.add_task(f"sampling {samples} program(s) for {len(questions)} problems", total=len(prompts))
-        for start in range(0, len(prompts), batch_size):
-            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95,
-                                    stop=STOP, seed=seed + start)
-            batch = prompts[start:start + batch_size]
-            texts += [p + c.text for p, c in zip(batch, generate(loaded, batch, params, chat=False), strict=True)]
-            bar.advance(job, len(batch))
+        done = complete_many(loaded, prompts, params, max_batch=batch_size, on_done=lambda _: bar.advance(job))
+    texts = [p + c.text for p, c in zip(prompts, done, strict=True)]
     results = sandbox.map(texts)
     flat = [Sample(t, r.status, r.value) for t, r in zip(texts, results, strict=True)]
     return [flat[i * samples:(i + 1) * samples] for i in range(len(questions))]
