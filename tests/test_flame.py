@@ -4,6 +4,7 @@ repair corruptions and the formula-aware tokenizer."""
 import json
 import random
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -110,5 +111,8 @@ def test_flame_train_eval_and_commands_end_to_end(tmp_path):
     assert result.exit_code == 0 and "=SUM(A1:A3  ->" in result.output, result.output
     hits = flame.search(str(model), "=VLOOKUP(", data, top=3)
     assert len(hits) == 3 and hits[0][0] >= hits[1][0] >= hits[2][0]
+    fresh = flame.flame_train(data, "flame-nano", pretrain_steps=0, run="f0", runs_dir=tmp_path,
+                              train_args=replace(args, steps=2), progress=False)  # no pretraining: built fresh
+    assert "pretrain" not in fresh and (tmp_path / "f0" / "init" / "tokenizer.json").is_file()
     with pytest.raises(SlmError, match="slm flame data"):
         flame.flame_train(tmp_path / "missing", run="x", runs_dir=tmp_path, train_args=args, progress=False)

@@ -525,7 +525,7 @@ def flame_train(
     from dataclasses import replace
 
     from slmkit.methods.finetune import finetune
-    from slmkit.methods.pretrain import pretrain
+    from slmkit.methods.pretrain import initialise, pretrain
 
     data = Path(data)
     for name in ("pretrain.jsonl", "tasks.jsonl", "tokenizer/tokenizer.json"):
@@ -533,7 +533,9 @@ def flame_train(
             raise SlmError(f"{data / name} not found: run `slm flame data --out {data}` first")
     args = (train_args or FinetuneArgs()).validate()
     base, summary = model, {}
-    if pretrain_steps:
+    if not pretrain_steps:  # straight to the tasks: a zoo spec still gets the formula tokenizer
+        base = initialise(model, data / "tokenizer", Path(runs_dir) / run / "init", args.seq_len, args.seed)
+    else:
         done = Path(runs_dir) / run / "pretrain" / "model"
         if not done.is_dir():
             summary["pretrain"] = pretrain(model, str(data / "pretrain.jsonl"), str(data / "tokenizer"), "span",
@@ -546,7 +548,7 @@ def flame_train(
     return summary
 
 
-def _generate(loaded, prompts: list[str], batch_size: int, max_new_tokens: int = 96) -> list[str]:
+def _generate(loaded, prompts: list[str], batch_size: int, max_new_tokens: int = 160) -> list[str]:
     from slmkit.client import LocalLM
     from slmkit.generate import SamplingParams
 

@@ -600,23 +600,16 @@ def slade_train(data: Path = Path("data/slade"), model: str = "slade-nano", run:
                 progress: bool = True) -> dict:
     """Train MODEL (a zoo spec, built fresh with DATA's tokenizer, or a checkpoint to continue from) to map
     DATA/tasks.jsonl's assembly to C. The model is RUNS_DIR/RUN/model."""
-    from transformers import AutoTokenizer
-
     from slmkit.methods.finetune import finetune
-    from slmkit.methods.pretrain import build_or_load
-    from slmkit.models import save_pretrained_atomic
+    from slmkit.methods.pretrain import initialise
 
     data = Path(data)
     for name in ("tasks.jsonl", "tokenizer/tokenizer.json"):
         if not (data / name).is_file():
             raise SlmError(f"{data / name} not found: run `slm slade data --out {data}` first")
     args = (train_args or FinetuneArgs()).validate()
-    init = Path(runs_dir) / run / "init"
-    if not init.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(data / "tokenizer")
-        net, _ = build_or_load(model, tokenizer, args.seq_len, args.seed)
-        save_pretrained_atomic(net, tokenizer, init)
-    return finetune(str(init), str(data / "tasks.jsonl"), "chat", val_fraction=0.02, lora=False, run=f"{run}/train",
+    init = initialise(model, data / "tokenizer", Path(runs_dir) / run / "init", args.seq_len, args.seed)
+    return finetune(init, str(data / "tasks.jsonl"), "chat", val_fraction=0.02, lora=False, run=f"{run}/train",
                     runs_dir=runs_dir, resume=resume, train_args=args, progress=progress)
 
 

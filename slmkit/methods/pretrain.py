@@ -52,6 +52,20 @@ def mlm_objective(tokenizer, prob: float = 0.15):
     return objective
 
 
+def initialise(model: str, tokenizer_dir: Path, out: Path, seq_len: int, seed: int) -> str:
+    """MODEL built fresh (a zoo spec) with the tokenizer in TOKENIZER_DIR, or a checkpoint checked against it,
+    saved once to OUT as the starting point of a run (an existing OUT is reused, so runs resume)."""
+    from transformers import AutoTokenizer
+
+    from slmkit.models import save_pretrained_atomic
+
+    if not Path(out).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        net, _ = build_or_load(model, tokenizer, seq_len, seed)
+        save_pretrained_atomic(net, tokenizer, out)
+    return str(out)
+
+
 def build_or_load(model: str, tokenizer, seq_len: int, seed: int):
     """A zoo spec is built fresh with the tokenizer's vocabulary and a context >= seq_len; anything else
     is loaded as a checkpoint to continue from (its vocabulary must match the tokenizer's)."""
