@@ -1005,6 +1005,7 @@ def flame_eval_command(
     out.print(table)
     out.print(f"evaluation-equivalent on random sheets: {r['equivalence']:.3f} (copy input "
               f"{r['copy_equivalence']:.3f}) over {r['equivalence_pairs']} pairs `formulas` can evaluate")
+    out.print(f"repair token accuracy (teacher-forced) {r['repair_token_accuracy']:.3f}")
     out.print(f"completion exact match {r['completion_exact']:.3f} on {r['completions']} held-out formulas; "
               f"-> {model}/flame_eval.json")
 
