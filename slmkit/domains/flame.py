@@ -13,8 +13,8 @@ seed:
 - `corrupt`: last-mile repair pairs - missing / extra parentheses, wrong argument separators, misspelled
   function names, swapped arguments, missing quotes - each kind named, so metrics can be reported per kind;
 - `FORMULA_SPLIT`: formula-aware pre-tokenisation for a byte-level BPE (`slmkit.data.tokenizers.train_bpe`):
-  functions with their "(", sheet prefixes and words whole, references and numbers spelt from column
-  letters and digits so the model can copy them.
+  functions with their "(", sheet prefixes and words whole, column letters and numbers as pieces of their
+  own, so the model can copy references from frequent tokens.
 
 and trains and uses it:
 - `flame_train`: the zoo's FLAME spec (T5-style; `flame-nano` here, `flame-60m` real size) pretrained with
