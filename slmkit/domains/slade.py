@@ -483,11 +483,10 @@ def infer_declarations(source: str, rounds: int = 6, gcc: str = "gcc") -> tuple[
 
 # --- corpus ----------------------------------------------------------------------------------------------
 
-# Pre-tokenisation: every digit is a piece of its own and the rest of a line between digits is one piece, so
-# merges learn whole instructions and statements while every constant and offset is spelt from ten digit
-# tokens that the model can copy from the assembly into the C. (Whole lines as pieces made `addl $13, %eax`
-# one opaque token: the model wrote the right kind of function with the wrong constants.)
-SLADE_SPLIT = r"\d|[^\d\n]+\n?|\n"
+# Assembly and C lines are the pre-tokenisation unit: merges learn whole instructions and statements. (Digits
+# split out of the lines, so constants could be copied, measured worse: after 1,500 steps the model collapsed
+# to one template - IO accuracy 0/200, 1% compiling without inference; lines: 2/200 and 46% after 2,000.)
+SLADE_SPLIT = r"[^\n]+\n?|\n"
 
 
 def _example(args) -> list[dict] | None:
