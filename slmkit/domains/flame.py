@@ -534,7 +534,7 @@ def flame_train(
         if not (data / name).is_file():
             raise SlmError(f"{data / name} not found: run `slm flame data --out {data}` first")
     args = (train_args or FinetuneArgs()).validate()
-    base, summary = model, {}
+    summary = {}
     if not pretrain_steps:  # straight to the tasks: a zoo spec still gets the formula tokenizer
         base = initialise(model, data / "tokenizer", Path(runs_dir) / run / "init", args.seq_len, args.seed)
     else:
@@ -642,7 +642,8 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
     if not tests:
         raise SlmError(f"{data}/repair.jsonl has no test pairs")
     loaded = load(model, dtype="fp32")
-    fixed = _generate(loaded, ["repair: " + t["broken"] for t in tests], batch_size)
+    prompts = ["repair: " + t["broken"] for t in tests]
+    fixed = _generate(loaded, prompts, batch_size)
     rng = random.Random(0)
     prefixes = [completion_prefix(r["formula"], rng) for r in held_out]
     completed = _generate(loaded, ["complete: " + p for p in prefixes], batch_size)
@@ -655,7 +656,7 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
     for k in per_kind.values():
         k["model"], k["copy"] = k["model"] / k["count"], k["copy"] / k["count"]
     n = len(tests)
-    tokens = token_accuracy(loaded, [("repair: " + t["broken"], t["fixed"]) for t in tests], batch_size)
+    tokens = token_accuracy(loaded, [(p, t["fixed"]) for p, t in zip(prompts, tests, strict=True)], batch_size)
     result = {"model": model, "repairs": n, "repair_token_accuracy": tokens,
               "repair_exact": sum(normalise(y) == normalise(t["fixed"]) for t, y in zip(tests, fixed, strict=True)) / n,
               "copy_exact": sum(normalise(t["broken"]) == normalise(t["fixed"]) for t in tests) / n,
