@@ -187,3 +187,36 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_saves_a_full_precision_model(t
         finetune(str(base_dir), str(facts_file), lora=False, qlora=True, runs_dir=tmp_path)
     with pytest.raises(SlmError, match="random-initialised spec"):
         load("tinyllama-nano", quantize="nf4")
+
+
+def test_split_rows_keeps_groups_together_and_plain_rows_in_the_old_order(tmp_path):
+    import numpy as np
+
+    from slmkit.methods.finetune import load_classification, split_rows
+
+    plain = [{"text": f"t{i}", "label": str(i % 2)} for i in range(50)]
+    train, val, test = split_rows(plain, 5, 10)
+    order = np.random.default_rng(12345).permutation(50)  # the seeded order every earlier run used
+    assert [r["text"] for r in test] == [f"t{i}" for i in order[:10]] and len(val) == 5 and len(train) == 35
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": f"passage {i}", "label": str(i % 3), "group": f"doc{i // 7}"}) + "\n"
+                         for i in range(70)))
+    rows = load_classification(str(f))
+    train, val, test = split_rows(rows, 10, 10)
+    groups = [{r["group"] for r in part} for part in (train, val, test)]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert len(test) == 14 and len(val) == 14 and len(train) == 42  # whole documents of 7 passages
+    with pytest.raises(SlmError, match="groups of examples are too few"):
+        split_rows(rows, 30, 35)
+
+
+def test_brown_genres_are_passages_labelled_by_coarse_genre():
+    from collections import Counter
+
+    from slmkit.methods.finetune import load_classification
+
+    rows = load_classification("brown-genres")
+    labels = Counter(r["label"] for r in rows)
+    assert set(labels) == {"press", "nonfiction", "learned", "fiction"} and min(labels.values()) > 1000
+    assert len({r["group"] for r in rows}) == 500 and all(len(r["text"].split()) == 90 for r in rows)
+    assert rows[0]["group"] == "ca01" and rows[0]["label"] == "press"

