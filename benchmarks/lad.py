@@ -3,12 +3,14 @@ unpruned and against transformers' own forward of it, measured in the same run.
 
     python benchmarks/lad.py [--run runs/lad-spam-minilm] [--batch-sizes 1 32] [--repeats 3]
 
-Run `slm run recipes/lad-spam-minilm.yaml` first. On the recipe's held-out test split (600 SpamAssassin
-emails, 128 tokens) it times, for the LAD student and the plain-KD student: transformers' forward (SDPA
-attention, unpruned: the peer), slmkit's forward unpruned, and slmkit's forward under the chosen length
+Run `slm run recipes/lad-spam-minilm.yaml` (or lad-brown-minilm.yaml, then `--run runs/lad-brown-minilm`)
+first. On the run's held-out test split (600 SpamAssassin emails, 128 tokens; the run's own data and split
+sizes are read from its distill.json) it times, for the LAD student and the plain-KD student: transformers'
+forward (SDPA attention, unpruned: the peer), slmkit's forward unpruned, and slmkit's forward under the chosen length
 configuration (`RUN/lad/model/length_config.json`); best of `repeats` passes over the split. Reports
 accuracy, encoder FLOPs per email and speed-ups as ratios (goal: >= 2x fewer FLOPs and >= 1.6x faster within
-1 accuracy point). Writes benchmarks/results/lad.json.
+1 accuracy point). Writes benchmarks/results/lad.json (lad-brown.json, ... for other runs: the run's name
+after `lad-`, up to the first `-`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, default=Path("runs/lad-spam-minilm"))
-    ap.add_argument("--data", default="spam-assassin")
+    ap.add_argument("--data", default=None, help="the run's classification data (default: from its distill.json)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -47,8 +49,8 @@ def main() -> None:
     lengths = load_length_config(args.run / "lad" / "model")
     if lengths is None:
         raise SystemExit(f"{args.run}/lad/model has no length_config.json: run recipes/lad-spam-minilm.yaml first")
-    _, _, test_rows = split_rows(load_classification(args.data), config.get("val_size", 300),
-                                 config.get("test_size", 600))
+    rows = load_classification(args.data or config.get("data", "spam-assassin"))
+    _, _, test_rows = split_rows(rows, config.get("val_size", 300), config.get("test_size", 600))
     results: dict = {"lengths": lengths, "test_examples": len(test_rows), "threads": torch.get_num_threads()}
     for name in ("lad", "kd"):
         if not (args.run / name / "model").is_dir():
@@ -82,7 +84,8 @@ def main() -> None:
             f"batch {bs}: {r['speedup_vs_unpruned']:.2f}x vs unpruned, {r['speedup_vs_transformers']:.2f}x vs "
             f"transformers, accuracy {r['unpruned']['accuracy']:.3f} -> {r['pruned']['accuracy']:.3f}"
             for bs in args.batch_sizes for r in [results[name][f"batch_{bs}"]]))
-    out = Path(__file__).parent / "results" / "lad.json"
+    task = args.run.name.removeprefix("lad-").split("-")[0]
+    out = Path(__file__).parent / "results" / ("lad.json" if task == "spam" else f"lad-{task}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"-> {out}")
