@@ -34,12 +34,15 @@ def test_generate_default_model_answers_paris(smol):
 
 def test_generate_jsonl_batch_and_errors(tmp_path, smol):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"prompt": "What is 2+2?"}\n\n{"messages": [{"role": "user", "content": "Say hi."}]}\n')
-    r = slm("generate", "--input", str(prompts), "--json", "--max-new-tokens", "12", "--stop", "\n")
+    prompts.write_text('{"prompt": "What is the capital of France?"}\n\n'
+                       '{"messages": [{"role": "user", "content": "Say hi."}]}\n')
+    # the torch engine: llama.cpp's 8-bit activations make greedy answers depend on the CPU's kernels
+    r = slm("generate", "--input", str(prompts), "--json", "--max-new-tokens", "12", "--stop", "\n",
+            "--engine", "torch")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 2 and all(row["completion_tokens"] <= 12 and "\n" not in row["text"] for row in rows)
-    assert "4" in rows[0]["text"] or "four" in rows[0]["text"].lower()
+    assert "Paris" in rows[0]["text"]
 
     prompts.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     r = slm("generate", "--input", str(prompts))
@@ -67,7 +70,8 @@ def test_generate_reads_stdin(smol):
 
 
 def test_chat_through_a_pipe_with_reset(smol):
-    r = slm("chat", "--max-new-tokens", "16", stdin="What is the capital of France?\n/reset\nSay hello.\n/exit\n")
+    r = slm("chat", "--max-new-tokens", "16", "--engine", "torch",
+            stdin="What is the capital of France?\n/reset\nSay hello.\n/exit\n")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "history cleared" in r.stderr

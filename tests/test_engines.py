@@ -56,8 +56,11 @@ def test_llamacpp_engine_generates_like_the_torch_path(llama_smol, smol):
     greedy = SamplingParams(max_new_tokens=12)
     [fast] = generate(llama_smol, ["What is the capital of France?"], greedy)
     [slow] = generate(smol, ["What is the capital of France?"], greedy)
-    assert "Paris" in fast.text
     assert fast.prompt == slow.prompt and fast.prompt_tokens == slow.prompt_tokens  # one chat template, one tokenizer
+    # llama.cpp quantises activations to 8 bits for the Q4_1 weights, so a chat answer's wording depends on the
+    # CPU's kernels (seen: an AMD EPYC without AVX-512 answers in French); the plain completion is stable
+    [paris] = generate(llama_smol, ["The capital of France is"], greedy, chat=False)
+    assert "Paris" in paris.text
     # stop strings, the token limit and streaming go through the same text tracker as the torch path
     [cut] = generate(llama_smol, ["Count from 1 to 20: 1, 2, 3,"], SamplingParams(max_new_tokens=40, stop=["7"]),
                      chat=False)
@@ -97,11 +100,14 @@ def test_server_on_the_llamacpp_engine(llama_smol):
         client = OpenAI(base_url=server.url, api_key="-")
         reply = client.chat.completions.create(model=server.name, max_tokens=12, temperature=0,
                                                messages=[{"role": "user", "content": "What is the capital of France?"}])
-        assert "Paris" in reply.choices[0].message.content
+        assert reply.choices[0].message.content.strip() and reply.usage.completion_tokens <= 12
+        plain = client.completions.create(model=server.name, prompt="The capital of France is", max_tokens=8,
+                                          temperature=0)  # stable across CPUs (see above)
+        assert "Paris" in plain.choices[0].text
         chunks = client.completions.create(model=server.name, prompt="Once upon a time", max_tokens=8, stream=True,
                                            extra_body={"ignore_eos": True})
         text = "".join(c.choices[0].text for c in chunks if c.choices)
-        assert text and server.engine.stats["requests"] == 2
+        assert text and server.engine.stats["requests"] == 3
     finally:
         server.close()
 
