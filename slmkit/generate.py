@@ -165,13 +165,18 @@ def _packed_linear_class():
 def pack_linear_weights(model) -> bool:
     """Switch a bf16 CPU model's Linear layers to pre-packed oneDNN weights (see PackedLinear). Weights,
     state_dict keys and outputs stay the same; it costs one extra copy of the linear weights in memory.
-    Returns whether the model is packed. fp32 models are left alone (little gain, slightly different sums)."""
+    Returns whether the model is packed. fp32 models are left alone (little gain, slightly different sums), and
+    so are models on CPUs whose oneDNN has no bf16 kernels."""
     import torch
 
     if getattr(model, "_slmkit_packed", False):
         return True
     if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or not torch.backends.mkldnn.is_available()
             or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:  # oneDNN's bf16 kernels need AVX-512 (or AVX-NE-CONVERT); without them, keep the plain layers
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
+    except RuntimeError:
         return False
     cls = _packed_linear_class()
     for module in model.modules():

@@ -142,7 +142,10 @@ def test_packed_bf16_weights_match_plain_and_follow_updates():
                          num_attention_heads=4, num_key_value_heads=2)
     plain = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     packed = copy.deepcopy(plain)
-    assert pack_linear_weights(packed)
+    if not pack_linear_weights(packed):  # e.g. an AMD EPYC without AVX-512: bf16 runs on the plain layers
+        with torch.inference_mode():
+            assert torch.isfinite(packed(input_ids=torch.randint(0, 512, (2, 9))).logits).all()
+        pytest.skip("this CPU's oneDNN has no bf16 linear kernels; the model stays unpacked")
     assert type(packed.lm_head).__name__ == "PackedLinear"
     assert packed.state_dict().keys() == plain.state_dict().keys()
     ids = torch.randint(0, 512, (2, 9))
