@@ -229,8 +229,11 @@ def test_slm_serve_command(tmp_path):
         assert f"serving smol at http://127.0.0.1:{port}/v1" in line, line
         endpoint = Endpoint(f"http://127.0.0.1:{port}/v1", "smol")
         assert endpoint.models() == ["smol"]
-        assert "Paris" in endpoint.chat([{"role": "user", "content": "What is the capital of France?"}],
-                                        SamplingParams(max_new_tokens=12))
+        assert endpoint.chat([{"role": "user", "content": "What is the capital of France?"}],
+                             SamplingParams(max_new_tokens=12)).strip()
+        # `slm serve` picks llama.cpp for the embedded model when it is installed; its chat wording depends on
+        # the CPU's kernels (tests/test_engines.py), a plain completion does not
+        assert "Paris" in endpoint.complete("The capital of France is", SamplingParams(max_new_tokens=8))
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
