@@ -8,6 +8,7 @@ Both stop at EOS, at a stop string (cut from the output) or at `max_new_tokens`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -162,6 +163,21 @@ def _packed_linear_class():
     return PackedLinear
 
 
+@functools.cache
+def _onednn_packs_bf16() -> bool:
+    """Whether this machine's oneDNN can pre-pack bf16 linear weights: its bf16 kernels need AVX-512 (or
+    AVX-NE-CONVERT). Probed once per process, since every decode batch asks."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
+    except RuntimeError:
+        return False
+    return True
+
+
 def pack_linear_weights(model) -> bool:
     """Switch a bf16 CPU model's Linear layers to pre-packed oneDNN weights (see PackedLinear). Weights,
     state_dict keys and outputs stay the same; it costs one extra copy of the linear weights in memory.
@@ -171,12 +187,7 @@ def pack_linear_weights(model) -> bool:
 
     if getattr(model, "_slmkit_packed", False):
         return True
-    if (model.dtype != torch.bfloat16 or model.device.type != "cpu" or not torch.backends.mkldnn.is_available()
-            or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-        return False
-    try:  # oneDNN's bf16 kernels need AVX-512 (or AVX-NE-CONVERT); without them, keep the plain layers
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16), 1)
-    except RuntimeError:
+    if model.dtype != torch.bfloat16 or model.device.type != "cpu" or not _onednn_packs_bf16():
         return False
     cls = _packed_linear_class()
     for module in model.modules():
