@@ -735,6 +735,10 @@ def gsm_verify_train_command(
     samples: Annotated[int, typer.Option(help="Solutions sampled per problem.")] = 8,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
     lora: LoraOpt = False,
+    layers: Annotated[int | None, typer.Option(help="Keep only the base LM's first N layers (a cheaper verifier).")]
+    = None,
+    train_layers: Annotated[int | None, typer.Option(help="Fine-tune only the top N layers, final norm and head; "
+                                                     "the rest stay frozen.")] = None,
     run: NameOpt = "gsm-verifier",
     runs_dir: RunsDirOpt = Path("runs"),
     resume: ResumeOpt = False,
@@ -745,10 +749,12 @@ def gsm_verify_train_command(
     correctness at every token."""
     from slmkit.methods.tinygsm import verify_train
 
-    r = verify_train(generator, data, base, problems, samples, temperature, lora=lora, run=run, runs_dir=runs_dir,
+    r = verify_train(generator, data, base, problems, samples, temperature, lora=lora, layers=layers,
+                     train_layers=train_layers, run=run, runs_dir=runs_dir,
                      resume=resume, seed=train_args.seed, unsandboxed=unsafe, train_args=train_args)
+    auc = "-" if r["val_auc"] is None else f"{r['val_auc']:.3f}"
     out.print(f"{r['samples']} solutions ({r['correct_fraction']:.1%} correct); val loss {r['val_loss_before']:.3f} -> "
-              f"{r['val_loss']:.3f}; verifier -> {r['model_dir']}")
+              f"{r['val_loss']:.3f}, ranking AUC of last-token scores {auc}; verifier -> {r['model_dir']}")
 
 
 @gsm_app.command("eval")
@@ -1180,11 +1186,14 @@ def llava_assemble_command(
                                                "tower, randomly initialised.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Image side the tower sees: nano tower 64, dinov2 112 "
                                                    "(8x8 patches) by default; a CLIP keeps its own.")] = None,
+    feature_layer: Annotated[list[int] | None, typer.Option("--feature-layer", help="Tower hidden state(s) the "
+                                                            "projector reads (repeatable: concatenated per patch; "
+                                                            "default -2, the penultimate layer).")] = None,
 ):
     """Build a LLaVA-ϕ checkpoint: vision tower + 2-layer GELU projector + language model, with its processor."""
     from slmkit.domains.llava_phi import assemble
 
-    path = assemble(to, lm, vision, image_size)
+    path = assemble(to, lm, vision, image_size, feature_layer)
     out.print(f"LLaVA-ϕ checkpoint -> {path}")
 
 

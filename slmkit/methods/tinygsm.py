@@ -740,6 +740,16 @@ def verifier_scores(model, tokenizer, programs: list[str], batch_size: int = 16)
     return scores
 
 
+def ranking_auc(scores: list[float], labels: list[bool]) -> float | None:
+    """The chance that a right solution scores above a wrong one (ties count half): how well a verifier ranks,
+    which is what best-of-N needs."""
+    right = [s for s, ok in zip(scores, labels, strict=True) if ok]
+    wrong = [s for s, ok in zip(scores, labels, strict=True) if not ok]
+    if not right or not wrong:
+        return None
+    return sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong))
+
+
 def sample_labelled(loaded, rows: list[dict], sandbox, *, samples: int, temperature: float = 0.7,
                     max_new_tokens: int = 256, seed: int = 0, progress: bool = True) -> list[dict]:
     """The generator's own solutions to training problems, each labelled by executing it against the answer."""
@@ -761,6 +771,8 @@ def verify_train(
     samples: int = 8,
     temperature: float = 0.7,
     lora: bool = False,
+    layers: int | None = None,
+    train_layers: int | None = None,
     run: str = "gsm-verifier",
     runs_dir: Path = Path("runs"),
     resume: bool = False,
@@ -772,7 +784,10 @@ def verify_train(
     """Train a verifier: the `generator` samples `samples` solutions to `problems` training problems (of a
     `slm gsm data` file, or the `long-stories` split), each is labelled by execution, and a value model
     initialised from `base` (default: the generator) learns to predict correctness at every solution token.
-    The samples are kept in the run directory and reused."""
+    `layers` keeps only the base's first layers (a cheaper verifier from an LM's lower half); `train_layers`
+    fine-tunes only the top layers, the final norm and the head (the rest frozen, so no backward pass runs
+    through them). The samples are kept in the run directory and reused."""
+    from slmkit.methods.distill import keep_layers, layers_of
     from slmkit.methods.finetune import FinetuneArgs, add_lora, split
     from slmkit.models import load
     from slmkit.sandbox import Sandbox
@@ -797,17 +812,30 @@ def verify_train(
 
     torch.manual_seed(args.seed)  # the new value head's initialisation
     net, tok = verifier_from(base or generator)
+    if layers:
+        keep_layers(net, list(range(layers)))
+    if train_layers is not None:
+        blocks = layers_of(net)
+        if not 0 < train_layers <= len(blocks):
+            raise SlmError(f"train_layers must be in 1..{len(blocks)} (the verifier has {len(blocks)} layers)")
+        for module in [net.get_input_embeddings(), *blocks[:len(blocks) - train_layers]]:
+            module.requires_grad_(False)
     if lora:
         net = add_lora(net, 16, 32, 0.05, "TOKEN_CLS")
     train_rows, val_rows = split(labelled, 0.1, args.seed)
     train_set, val_set = VerifierData(tok, train_rows, args.seq_len), VerifierData(tok, val_rows, args.seq_len)
     before = evaluate(net, verifier_objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
-    config = {"workflow": "verify_train", "generator": generator, "base": base or generator, "samples": len(labelled),
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    config = {"workflow": "verify_train", "generator": generator, "base": base or generator, "layers": layers,
+              "train_layers": train_layers, "trainable_parameters": trainable, "samples": len(labelled),
               "correct_fraction": positives / len(labelled)}
     summary = train(net, tok, train_set, val_set, verifier_objective, args, run_dir, resume=resume, config=config,
                     progress=progress)
-    return {**summary, "val_loss_before": before, "samples": len(labelled),
-            "correct_fraction": positives / len(labelled), "model_dir": str(run_dir / "model")}
+    scores = verifier_scores(net, tok, [r["prompt"] + r["completion"] for r in val_rows])
+    auc = ranking_auc(scores, [r["correct"] for r in val_rows])
+    return {**summary, "trainable_parameters": trainable, "val_loss_before": before, "val_auc": auc,
+            "samples": len(labelled), "correct_fraction": positives / len(labelled),
+            "model_dir": str(run_dir / "model")}
 
 
 # --- evaluation: pass@1, majority vote, verifier best-of-N ----------------------------------------------
