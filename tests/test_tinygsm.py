@@ -191,17 +191,26 @@ def test_verifier_from_lower_layers_trains_only_the_top(tiny_causal, tmp_path):
 
     copy.deepcopy(tiny_causal.model).save_pretrained(tmp_path / "gen")
     tiny_causal.tokenizer.save_pretrained(tmp_path / "gen")
-    prompt = g.program_prompt("Ann has 3 pens. How many pens does Ann have?")
-    rows = [{"prompt": prompt, "completion": "    return 3\n", "correct": True},
-            {"prompt": prompt, "completion": "    return 0\n", "correct": False}] * 10
+    rows = []
+    for n in range(3, 13):
+        prompt = g.program_prompt(f"Ann has {n} pens. How many pens does Ann have?")
+        rows += [{"prompt": prompt, "completion": f"    return {n}\n", "correct": True},
+                 {"prompt": prompt, "completion": "    return 0\n", "correct": False}]
     (tmp_path / "ver").mkdir()
     (tmp_path / "ver" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = g.verify_train(str(tmp_path / "gen"), layers=1, train_layers=1, run="ver", runs_dir=tmp_path,
-                       train_args=FinetuneArgs(steps=20, batch_size=4, seq_len=64, lr=1e-2, eval_every=0,
+                       train_args=FinetuneArgs(steps=10, batch_size=4, seq_len=64, lr=1e-3, eval_every=0,
                                                save_every=0, log_every=10), progress=False)
     assert r["trainable_parameters"] < sum(p.numel() for p in tiny_causal.model.model.layers[0].parameters()) + 200
-    assert r["val_loss"] < r["val_loss_before"]
     config = json.loads((tmp_path / "ver" / "model" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "ver" / "model" / "model.safetensors")
+    original = tiny_causal.model.state_dict()
+    assert not any(k.startswith("model.layers.1.") for k in saved)
+    assert torch.equal(saved["model.embed_tokens.weight"], original["model.embed_tokens.weight"])  # frozen
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], original["model.layers.0.mlp.up_proj.weight"])
     with pytest.raises(SlmError, match="train_layers must be in 1..1"):
         g.verify_train(str(tmp_path / "gen"), layers=1, train_layers=2, run="ver", runs_dir=tmp_path, progress=False)

@@ -788,7 +788,7 @@ def verify_train(
     fine-tunes only the top layers, the final norm and the head (the rest frozen, so no backward pass runs
     through them). The samples are kept in the run directory and reused."""
     from slmkit.methods.distill import keep_layers, layers_of
-    from slmkit.methods.finetune import FinetuneArgs, add_lora, split
+    from slmkit.methods.finetune import FinetuneArgs, add_lora, split_rows
     from slmkit.models import load
     from slmkit.sandbox import Sandbox
     from slmkit.train import evaluate, train
@@ -822,7 +822,9 @@ def verify_train(
             module.requires_grad_(False)
     if lora:
         net = add_lora(net, 16, 32, 0.05, "TOKEN_CLS")
-    train_rows, val_rows = split(labelled, 0.1, args.seed)
+    # validation on problems the verifier never trains on (a problem's samples stay in one split)
+    grouped = [{**r, "group": r["prompt"]} for r in labelled]
+    train_rows, val_rows, _ = split_rows(grouped, max(1, round(0.1 * len(grouped))), 0)
     train_set, val_set = VerifierData(tok, train_rows, args.seq_len), VerifierData(tok, val_rows, args.seq_len)
     before = evaluate(net, verifier_objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
