@@ -86,9 +86,9 @@ def perplexity(loaded, data: str = "brown", tokens: int = 16_384, seq_len: int =
     import math
 
     import torch
-    from rich.progress import Progress
 
     from slmkit.data.corpora import documents
+    from slmkit.progress import Progress
 
     if loaded.task != "causal-lm" or loaded.model is None:
         raise SlmError(f"{loaded.name}: perplexity is measured on a causal LM on the torch engine")

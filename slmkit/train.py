@@ -352,7 +352,9 @@ def tensorboard_writer(run_dir: Path):
 
 
 def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    from slmkit.progress import Progress
 
     return Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),

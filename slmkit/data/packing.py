@@ -28,7 +28,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def prepare(docs: Iterable[str], tokenizer, out_dir: Path, *, val_fraction: float = 0.05, seed: int = 0,
             source: str = "", progress: bool = True) -> Path:
     """Write train.bin / val.bin (uint16 or uint32 token ids) and meta.json to out_dir, atomically."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from slmkit.progress import Progress
 
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").is_file():

@@ -48,11 +48,12 @@ def synthesize(topics: str, out: Path, *, teacher: str | None = None, kinds: tup
     """Ask `teacher` (a local model, default the embedded one, or an endpoint `http://host:port/v1#model`)
     for texts; append the new, non-duplicate ones."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from slmkit.client import open_lm
     from slmkit.data.quality import Embedder
     from slmkit.generate import SamplingParams
+    from slmkit.progress import Progress
 
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:

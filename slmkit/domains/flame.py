@@ -427,7 +427,7 @@ def corrupt(formula: str, rng: random.Random, kind: str | None = None) -> tuple[
 
 def formula_corpus(count: int, seed: int = 0, max_depth: int = 3, progress: bool = False) -> list[str]:
     """`count` distinct-sketch formulas that tokenise and parse, deterministic from `seed`."""
-    from rich.progress import Progress
+    from slmkit.progress import Progress
 
     rng = random.Random(seed)
     seen: set[str] = set()

@@ -124,8 +124,7 @@ def llava_data(out: Path, count: int = 4000, seed: int = 0, test_fraction: float
     """Write OUT/images/*.png and, in LLaVA's JSON-lines format, stage1.jsonl (caption conversations),
     stage2.jsonl (2-4 question-answer turns per image) and test.jsonl (held-out images, one typed question
     each: {"image", "type", "question", "answer"})."""
-    from rich.progress import Progress
-
+    from slmkit.progress import Progress
     from slmkit.train import write_atomic
 
     out = Path(out)
@@ -559,10 +558,10 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
     (the same model answering from the text alone: the baseline the image must beat). An answer is right
     when its normalised first words are the expected answer."""
     from PIL import Image
-    from rich.progress import Progress
 
     from slmkit.data.corpora import read_jsonl
     from slmkit.generate import format_prompt
+    from slmkit.progress import Progress
 
     path = Path(data) / "test.jsonl" if Path(data).is_dir() else Path(data)
     if not path.is_file():

@@ -38,10 +38,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.progress import Progress
-
 from slmkit.errors import SlmError
 from slmkit.methods.finetune import FinetuneArgs
+from slmkit.progress import Progress
 
 LEVELS = ("O0", "O3")
 # architecture -> (gcc, assembly comment marker, Debian package of the compiler)

@@ -200,9 +200,9 @@ def answer_nll(models: EFTModels, records, betas: list[float], *, progress: bool
     large base, the small fine-tuned and small base models alone, and the EFT combination at each β.
     One teacher-forced forward per model and example; every β reuses them."""
     import torch
-    from rich.progress import Progress
 
     from slmkit.methods.finetune import chat_example, completion_example
+    from slmkit.progress import Progress
 
     tok = models.small_ft.tokenizer
     totals = {"large_base": 0.0, "small_ft": 0.0, "small_base": 0.0, **{f"eft_beta_{b:g}": 0.0 for b in betas}}

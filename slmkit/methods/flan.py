@@ -282,9 +282,8 @@ def zero_shot_accuracy(loaded, items: list[Item], collection: Collection, *, bat
                        max_new_tokens: int = 32, rank: bool = False, progress: bool = True) -> dict:
     """Zero-shot accuracy per task with the first template: greedy generation, or with `rank` the likeliest
     option for tasks that have OPTIONS (FLAN's rank classification). Returns {"tasks", "mean"}."""
-    from rich.progress import Progress
-
     from slmkit.generate import SamplingParams, generate
+    from slmkit.progress import Progress
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
     correct: dict[str, list[int]] = {}

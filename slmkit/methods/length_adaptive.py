@@ -264,7 +264,8 @@ def search_lengths(model, data, *, candidates: int, max_drop: float, tolerance: 
     """Score the unpruned model and `candidates` sampled length configurations on `data`; choose the cheapest
     within `tolerance` accuracy points (percent) of unpruned."""
     import torch
-    from rich.progress import Progress
+
+    from slmkit.progress import Progress
 
     n_layers = len(encoder_parts(model)[1])
     gen = torch.Generator().manual_seed(seed)

@@ -70,7 +70,7 @@ def answers(lm, items: list[Item], collection: Collection, system: str, params) 
 def choose_strategies(teacher, probe: dict[str, list[Item]], collection: Collection, params,
                       strategies: list[str], progress: bool = True) -> dict[str, dict[str, float]]:
     """Accuracy of the teacher under each strategy on each task's probe items: {task: {strategy: accuracy}}."""
-    from rich.progress import Progress
+    from slmkit.progress import Progress
 
     table: dict[str, dict[str, float]] = {}
     with Progress(disable=not progress) as bar:
@@ -204,10 +204,9 @@ def accuracy(lm, items: dict[str, list[Item]], collection: Collection, *, system
              max_new_tokens: int = 320, progress: bool = True) -> dict:
     """Greedy accuracy per task of a model (`client.open_lm`) under `system` (ChatML text for local models
     without a chat template)."""
-    from rich.progress import Progress
-
     from slmkit.client import LocalLM
     from slmkit.generate import SamplingParams, is_chat_model
+    from slmkit.progress import Progress
 
     params = SamplingParams(max_new_tokens=max_new_tokens, stop=["<|im_end|>"])
     chat = not isinstance(lm, LocalLM) or (lm.loaded.tokenizer is not None and is_chat_model(lm.loaded.tokenizer))

@@ -141,12 +141,11 @@ def supericl(
     fine-tuned from `plugin_base` on the training split. `large`: local model or endpoint (default: the
     embedded model). `explain`: when SuperICL overrides the plug-in, ask the large model why.
     """
-    from rich.progress import Progress
-
     from slmkit.client import open_lm
     from slmkit.data.quality import Embedder
     from slmkit.generate import SamplingParams
     from slmkit.methods.finetune import load_classification, split
+    from slmkit.progress import Progress
 
     if shots < 1:
         raise SlmError(f"--shots must be >= 1 (got {shots})")

@@ -517,8 +517,7 @@ def gsm_data(
     JSONL of {question, answer[, program]} (programs checked, missing ones asked of the teacher). Every
     kept program is executed once in the sandbox. Reports the 8-gram overlap with the first `test_size`
     gsm_symbolic test problems (must be 0) and drops any overlapping training problem."""
-    from rich.progress import Progress
-
+    from slmkit.progress import Progress
     from slmkit.sandbox import Limits, Sandbox
 
     rows = [{"question": p.question, "program": p.program, "answer": p.answer, "source": f"procedural:{p.template}"}
@@ -646,9 +645,8 @@ def solve(loaded, questions: list[str], sandbox, *, samples: int = 1, temperatur
     """`samples` programs per question (greedy when samples == 1 and temperature == 0), executed in the
     sandbox. Up to `batch_size` prompts are decoded together, continuously batched (a finished program's row
     takes the next prompt at once); sample i is seeded with `seed + i`."""
-    from rich.progress import Progress
-
     from slmkit.generate import SamplingParams
+    from slmkit.progress import Progress
     from slmkit.serve import complete_many
 
     prompts = [program_prompt(q) for q in questions for _ in range(samples)]
