@@ -283,6 +283,16 @@ class CachedLM:
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[rows, :, first:], layer.values[rows, :, first:]
 
+    def copy_rows(self, rows) -> CachedLM:
+        """A new cache of these rows (repeats allowed); this one is left as it is (a kept prefill reused)."""
+        import copy
+
+        twin = copy.copy(self)
+        twin.cache = copy.copy(self.cache)
+        twin.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        twin.select(rows)  # indexing makes new tensors for the twin only
+        return twin
+
     def merge(self, other: CachedLM) -> None:
         """Append the rows of `other` (same model), left-padding the shorter history with masked columns."""
         import torch

@@ -4,8 +4,10 @@
 Concurrent requests are batched continuously: one engine thread owns the model and a `CachedLM` over all
 running requests. Each iteration it admits waiting requests (one batched prefill, then their rows join the
 running cache), decodes one token for every running row, streams each row's text to its client and drops
-the rows that finished. A request therefore never waits for another to end. (Encoder-decoder models batch
-the requests that arrive together and admit new ones when that group ends.)
+the rows that finished. A request therefore never waits for another to end. The prefill of the last few
+distinct prompts is kept: another request with the same prompt (the N samples of best-of-N) starts from a
+copy of its KV cache instead of running the prompt again. (Encoder-decoder models batch the requests that
+arrive together and admit new ones when that group ends.)
 
 The HTTP side is the standard library's threading server: a handler thread per connection parses the
 request, submits it to the engine and relays the engine's events. No web framework is needed.
@@ -18,6 +20,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -34,6 +37,8 @@ from slmkit.generate import (
     stop_ids,
     takes_images,
 )
+
+KEPT_PREFILLS = 8  # distinct prompts whose prefill (KV cache, first logits) the batching engine keeps for reuse
 
 
 class ApiError(Exception):
@@ -92,7 +97,8 @@ class BatchEngine:
         self.eos = stop_ids(loaded)
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos or {0})
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.stats = {"requests": 0, "tokens": 0, "max_batch_seen": 0, "steps": 0}
+        self.stats = {"requests": 0, "tokens": 0, "max_batch_seen": 0, "steps": 0, "prefills_reused": 0}
+        self._prefixes: OrderedDict[tuple[int, ...], tuple] = OrderedDict()  # prompt ids -> (1-row CachedLM, logits)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="slmkit-engine", daemon=True)
         self._thread.start()
@@ -167,16 +173,47 @@ class BatchEngine:
         return [r for r in admitted if not r.cancelled]
 
     def _prefill(self, reqs: list[Request]):
+        """A cache for newly admitted rows and their first tokens. The prompts not kept from an earlier prefill
+        run in one left-padded batch; every row then starts from a copy of its prompt's kept cache."""
         import torch
 
-        width = max(len(r.ids) for r in reqs)
-        ids = torch.tensor([[self.pad] * (width - len(r.ids)) + r.ids for r in reqs])
-        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in reqs])
-        lm = CachedLM(self.model, ids, mask)
-        tokens = self._sample(lm.prefill(ids)[:, -1], reqs)
+        if self.encoder_decoder:
+            logits, lm = self._run_prompts(reqs)
+        else:
+            new = list(dict.fromkeys(tuple(r.ids) for r in reqs if tuple(r.ids) not in self._prefixes))
+            if new:
+                batch_logits, batch = self._run_prompts(new)
+                for row, key in enumerate(new):
+                    self._prefixes[key] = (batch.copy_rows([row]), batch_logits[row:row + 1])
+            self.stats["prefills_reused"] += len(reqs) - len(new)
+            lm, parts = None, []
+            for r in reqs:
+                kept, first = self._prefixes[tuple(r.ids)]
+                self._prefixes.move_to_end(tuple(r.ids))
+                part = kept.copy_rows([0])
+                if lm is None:
+                    lm = part
+                else:
+                    lm.merge(part)
+                parts.append(first)
+            logits = torch.cat(parts)
+            while len(self._prefixes) > KEPT_PREFILLS:
+                self._prefixes.popitem(last=False)
+        tokens = self._sample(logits, reqs)
         self._deliver(reqs, tokens)
         self.stats["requests"] += len(reqs)
         return lm, tokens
+
+    def _run_prompts(self, prompts: list):
+        """One left-padded prefill of these prompts (requests or id tuples): (last logits, CachedLM)."""
+        import torch
+
+        rows = [list(p.ids if isinstance(p, Request) else p) for p in prompts]
+        width = max(map(len, rows))
+        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        lm = CachedLM(self.model, ids, mask)
+        return lm.prefill(ids)[:, -1], lm
 
     def _sample(self, logits, reqs: list[Request]):
         """Greedy rows in one argmax; rows with their own sampling settings one by one."""

@@ -75,6 +75,31 @@ def test_complete_many_batches_continuously_in_prompt_order(tiny_causal):
         complete_many(tiny_causal, ["a", ""], [SamplingParams(max_new_tokens=2)] * 2)
 
 
+def test_repeated_prompts_reuse_their_prefill(tiny_causal):
+    """N samples of one prompt (best-of-N): the prompt runs once, later rows start from a copy of its kept
+    cache, and every row still equals generating it alone; the kept cache is never changed by its copies."""
+    from slmkit.serve import complete_many
+
+    prompts = ["def add(a, b):"] * 3 + ["x", "def add(a, b):", "x"]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 7, 2, 5, 6, 3)]
+    engine = BatchEngine(tiny_causal, max_batch=2)
+    try:
+        events = queue.Queue()
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            engine.submit(prompt, p, events, templated=False, index=i)
+        results = {}
+        while len(results) < len(prompts):
+            index, kind, payload = events.get(timeout=60)
+            if kind == "done":
+                results[index] = payload
+    finally:
+        engine.close()
+    assert engine.stats["prefills_reused"] == 4 and engine.stats["requests"] == 6
+    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        assert results[i].completion_tokens == p.max_new_tokens
+        assert results[i].text == generate(tiny_causal, [prompt], p, chat=False)[0].text
+
+
 def test_seq2seq_requests_are_batched(tiny_seq2seq):
     engine = BatchEngine(tiny_seq2seq)
     try:
