@@ -176,3 +176,24 @@ def test_chat_history_is_trimmed_to_fit_the_context(tiny_causal):
     text = format_prompt(tiny_causal.tokenizer, kept)
     assert len(tiny_causal.tokenizer(text, add_special_tokens=False).input_ids) + 16 <= 128
     generate(tiny_causal, [kept], SamplingParams(max_new_tokens=16))  # fits: no context error
+
+
+def test_nucleus_keeps_the_top_p_tokens_with_or_without_the_whole_sort():
+    """Top-p through topk equals the full sort: a peaked row (nucleus inside the head) and a flat row (the
+    nucleus is wider than the head, so every row falls back to sorting)."""
+    from slmkit.generate import nucleus
+
+    def by_sorting(logits, top_p):
+        s, order = torch.sort(logits, descending=True)
+        p = s.softmax(-1)
+        return logits.scatter(1, order, s.masked_fill(p.cumsum(-1) - p >= top_p, float("-inf")))
+
+    torch.manual_seed(0)
+    peaked = torch.randn(3, 5000) * 6
+    flat = torch.randn(2, 5000) * 0.1
+    for logits in (peaked, torch.cat([peaked, flat])):
+        for top_p in (0.5, 0.9, 0.95):
+            got = nucleus(logits, top_p, head=64)
+            assert torch.equal(got.isfinite(), by_sorting(logits, top_p).isfinite())
+            assert torch.equal(got[got.isfinite()], logits[got.isfinite()])
+    assert int(nucleus(peaked, 0.9, head=64).isfinite().sum(-1).max()) < 64  # the peaked rows used the head

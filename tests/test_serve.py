@@ -78,7 +78,6 @@ def test_complete_many_batches_continuously_in_prompt_order(tiny_causal):
 def test_repeated_prompts_reuse_their_prefill(tiny_causal):
     """N samples of one prompt (best-of-N): the prompt runs once, later rows start from a copy of its kept
     cache, and every row still equals generating it alone; the kept cache is never changed by its copies."""
-    from slmkit.serve import complete_many
 
     prompts = ["def add(a, b):"] * 3 + ["x", "def add(a, b):", "x"]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (4, 7, 2, 5, 6, 3)]
