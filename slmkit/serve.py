@@ -38,7 +38,8 @@ from slmkit.generate import (
     takes_images,
 )
 
-KEPT_PREFILLS = 8  # distinct prompts whose prefill (KV cache, first logits) the batching engine keeps for reuse
+# the batching engine keeps the prefill (KV cache, first logits) of up to 8 recent distinct prompts, 8K tokens in all
+KEPT_PREFILLS = (8, 8192)
 
 
 class ApiError(Exception):
@@ -197,7 +198,7 @@ class BatchEngine:
                     lm.merge(part)
                 parts.append(first)
             logits = torch.cat(parts)
-            while len(self._prefixes) > KEPT_PREFILLS:
+            while len(self._prefixes) > KEPT_PREFILLS[0] or sum(map(len, self._prefixes)) > KEPT_PREFILLS[1]:
                 self._prefixes.popitem(last=False)
         tokens = self._sample(logits, reqs)
         self._deliver(reqs, tokens)
