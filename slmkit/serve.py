@@ -297,7 +297,7 @@ def complete_many(loaded, prompts: list[str], params: list[SamplingParams], *, m
     """Complete many raw-text prompts through the continuous-batching engine, without HTTP: a row that ends
     frees its place for the next prompt at once, so no row waits for the longest of a fixed batch (the way
     to sample many solutions). `params[i]` is prompt i's (give each its own seed for independent samples);
-    `on_done(i)` is called as prompt i completes."""
+    `on_done(i, completion)` is called as prompt i completes."""
     engine = (SerialEngine if loaded.engine is not None else BatchEngine)(loaded, max_batch=max_batch)
     events: queue.Queue = queue.Queue()
     results: list[Completion | None] = [None] * len(prompts)
@@ -315,7 +315,7 @@ def complete_many(loaded, prompts: list[str], params: list[SamplingParams], *, m
                 raise SlmError(f"prompt {index}: {payload}")
             results[index] = payload
             if on_done:
-                on_done(index)
+                on_done(index, payload)
     finally:
         engine.close()
     return results

@@ -67,7 +67,7 @@ def test_complete_many_batches_continuously_in_prompt_order(tiny_causal):
     prompts = ["def add(a, b):", "x", "The quick brown fox jumps over", "import torch"]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (9, 3, 6, 12)]
     done = []
-    results = complete_many(tiny_causal, prompts, params, max_batch=2, on_done=done.append)
+    results = complete_many(tiny_causal, prompts, params, max_batch=2, on_done=lambda i, _: done.append(i))
     assert sorted(done) == [0, 1, 2, 3] and [r.completion_tokens for r in results] == [9, 3, 6, 12]
     for prompt, p, result in zip(prompts, params, results, strict=True):
         assert result.text == generate(tiny_causal, [prompt], p, chat=False)[0].text

@@ -122,6 +122,22 @@ def test_generator_trains_and_samples_programs(tiny_causal, tmp_path, sandbox):
                for s in ss)
     assert all(s.status in ("ok", "error", "timeout", "memory", "output") for ss in solved for s in ss)
 
+    # resumable: an interrupted run's programs are kept and only the missing ones are sampled
+    partial = tmp_path / "partial.jsonl"
+    g.solve(generator, questions, sandbox, samples=3, max_new_tokens=24, progress=False, partial=partial)
+    lines = partial.read_text().splitlines()
+    assert len(lines) == 1 + 6 and json.loads(lines[0])["key"]["seed"] == 0
+    first = json.loads(lines[1])
+    planted = g.program_prompt(questions[first["i"] // 3]) + "    return 42\n"
+    partial.write_text("\n".join([lines[0], json.dumps({"i": first["i"], "text": planted}), lines[2], '{"i": 5, "te']))
+    again = [s for ss in g.solve(generator, questions, sandbox, samples=3, max_new_tokens=24, progress=False,
+                                 partial=partial) for s in ss]
+    assert again[first["i"]].program == planted and again[first["i"]].value == 42  # read back, not resampled
+    assert len(partial.read_text().splitlines()) == 1 + 6  # the cut-off line dropped, the 4 missing appended
+    other = g.solve(generator, questions[:1], sandbox, samples=3, max_new_tokens=24, seed=1, progress=False,
+                    partial=partial)  # other settings: the file starts over
+    assert all(s.value != 42 for s in other[0]) and len(partial.read_text().splitlines()) == 1 + 3
+
 
 def test_majority_vote():
     s = [g.Sample("", "ok", 3), g.Sample("", "error"), g.Sample("", "ok", 5), g.Sample("", "ok", 5.0)]

@@ -15,6 +15,8 @@ generalisation to unseen problem shapes.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import json
 import random
@@ -641,10 +643,13 @@ class Sample:
 
 
 def solve(loaded, questions: list[str], sandbox, *, samples: int = 1, temperature: float = 0.7,
-          max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True) -> list[list[Sample]]:
+          max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True,
+          partial: Path | None = None) -> list[list[Sample]]:
     """`samples` programs per question (greedy when samples == 1 and temperature == 0), executed in the
     sandbox. Up to `batch_size` prompts are decoded together, continuously batched (a finished program's row
-    takes the next prompt at once); sample i is seeded with `seed + i`."""
+    takes the next prompt at once); sample i is seeded with `seed + i`. `partial`: a file each finished
+    program is appended to as it completes; a rerun with the same model and settings samples only the programs
+    it lacks, so an interrupted sampling run resumes."""
     from slmkit.generate import SamplingParams
     from slmkit.progress import Progress
     from slmkit.serve import complete_many
@@ -652,13 +657,57 @@ def solve(loaded, questions: list[str], sandbox, *, samples: int = 1, temperatur
     prompts = [program_prompt(q) for q in questions for _ in range(samples)]
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, stop=STOP,
                              seed=seed + i) for i in range(len(prompts))]
-    with Progress(disable=not progress) as bar:
-        job = bar.add_task(f"sampling {samples} program(s) for {len(questions)} problems", total=len(prompts))
-        done = complete_many(loaded, prompts, params, max_batch=batch_size, on_done=lambda _: bar.advance(job))
-    texts = [p + c.text for p, c in zip(prompts, done, strict=True)]
+    key = {"model": str(loaded.path or loaded.name), "temperature": temperature, "max_new_tokens": max_new_tokens,
+           "seed": seed, "prompts": hashlib.sha256("\0".join(prompts).encode()).hexdigest()}
+    texts = _sampled_before(partial, key) if partial else {}
+    todo = [i for i in range(len(prompts)) if i not in texts]
+    with Progress(disable=not progress) as bar, _appending(partial, key, texts) as log:
+        job = bar.add_task(f"sampling {samples} program(s) for {len(questions)} problems", total=len(prompts),
+                           completed=len(texts))
+
+        def finished(j, completion):
+            i = todo[j]
+            texts[i] = prompts[i] + completion.text
+            if log:
+                log.write(json.dumps({"i": i, "text": texts[i]}) + "\n")
+                log.flush()
+            bar.advance(job)
+
+        if todo:
+            complete_many(loaded, [prompts[i] for i in todo], [params[i] for i in todo], max_batch=batch_size,
+                          on_done=finished)
+    texts = [texts[i] for i in range(len(prompts))]
     results = sandbox.map(texts)
     flat = [Sample(t, r.status, r.value) for t, r in zip(texts, results, strict=True)]
     return [flat[i * samples:(i + 1) * samples] for i in range(len(questions))]
+
+
+def _sampled_before(partial: Path, key: dict) -> dict[int, str]:
+    """The programs an interrupted `solve` with the same key left in `partial` (a cut-off last line ignored)."""
+    if not partial.is_file():
+        return {}
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    texts = {}
+    try:
+        if not lines or json.loads(lines[0]).get("key") != key:
+            return {}
+        for line in lines[1:]:
+            row = json.loads(line)
+            texts[int(row["i"])] = row["text"]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        pass  # the line being written when the run stopped
+    return texts
+
+
+@contextlib.contextmanager
+def _appending(partial: Path | None, key: dict, texts: dict[int, str]):
+    """`partial` rewritten with `key` and the programs kept so far (no cut-off line left), open for appending."""
+    if partial is None:
+        yield None
+        return
+    write_jsonl([{"key": key}] + [{"i": i, "text": t} for i, t in sorted(texts.items())], partial)
+    with open(partial, "a", encoding="utf-8") as log:
+        yield log
 
 
 def majority(samples: list[Sample]) -> float | None:
@@ -749,10 +798,11 @@ def ranking_auc(scores: list[float], labels: list[bool]) -> float | None:
 
 
 def sample_labelled(loaded, rows: list[dict], sandbox, *, samples: int, temperature: float = 0.7,
-                    max_new_tokens: int = 256, seed: int = 0, progress: bool = True) -> list[dict]:
+                    max_new_tokens: int = 256, seed: int = 0, progress: bool = True,
+                    partial: Path | None = None) -> list[dict]:
     """The generator's own solutions to training problems, each labelled by executing it against the answer."""
     solved = solve(loaded, [r["question"] for r in rows], sandbox, samples=samples, temperature=temperature,
-                   max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+                   max_new_tokens=max_new_tokens, seed=seed, progress=progress, partial=partial)
     out = []
     for r, sols in zip(rows, solved, strict=True):
         prompt = program_prompt(r["question"])
@@ -800,8 +850,10 @@ def verify_train(
         rows = training_problems(str(data), problems)
         with Sandbox(2, unsandboxed=unsandboxed) as sandbox:
             labelled = sample_labelled(load(generator, dtype="auto", progress=progress), rows, sandbox,
-                                       samples=samples, temperature=temperature, seed=seed, progress=progress)
+                                       samples=samples, temperature=temperature, seed=seed, progress=progress,
+                                       partial=run_dir / "samples.partial.jsonl")
         write_jsonl(labelled, cache)
+        (run_dir / "samples.partial.jsonl").unlink(missing_ok=True)
     positives = sum(r["correct"] for r in labelled)
     if positives == 0 or positives == len(labelled):
         raise SlmError(f"all {len(labelled)} sampled solutions are {'right' if positives else 'wrong'}: a verifier "
@@ -948,9 +1000,10 @@ def gsm_eval(
         with Sandbox(2, unsandboxed=unsandboxed) as sandbox:
             solved = solve(load(generator, dtype="auto", progress=progress), [p["question"] for p in items], sandbox,
                            samples=ns[-1], temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                           progress=progress)
+                           progress=progress, partial=run_dir / "samples.partial.jsonl")
         write_jsonl([{"key": key, **p, "samples": [s.__dict__ for s in sols]} for p, sols in zip(items, solved,
                                                                                                strict=True)], cache)
+        (run_dir / "samples.partial.jsonl").unlink(missing_ok=True)
     scores = None
     if verifier:
         from transformers import AutoModelForTokenClassification, AutoTokenizer
