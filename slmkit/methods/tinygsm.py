@@ -771,19 +771,23 @@ def verifier_from(source: str):
     return model, base.tokenizer
 
 
-def verifier_scores(model, tokenizer, programs: list[str], batch_size: int = 16) -> list[float]:
+def verifier_scores(model, tokenizer, programs: list[str], batch_size: int = 16, progress: bool = False) -> list[float]:
     """P(correct) of each full program: the value head at its last token."""
     import torch
+
+    from slmkit.progress import Progress
 
     tokenizer.padding_side = "right"
     scores = []
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), Progress(disable=not progress) as bar:
+        job = bar.add_task(f"scoring {len(programs)} programs with the verifier", total=len(programs))
         for start in range(0, len(programs), batch_size):
             enc = tokenizer(programs[start:start + batch_size], return_tensors="pt", padding=True)
             values = model(**enc).logits[..., 0].float()
             last = enc.attention_mask.sum(1) - 1
             scores += torch.sigmoid(values[torch.arange(len(last)), last]).tolist()
+            bar.advance(job, len(last))
     return scores
 
 
@@ -1010,7 +1014,7 @@ def gsm_eval(
 
         model = AutoModelForTokenClassification.from_pretrained(verifier)
         tok = AutoTokenizer.from_pretrained(verifier)
-        flat = verifier_scores(model, tok, [s.program for sols in solved for s in sols])
+        flat = verifier_scores(model, tok, [s.program for sols in solved for s in sols], progress=progress)
         scores = [flat[i * ns[-1]:(i + 1) * ns[-1]] for i in range(len(solved))]
     result = {**key, "verifier_model": verifier, **best_of_n(items, solved, scores, ns)}
     (run_dir / "gsm_eval.json").write_text(json.dumps(result, indent=2) + "\n")
