@@ -179,25 +179,21 @@ class BatchEngine:
         import torch
 
         if self.encoder_decoder:
-            logits, lm = self._run_prompts(reqs)
+            logits, lm = self._run_prompts([r.ids for r in reqs])
         else:
-            new = list(dict.fromkeys(tuple(r.ids) for r in reqs if tuple(r.ids) not in self._prefixes))
+            keys = [tuple(r.ids) for r in reqs]
+            new = [k for k in dict.fromkeys(keys) if k not in self._prefixes]
             if new:
                 batch_logits, batch = self._run_prompts(new)
                 for row, key in enumerate(new):
                     self._prefixes[key] = (batch.copy_rows([row]), batch_logits[row:row + 1])
             self.stats["prefills_reused"] += len(reqs) - len(new)
-            lm, parts = None, []
-            for r in reqs:
-                kept, first = self._prefixes[tuple(r.ids)]
-                self._prefixes.move_to_end(tuple(r.ids))
-                part = kept.copy_rows([0])
-                if lm is None:
-                    lm = part
-                else:
-                    lm.merge(part)
-                parts.append(first)
-            logits = torch.cat(parts)
+            lm = self._prefixes[keys[0]][0].copy_rows([0])  # merge reads the kept caches; only this one changes
+            for key in keys[1:]:
+                lm.merge(self._prefixes[key][0])
+            logits = torch.cat([self._prefixes[key][1] for key in keys])
+            for key in keys:
+                self._prefixes.move_to_end(key)
             while len(self._prefixes) > KEPT_PREFILLS[0] or sum(map(len, self._prefixes)) > KEPT_PREFILLS[1]:
                 self._prefixes.popitem(last=False)
         tokens = self._sample(logits, reqs)
@@ -206,10 +202,10 @@ class BatchEngine:
         return lm, tokens
 
     def _run_prompts(self, prompts: list):
-        """One left-padded prefill of these prompts (requests or id tuples): (last logits, CachedLM)."""
+        """One left-padded prefill of these prompts (token id sequences): (last logits, CachedLM)."""
         import torch
 
-        rows = [list(p.ids if isinstance(p, Request) else p) for p in prompts]
+        rows = [list(p) for p in prompts]
         width = max(map(len, rows))
         ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])

@@ -676,9 +676,9 @@ def solve(loaded, questions: list[str], sandbox, *, samples: int = 1, temperatur
         if todo:
             complete_many(loaded, [prompts[i] for i in todo], [params[i] for i in todo], max_batch=batch_size,
                           on_done=finished)
-    texts = [texts[i] for i in range(len(prompts))]
-    results = sandbox.map(texts)
-    flat = [Sample(t, r.status, r.value) for t, r in zip(texts, results, strict=True)]
+    programs = [texts[i] for i in range(len(prompts))]
+    results = sandbox.map(programs)
+    flat = [Sample(t, r.status, r.value) for t, r in zip(programs, results, strict=True)]
     return [flat[i * samples:(i + 1) * samples] for i in range(len(questions))]
 
 
