@@ -158,7 +158,9 @@ def test_length_adaptive_distillation_workflow(tmp_path, minilm_tokenizer):
               "kd/model/config.json", "teacher/model/config.json"):
         assert (run / f).is_file(), f
     search = json.loads((run / "search.json").read_text())
-    assert len(search["points"]) == 6 and search["frontier"] and len(search["test_curves"]["kd"]) == 6
+    pruned_frontier = [p for p in search["frontier"] if p["lengths"] is not None]
+    assert len(search["points"]) == 6 and len(search["test_curves"]["kd"]) == len(pruned_frontier)
+    assert [c["lengths"] for c in search["test_curves"]["lad"]] == [p["lengths"] for p in pruned_frontier]
     again = distill(str(teacher_dir), None, str(data), student_layers=[0, 1, 3], length_adaptive=True,
                     val_size=20, test_size=30, run="lad", runs_dir=tmp_path, train_args=args, progress=False)
     assert again == r  # a finished run is reported, not retrained

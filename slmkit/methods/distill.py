@@ -255,7 +255,8 @@ def distill(
 def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, candidates: int, tolerance: float,
                  seed: int, progress: bool) -> dict:
     """Search length configurations for the LAD student on validation; report both students on test, unpruned
-    and under the chosen configuration (accuracy, FLOPs, wall time), and the frontier plot."""
+    and under the chosen configuration (accuracy, FLOPs, wall time), both under every configuration on the
+    validation frontier (`test_curves` in search.json), and the frontier plot."""
     from slmkit.methods.length_adaptive import (
         evaluate_lengths,
         plot_frontier,
@@ -279,9 +280,10 @@ def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, cand
                      "speedup": full["seconds"] / pruned["seconds"],
                      "accuracy_drop_points": 100 * (full["accuracy"] - pruned["accuracy"])}
     curves = {}
-    if plain is not None:  # both students under every configuration tried, on the test split
+    if plain is not None:  # both students on the test split under the validation frontier's configurations
+        tried = [p["lengths"] for p in search["frontier"] if p["lengths"] is not None]
         for name, model in models.items():
-            curves[name] = [evaluate_lengths(model, sets["test"], p["lengths"]) for p in search["points"]]
+            curves[name] = [evaluate_lengths(model, sets["test"], lengths) for lengths in tried]
             full = out[name]["full"]
             half = [c for c in curves[name] if c["flops"] <= 0.5 * full["flops"]]
             out[name]["configs_at_half_flops"] = len(half)

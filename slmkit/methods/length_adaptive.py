@@ -304,7 +304,7 @@ def load_length_config(model_dir: Path):
 def plot_frontier(search: dict, out: Path, test_curves: dict | None = None,
                   unpruned: dict | None = None) -> Path | None:
     """Left: validation accuracy against FLOPs for every configuration tried, the frontier and the chosen one.
-    Right (with `test_curves`, name -> evaluations under the same configurations): each model's test accuracy
+    Right (with `test_curves`, name -> evaluations under some of those configurations): each model's test accuracy
     drop from its own unpruned accuracy (`unpruned`), against FLOPs."""
     try:
         import matplotlib
@@ -330,7 +330,7 @@ def plot_frontier(search: dict, out: Path, test_curves: dict | None = None,
         right.scatter([r["flops"] / base["flops"] for r in rows],
                       [100 * (base["accuracy"] - r["accuracy"]) for r in rows], s=14, alpha=0.7,
                       label=name.upper() + " student")
-        right.set_title("the same configurations on the test split")
+        right.set_title("the validation frontier's configurations on the test split")
         right.set_ylabel("accuracy drop (points)")
     for a in axes[0]:
         a.set_xlabel("encoder FLOPs (fraction of unpruned)")
