@@ -1067,12 +1067,14 @@ def slade_data_command(
                                                    "gcc-aarch64-linux-gnu); repeatable.")] = None,
     c_file: Annotated[list[Path] | None, typer.Option("--c-file", help="Your own C file (declarations, then one "
                                                      "function) to add to training; repeatable.")] = None,
+    number_pieces: Annotated[bool, typer.Option(help="Constants as tokenizer pieces of their own (copyable from "
+                                                "assembly to C) instead of parts of whole-line tokens.")] = False,
 ):
     """Generate C functions, compile them with gcc at -O0 and -O3, pair normalised assembly with C (plus the
     declarations each function needs), write IO harnesses for held-out functions and train the tokenizer."""
     from slmkit.domains.slade import slade_data
 
-    r = slade_data(to, count, seed, test_fraction, vocab_size, max_tokens, arch, c_file)
+    r = slade_data(to, count, seed, test_fraction, vocab_size, max_tokens, arch, c_file, number_pieces)
     out.print(f"{r['functions']} functions, {r['train_pairs']} training pairs (longer than {max_tokens} tokens "
               f"dropped: {r['dropped_long']}), held out: {r['test']} -> {r['out']}")
 

@@ -2,6 +2,7 @@
 sandbox, compiler-driven type inference, the corpus and tokenizer, and one train -> eval -> decompile path
 on a tiny model."""
 
+import itertools
 import json
 import random
 import re
@@ -106,8 +107,13 @@ def test_slade_data_corpus_tokenizer_and_user_c_file(tmp_path):
     assert tok.decode(tok(asm).input_ids, skip_special_tokens=True) == asm
     assert len(tok(asm).input_ids) < len(asm.splitlines()) * 4  # whole instructions are learned as pieces
     again = slade.slade_data(tmp_path / "again", count=60, seed=1, test_fraction=0.2, vocab_size=800,
-                             progress=False)
+                             number_pieces=True, progress=False)
     assert (tmp_path / "again" / "tasks.jsonl").read_text().count("\n") == again["train_pairs"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "again" / "tokenizer")  # constants are tokens of their own
+    text = "".join(x["asm"] + x["c"] for x in rows[:20])
+    ends = list(itertools.accumulate(len(tok.decode([i])) for i in tok(text).input_ids))
+    numbers = [m.span() for m in re.finditer(slade._NUMBER, text)]
+    assert len(numbers) > 20 and all(a in [0] + ends and b in ends for a, b in numbers)
     with pytest.raises(SlmError, match="not found"):
         slade.user_pairs(tmp_path / "missing.c")
 
