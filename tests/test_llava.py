@@ -32,6 +32,8 @@ def test_scenes_are_deterministic_and_questions_match_what_is_drawn():
     text = L.caption([L.Thing("circle", "red", 0, 0, True), L.Thing("square", "blue", 1, 1, False)], "CAT")
     assert text == 'A large red circle at the top left and a small blue square in the center. The word "CAT" ' \
                    'is written at the bottom.'
+    assert L.answered("Two.", "two") and L.answered("top left, next to", "top left")
+    assert not L.answered("None.", "no") and not L.answered("top", "top left")  # whole words of the answer
 
 
 def test_llava_data_writes_the_llava_format(tmp_path):

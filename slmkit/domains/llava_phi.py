@@ -537,6 +537,11 @@ def normalise_answer(text: str) -> str:
     return " ".join(words)
 
 
+def answered(reply: str, want: str) -> bool:
+    """The reply's first normalised words are the expected answer (whole words: "none" is not "no")."""
+    return (normalise_answer(reply) + " ").startswith(normalise_answer(want) + " ")
+
+
 def _answers(model, processor, prompts: list[str], images: list | None, max_new_tokens: int) -> list[str]:
     import torch
 
@@ -583,10 +588,9 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
             blind = _answers(net, processor, text_only, None, 6)
             for q, a, b in zip(batch, seen, blind, strict=True):
                 t = per_type.setdefault(q["type"], {"count": 0, "image": 0, "text_only": 0})
-                want = normalise_answer(q["answer"])
                 t["count"] += 1
-                t["image"] += normalise_answer(a).startswith(want)
-                t["text_only"] += normalise_answer(b).startswith(want)
+                t["image"] += answered(a, q["answer"])
+                t["text_only"] += answered(b, q["answer"])
                 if len(examples) < 12:
                     examples.append({**q, "with_image": a, "text_only": b})
             bar.advance(task, len(batch))
