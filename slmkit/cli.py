@@ -975,13 +975,15 @@ def flame_train_command(
     data: Annotated[Path, typer.Option(help="Directory written by `slm flame data`.")] = Path("data/flame"),
     model: Annotated[str, typer.Option("--model", "-m", help="FLAME zoo spec (flame-nano, flame-60m) or a "
                                        "checkpoint.")] = "flame-nano",
-    pretrain_steps: Annotated[int, typer.Option(help="Span-corruption pretraining steps (0 = skip).")] = 600,
+    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps on FLAME's objectives: the whole formula "
+                                                "back from a damaged one (0 = skip).")] = 600,
     run: NameOpt = "flame",
     runs_dir: RunsDirOpt = Path("runs"),
     resume: ResumeOpt = False,
     train_args: FinetuneArgs = None,
 ):
-    """Pretrain a FLAME model on formulas (T5 span corruption), then fine-tune it for repair and completion."""
+    """Pretrain a FLAME model on formulas (tail masking, random noise, span masking, user-inspired noise: each
+    asks for the whole formula), then fine-tune it for repair and completion."""
     from slmkit.domains.flame import flame_train
 
     s = flame_train(data, model, pretrain_steps, run, runs_dir, resume, train_args)

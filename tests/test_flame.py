@@ -61,6 +61,27 @@ def test_corruptions_break_what_they_claim(corpus):
         flame.corrupt("=SUM(A1)", rng, "typo")
 
 
+def test_pretraining_objectives_damage_the_formula_and_keep_it_as_the_target(corpus):
+    rng = random.Random(2)
+    for f in corpus[:200]:
+        tail = flame.tail_mask(f, rng)
+        assert tail.endswith(flame.MASK) and f.startswith(tail[:-len(flame.MASK)]) and len(tail) > 1
+        spans = flame.span_mask(f, rng)  # masks replace whole pieces: what is left is the formula's own pieces
+        kept = [x for x in re.split(re.escape(flame.MASK), spans) if x]
+        assert 1 <= spans.count(flame.MASK) <= 3 and all(k in f for k in kept)
+        assert flame.MASK + flame.MASK not in spans
+        noisy = flame.random_noise(f, rng)
+        assert noisy != f and noisy.startswith("=") and set(noisy) <= set(f)  # made of the formula's own pieces
+        pair = flame.pretrain_pair(f, rng)
+        if pair:
+            assert pair["completion"] == f and pair["prompt"] != f and pair["objective"] in flame.PRETRAIN_OBJECTIVES
+    counts = {name: 0 for name in flame.PRETRAIN_OBJECTIVES}
+    for f in corpus:
+        if pair := flame.pretrain_pair(f, rng):
+            counts[pair["objective"]] += 1
+    assert all(n > 60 for n in counts.values()), counts  # every objective is sampled (weights 0.2-0.35)
+
+
 def test_flame_data_writes_corpus_repairs_and_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
@@ -69,6 +90,9 @@ def test_flame_data_writes_corpus_repairs_and_tokenizer(tmp_path):
     repairs = [json.loads(x) for x in (tmp_path / "flame" / "repair.jsonl").read_text().splitlines()]
     assert len(rows) == r["formulas"] == 300 and 0 < r["test"] < 60 and len(repairs) == r["repairs"]
     assert set(r["kinds"]) == set(flame.CORRUPTIONS) and all(x["fixed"] != x["broken"] for x in repairs)
+    pretrain = [json.loads(x) for x in (tmp_path / "flame" / "pretrain.jsonl").read_text().splitlines()]
+    train = {x["formula"] for x in rows if x["split"] == "train"}
+    assert len(pretrain) > 2 * len(train) and {x["completion"] for x in pretrain} <= train
     tok = AutoTokenizer.from_pretrained(tmp_path / "flame" / "tokenizer")
     formula = "=VLOOKUP(A2,'Q1 Sales'!$A$1:$C$10,3,FALSE)"
     ids = tok(formula).input_ids
@@ -88,7 +112,7 @@ def test_normalise_and_completion_prefix():
 
 
 def test_flame_train_eval_and_commands_end_to_end(tmp_path):
-    """Data, span-corruption pretraining of flame-nano, repair/completion fine-tuning (a few steps: mechanics,
+    """Data, pretraining of flame-nano on FLAME's objectives, repair/completion fine-tuning (a few steps: mechanics,
     not quality), evaluation with the copy baseline, and the repair / search commands."""
     from typer.testing import CliRunner
 

@@ -17,9 +17,13 @@ seed:
   own, so the model can copy references from frequent tokens.
 
 and trains and uses it:
-- `flame_train`: the zoo's FLAME spec (T5-style; `flame-nano` here, `flame-60m` real size) pretrained with
-  T5 span corruption on the training formulas, then fine-tuned on two tasks with task prefixes -
-  `repair: BROKEN` -> formula and `complete: PREFIX` -> formula;
+- `PRETRAIN_OBJECTIVES`: FLAME's four pretraining objectives, one sampled per example (weighted), each asking
+  for the *whole* original formula back - tail masking and random noise (generic), language-aware span
+  masking (whole pieces) and user-inspired noise (the corruptions above); so pretraining already teaches the
+  copying that repair needs;
+- `flame_train`: the zoo's FLAME spec (T5-style; `flame-nano` here, `flame-60m` real size) pretrained on
+  those pairs, then fine-tuned on two tasks with task prefixes - `repair: BROKEN` -> formula and
+  `complete: PREFIX` -> formula;
 - `flame_eval`: exact match after normalisation on held-out repair pairs, per corruption kind, against
   the copy-the-input baseline; the parse rate of the outputs; exact match of completions;
 - `repair`, `complete`, `search` (retrieval: cosine similarity of mean-pooled encoder states).
@@ -422,6 +426,78 @@ def corrupt(formula: str, rng: random.Random, kind: str | None = None) -> tuple[
     return None
 
 
+# --- FLAME's pretraining objectives: from a damaged formula, write the whole original -------------------
+
+MASK = "<mask>"  # the formula tokenizer's mask token (slmkit.data.tokenizers.SPECIAL)
+
+
+def _pieces(formula: str) -> list[str] | None:
+    pieces = re.findall(FORMULA_PIECES, formula)
+    return pieces if "".join(pieces) == formula and len(pieces) > 2 else None
+
+
+def tail_mask(formula: str, rng: random.Random) -> str | None:
+    """The first 20-90% of the formula's pieces, then the mask (generic: tail masking)."""
+    pieces = _pieces(formula)
+    if pieces is None:
+        return None
+    return "".join(pieces[:max(1, min(len(pieces) - 1, round(len(pieces) * rng.uniform(0.2, 0.9))))]) + MASK
+
+
+def random_noise(formula: str, rng: random.Random, rate: float = 0.15) -> str | None:
+    """Each piece (but the leading "=") deleted, doubled or swapped for another piece of the formula with
+    probability `rate`, at least one (generic: random noise)."""
+    pieces = _pieces(formula)
+    if pieces is None:
+        return None
+    edited = {i for i in range(1, len(pieces)) if rng.random() < rate} or {rng.randrange(1, len(pieces))}
+    out = pieces[:1]
+    for i, piece in enumerate(pieces[1:], 1):
+        edit = rng.choice(("delete", "double", "swap")) if i in edited else None
+        out += [] if edit == "delete" else [piece, piece] if edit == "double" else \
+            [rng.choice(pieces)] if edit == "swap" else [piece]
+    noisy = "".join(out)
+    if noisy == formula:  # the edits undid themselves (a piece swapped for its equal): drop one piece instead
+        i = rng.randrange(1, len(pieces))
+        noisy = "".join(pieces[:i] + pieces[i + 1:])
+    return noisy
+
+
+def span_mask(formula: str, rng: random.Random) -> str | None:
+    """One to three spans of one to three whole pieces (a function name, a reference, a literal, an operator -
+    never part of one) each replaced by the mask (language-aware masked spans)."""
+    pieces = _pieces(formula)
+    if pieces is None:
+        return None
+    masked = set()
+    for _ in range(rng.randint(1, 3)):
+        start = rng.randrange(1, len(pieces))
+        masked.update(range(start, min(len(pieces), start + rng.randint(1, 3))))
+    out = [MASK if i in masked else p for i, p in enumerate(pieces) if i not in masked or i - 1 not in masked]
+    return "".join(out)  # (a run of masked pieces is one mask)
+
+
+def user_noise(formula: str, rng: random.Random) -> str | None:
+    """A mistake users make (`CORRUPTIONS`: parentheses, separators, misspellings, argument order, quotes)."""
+    broken = corrupt(formula, rng)
+    return broken[1] if broken else None
+
+
+# FLAME samples one objective per example, weighted; each target is the complete original formula.
+PRETRAIN_VARIANTS = 3  # damaged copies of each training formula in pretrain.jsonl
+PRETRAIN_OBJECTIVES: dict[str, tuple[Callable[[str, random.Random], str | None], float]] = {
+    "tail-mask": (tail_mask, 0.2), "random-noise": (random_noise, 0.2), "span-mask": (span_mask, 0.35),
+    "user-noise": (user_noise, 0.25)}
+
+
+def pretrain_pair(formula: str, rng: random.Random) -> dict | None:
+    """{"prompt": damaged formula, "completion": formula, "objective": name} for one weighted objective."""
+    names = list(PRETRAIN_OBJECTIVES)
+    name = rng.choices(names, [PRETRAIN_OBJECTIVES[n][1] for n in names])[0]
+    noisy = PRETRAIN_OBJECTIVES[name][0](formula, rng)
+    return None if noisy is None else {"prompt": noisy, "completion": formula, "objective": name}
+
+
 # --- the corpus ------------------------------------------------------------------------------------------
 
 
@@ -454,9 +530,10 @@ def formula_corpus(count: int, seed: int = 0, max_depth: int = 3, progress: bool
 def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: float = 0.05, vocab_size: int = 4096,
                progress: bool = True) -> dict:
     """Write the FLAME corpus: formulas.jsonl (train/test; every formula has its own sketch, so test shapes are
-    unseen in training), repair.jsonl (broken -> fixed, with the corruption kind) and tokenizer/ (a byte-level
-    BPE over the training formulas with formula-aware pre-tokenisation; FLAME uses ~16K at real size), all
-    deterministic from `seed`."""
+    unseen in training), repair.jsonl (broken -> fixed, with the corruption kind), pretrain.jsonl (damaged ->
+    whole formula, `PRETRAIN_VARIANTS` per training formula, one objective each), tasks.jsonl (the repair and
+    completion fine-tuning pairs) and tokenizer/ (a byte-level BPE over the training formulas with
+    formula-aware pre-tokenisation; FLAME uses ~16K at real size), all deterministic from `seed`."""
     from slmkit.data.tokenizers import train_bpe
     from slmkit.train import write_atomic
 
@@ -478,7 +555,8 @@ def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: floa
     tasks += [{"prompt": "complete: " + completion_prefix(r["formula"], rng), "completion": r["formula"]}
               for r in rows if r["split"] == "train"]
     rng.shuffle(tasks)
-    pretrain = [{"text": r["formula"]} for r in rows if r["split"] == "train"]
+    pretrain = [pair for r in rows if r["split"] == "train" for _ in range(PRETRAIN_VARIANTS)
+                if (pair := pretrain_pair(r["formula"], rng))]
     for name, data in (("formulas.jsonl", rows), ("repair.jsonl", repairs), ("pretrain.jsonl", pretrain),
                        ("tasks.jsonl", tasks)):
         write_atomic(out / name, "".join(json.dumps(r) + "\n" for r in data))
@@ -521,13 +599,14 @@ def flame_train(
     train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Pretrain `model` (a zoo spec or checkpoint) with span corruption on DATA/pretrain.jsonl using DATA's
-    formula tokenizer (`pretrain_steps`; 0 skips), then fine-tune it on DATA/tasks.jsonl (repair and
-    completion). Returns both stages' summaries; the model is RUNS_DIR/RUN/tune/model."""
+    """Pretrain `model` (a zoo spec, built with DATA's formula tokenizer, or a checkpoint) on DATA/pretrain.jsonl
+    - FLAME's objectives, each asking for the whole formula back from a damaged one (`pretrain_steps`; 0
+    skips) - then fine-tune it on DATA/tasks.jsonl (repair and completion). Returns both stages' summaries;
+    the model is RUNS_DIR/RUN/tune/model."""
     from dataclasses import replace
 
     from slmkit.methods.finetune import finetune
-    from slmkit.methods.pretrain import initialise, pretrain
+    from slmkit.methods.pretrain import initialise
 
     data = Path(data)
     for name in ("pretrain.jsonl", "tasks.jsonl", "tokenizer/tokenizer.json"):
@@ -535,13 +614,12 @@ def flame_train(
             raise SlmError(f"{data / name} not found: run `slm flame data --out {data}` first")
     args = (train_args or FinetuneArgs()).validate()
     summary = {}
-    if not pretrain_steps:  # straight to the tasks: a zoo spec still gets the formula tokenizer
-        base = initialise(model, data / "tokenizer", Path(runs_dir) / run / "init", args.seq_len, args.seed)
-    else:
+    base = initialise(model, data / "tokenizer", Path(runs_dir) / run / "init", args.seq_len, args.seed)
+    if pretrain_steps:
         done = Path(runs_dir) / run / "pretrain" / "model"
         if not done.is_dir():
-            summary["pretrain"] = pretrain(model, str(data / "pretrain.jsonl"), str(data / "tokenizer"), "span",
-                                           run=f"{run}/pretrain", runs_dir=runs_dir, resume=resume,
+            summary["pretrain"] = finetune(base, str(data / "pretrain.jsonl"), "chat", val_fraction=0.02,
+                                           lora=False, run=f"{run}/pretrain", runs_dir=runs_dir, resume=resume,
                                            train_args=replace(args, steps=pretrain_steps), progress=progress)
         base = str(done)
     summary["tune"] = finetune(base, str(data / "tasks.jsonl"), "chat", val_fraction=0.02, lora=False,
