@@ -3,7 +3,7 @@ unpruned and against transformers' own forward of it, measured in the same run.
 
     python benchmarks/lad.py [--run runs/lad-spam-minilm] [--batch-sizes 1 32] [--repeats 3]
 
-Run `slm run recipes/lad-spam-minilm.yaml` (or lad-brown-minilm.yaml, then `--run runs/lad-brown-minilm`)
+Run `slm run recipes/lad-spam-minilm.yaml` (or lad-brown-minilm6.yaml, then `--run runs/lad-brown-minilm6`)
 first. On the run's held-out test split (600 SpamAssassin emails, 128 tokens; the run's own data and split
 sizes are read from its distill.json) it times, for the LAD student and the plain-KD student: transformers'
 forward (SDPA attention, unpruned: the peer), slmkit's forward unpruned, and slmkit's forward under the chosen length
