@@ -141,3 +141,6 @@ def test_flame_train_eval_and_commands_end_to_end(tmp_path):
     assert "pretrain" not in fresh and (tmp_path / "f0" / "init" / "tokenizer.json").is_file()
     with pytest.raises(SlmError, match="slm flame data"):
         flame.flame_train(tmp_path / "missing", run="x", runs_dir=tmp_path, train_args=args, progress=False)
+    (data / "pretrain.jsonl").write_text('{"text": "=SUM(A1:A3)"}\n')  # the format before FLAME's objectives
+    with pytest.raises(SlmError, match="older `slm flame data`"):
+        flame.flame_train(data, run="old", runs_dir=tmp_path, train_args=args, progress=False)

@@ -612,6 +612,10 @@ def flame_train(
     for name in ("pretrain.jsonl", "tasks.jsonl", "tokenizer/tokenizer.json"):
         if not (data / name).is_file():
             raise SlmError(f"{data / name} not found: run `slm flame data --out {data}` first")
+    with (data / "pretrain.jsonl").open() as f:
+        if '"prompt"' not in f.readline():
+            raise SlmError(f"{data / 'pretrain.jsonl'} holds plain formulas from an older `slm flame data`; run "
+                           f"`slm flame data --out {data}` again for FLAME's damaged -> whole-formula pairs")
     args = (train_args or FinetuneArgs()).validate()
     summary = {}
     base = initialise(model, data / "tokenizer", Path(runs_dir) / run / "init", args.seq_len, args.seed)
