@@ -254,9 +254,9 @@ def distill(
 
 def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, candidates: int, tolerance: float,
                  seed: int, progress: bool) -> dict:
-    """Search length configurations for the LAD student on validation; report both students on test, unpruned
-    and under the chosen configuration (accuracy, FLOPs, wall time), both under every configuration on the
-    validation frontier (`test_curves` in search.json), and the frontier plot."""
+    """Search length configurations for the LAD student on validation; report both students on test - unpruned,
+    under the chosen configuration and under every configuration on the validation frontier (`test_curves` in
+    search.json) - by accuracy, FLOPs and wall time; plot the frontier."""
     from slmkit.methods.length_adaptive import (
         evaluate_lengths,
         plot_frontier,
