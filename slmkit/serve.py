@@ -175,7 +175,8 @@ class BatchEngine:
 
     def _prefill(self, reqs: list[Request]):
         """A cache for newly admitted rows and their first tokens. The prompts not kept from an earlier prefill
-        run in one left-padded batch; every row then starts from a copy of its prompt's kept cache."""
+        run in one left-padded batch; the rows' kept caches are then merged into one new cache (the first is
+        copied, merge only reads the others)."""
         import torch
 
         if self.encoder_decoder:

@@ -453,9 +453,13 @@ def random_noise(formula: str, rng: random.Random, rate: float = 0.15) -> str | 
     edited = {i for i in range(1, len(pieces)) if rng.random() < rate} or {rng.randrange(1, len(pieces))}
     out = pieces[:1]
     for i, piece in enumerate(pieces[1:], 1):
-        edit = rng.choice(("delete", "double", "swap")) if i in edited else None
-        out += [] if edit == "delete" else [piece, piece] if edit == "double" else \
-            [rng.choice(pieces)] if edit == "swap" else [piece]
+        edit = rng.choice(("delete", "double", "swap")) if i in edited else "keep"
+        if edit == "double":
+            out += [piece, piece]
+        elif edit == "swap":
+            out.append(rng.choice(pieces))
+        elif edit == "keep":
+            out.append(piece)
     noisy = "".join(out)
     if noisy == formula:  # the edits undid themselves (a piece swapped for its equal): drop one piece instead
         i = rng.randrange(1, len(pieces))
