@@ -1193,11 +1193,13 @@ def llava_assemble_command(
     feature_layer: Annotated[list[int] | None, typer.Option("--feature-layer", help="Tower hidden state(s) the "
                                                             "projector reads (repeatable: concatenated per patch; "
                                                             "default -2, the penultimate layer).")] = None,
+    lm_layer: Annotated[list[int] | None, typer.Option("--lm-layer", help="Keep only these decoder layers of the "
+                                                       "language model (repeatable, 0-based; default all).")] = None,
 ):
     """Build a LLaVA-ϕ checkpoint: vision tower + 2-layer GELU projector + language model, with its processor."""
     from slmkit.domains.llava_phi import assemble
 
-    path = assemble(to, lm, vision, image_size, feature_layer)
+    path = assemble(to, lm, vision, image_size, feature_layer, lm_layer)
     out.print(f"LLaVA-ϕ checkpoint -> {path}")
 
 

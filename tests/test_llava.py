@@ -1,6 +1,7 @@
 """LLaVA-ϕ: procedural scenes and questions, the LLaVA-format corpus, and assembling a standard
 `transformers` LLaVA checkpoint from a CLIP tower and a causal LM."""
 
+import copy
 import json
 import random
 
@@ -9,6 +10,8 @@ import torch
 
 from slmkit.domains import llava_phi as L
 from slmkit.errors import SlmError
+from slmkit.methods.distill import keep_layers
+from slmkit.methods.finetune import sft_objective
 
 
 def test_scenes_are_deterministic_and_questions_match_what_is_drawn():
@@ -71,6 +74,21 @@ def test_assemble_a_standard_llava_checkpoint(tmp_path, tiny_causal):
         assert torch.allclose(model(input_ids=text_ids).logits[..., :-1], tiny_causal.model(text_ids).logits,
                               atol=1e-5)  # the language model is carried over unchanged
     assert with_image.shape[1] == inputs["input_ids"].shape[1]
+    # training scores answer tokens only, with the LM head run at those positions: the same loss as the model's own
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    batch = {**inputs, "labels": labels}
+    loss, tokens = sft_objective(model, batch, None)
+    assert tokens == 3 and torch.allclose(loss, model(**batch).loss, atol=1e-5)
+    # a cheaper language model: only the first of the LM's two layers
+    cut = L.assemble(tmp_path / "llava-cut", lm=str(lm_dir), image_size=32, lm_layers=[0])
+    assert json.loads((cut / "config.json").read_text())["text_config"]["num_hidden_layers"] == 1
+    short, _ = L.load_llava(cut)
+    reference = keep_layers(copy.deepcopy(tiny_causal.model), [0])
+    with torch.no_grad():
+        assert torch.allclose(short(input_ids=text_ids).logits[..., :-1], reference(text_ids).logits, atol=1e-5)
+    with pytest.raises(SlmError, match=r"--lm-layer must be distinct indices in 0\.\.1"):
+        L.assemble(tmp_path / "llava-bad", lm=str(lm_dir), image_size=32, lm_layers=[5])
     with pytest.raises(SlmError, match="not a CLIP or DINOv2 checkpoint"):
         L.vision_tower(str(tmp_path))
     with pytest.raises(SlmError, match="not a LLaVA checkpoint"):

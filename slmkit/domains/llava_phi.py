@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.methods.finetune import FinetuneArgs, SFTData
+from slmkit.methods.finetune import FinetuneArgs, SFTData, sft_objective
 
 IMAGE_TOKEN = "<image>"
 COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
@@ -250,7 +250,7 @@ def vision_tower(source: str | None, image_size: int | None = None):
 
 
 def assemble(out: Path, lm: str | None = None, vision: str | None = None, image_size: int | None = None,
-             feature_layers: list[int] | None = None) -> Path:
+             feature_layers: list[int] | None = None, lm_layers: list[int] | None = None) -> Path:
     """Build a LLaVA-ϕ checkpoint in OUT: VISION's tower (penultimate-layer patches, CLS dropped), a new 2-layer
     GELU projector, LM (any causal LM; default the embedded model) with an added `<image>` token, and a
     LlavaProcessor whose image processor resizes and normalises pictures for the tower. `image_size` is the side
@@ -258,7 +258,8 @@ def assemble(out: Path, lm: str | None = None, vision: str | None = None, image_
     its position embeddings interpolated); a CLIP checkpoint keeps its own. `feature_layers` picks the tower's
     hidden states the projector reads (default [-2], the penultimate layer; several are concatenated per patch,
     LLaVA's `vision_feature_layer` list - e.g. [-2, 1] adds an early layer's colour and texture to DINOv2's
-    colour-blind top)."""
+    colour-blind top). `lm_layers` keeps only those decoder layers of LM (e.g. 0-7 of SmolLM2's 30: a language
+    model about four times cheaper per token, whose text-only answers are the baseline as well)."""
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from slmkit.models import load, save_pretrained_atomic
@@ -271,6 +272,10 @@ def assemble(out: Path, lm: str | None = None, vision: str | None = None, image_
     loaded = load(lm, dtype="fp32")
     if loaded.task != "causal-lm" or loaded.tokenizer is None:
         raise SlmError(f"{loaded.name} is not a causal LM with a tokenizer; LLaVA-ϕ needs one as its language model")
+    if lm_layers:
+        from slmkit.methods.distill import keep_layers
+
+        keep_layers(loaded.model, lm_layers, "--lm-layer")
     tok = loaded.tokenizer
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     text = loaded.model
@@ -461,13 +466,6 @@ class LlavaData(SFTData):
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
 
 
-def llava_objective(model, batch, generator):
-    """Next-token cross-entropy on the assistant's tokens, the image spliced in at its placeholder."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"], labels=batch["labels"])
-    return out.loss, int((batch["labels"][:, 1:] != -100).sum())
-
-
 def set_trainable(model, stage: int) -> int:
     """Stage 1: the projector only. Stage 2: projector and language model (the vision tower stays frozen).
     Returns the number of trainable parameters."""
@@ -519,11 +517,11 @@ def llava_train(model: str, data: Path = Path("data/llava"), stage: int = 1, lor
                                            r"down_proj|dense|fc1|fc2)")
         net = get_peft_model(net, config)
         trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    before = evaluate(net, llava_objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
+    before = evaluate(net, sft_objective, val_set.eval_batches(args.batch_size, args.seq_len, args.eval_batches))
     config = {"workflow": "llava_train", "model": model, "data": str(data), "stage": stage, "lora": lora,
               "trainable_parameters": trainable, "train_examples": len(train_set), "val_examples": len(val_set),
               "val_loss_before": before}
-    summary = train(net, processor, train_set, val_set, llava_objective, args, Path(runs_dir) / run / f"stage{stage}",
+    summary = train(net, processor, train_set, val_set, sft_objective, args, Path(runs_dir) / run / f"stage{stage}",
                     resume=resume, config=config, progress=progress)
     summary.update(val_loss_before=before, trainable_parameters=trainable,
                    run_dir=str(Path(runs_dir) / run / f"stage{stage}"))

@@ -43,13 +43,14 @@ def layers_of(model):
     return blocks
 
 
-def keep_layers(model, indices: list[int]):
-    """Cut a model down to the given layers (student initialisation from a deeper checkpoint)."""
+def keep_layers(model, indices: list[int], option: str = "--student-layers"):
+    """Cut a model down to the given layers (student initialisation from a deeper checkpoint; a cheaper
+    language model for LLaVA-ϕ). OPTION names the flag that gave INDICES in the error."""
     import torch
 
     blocks = layers_of(model)
     if not indices or any(not 0 <= i < len(blocks) for i in indices) or len(set(indices)) != len(indices):
-        raise SlmError(f"--student-layers must be distinct indices in 0..{len(blocks) - 1} (got {indices})")
+        raise SlmError(f"{option} must be distinct indices in 0..{len(blocks) - 1} (got {indices})")
     kept = torch.nn.ModuleList([blocks[i] for i in sorted(indices)])
     for new, block in enumerate(kept):  # decoder attention modules index the KV cache by layer
         attn = getattr(block, "self_attn", None)

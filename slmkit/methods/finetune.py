@@ -372,7 +372,8 @@ def classifier_from(source: str, labels: list[str]):
 
 def sft_objective(model, batch, generator):
     """Next-token cross-entropy on answer tokens. The LM head runs only at the positions that are scored:
-    with a 49k vocabulary most of an SFT step's time would otherwise go to logits of prompt and padding."""
+    with a 49k vocabulary most of an SFT step's time would otherwise go to logits of prompt and padding.
+    A batch with `pixel_values` (LLaVA-ϕ) passes the images on; they are spliced in at the image tokens."""
     import torch
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a peft wrapper
@@ -381,13 +382,14 @@ def sft_objective(model, batch, generator):
         return out.loss, int((batch["labels"] != -100).sum())
     labels = batch["labels"][:, 1:]
     keep = labels != -100
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
     plain_head = not any(getattr(inner.config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) or not plain_head:
         # DDP must see its own forward (gradient sync); soft-capped heads need the model's own logits
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = model(**inputs, labels=batch["labels"])
         return out.loss, int(keep.sum())
     backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = backbone(**inputs).last_hidden_state
     logits = inner.get_output_embeddings()(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), labels[keep]), int(keep.sum())
 
