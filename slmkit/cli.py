@@ -1014,8 +1014,9 @@ def flame_eval_command(
     out.print(f"evaluation-equivalent on random sheets: {r['equivalence']:.3f} (copy input "
               f"{r['copy_equivalence']:.3f}) over {r['equivalence_pairs']} pairs `formulas` can evaluate")
     out.print(f"repair token accuracy (teacher-forced) {r['repair_token_accuracy']:.3f}")
-    out.print(f"completion exact match {r['completion_exact']:.3f} on {r['completions']} held-out formulas; "
-              f"-> {model}/flame_eval.json")
+    out.print(f"completion exact match {r['completion_exact']:.3f} on {r['completions']} held-out formulas")
+    out.print(f"retrieval by prefix among {r['collection']} formulas: first {r['retrieval_at_1']:.3f}, top 5 "
+              f"{r['retrieval_at_5']:.3f}; -> {model}/flame_eval.json")
 
 
 @flame_app.command("repair")

@@ -719,7 +719,8 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
                out: Path | None = None) -> dict:
     """Held-out last-mile repair (exact match after normalisation, per corruption kind, against copying the
     input; teacher-forced token accuracy), the parse rate of repaired formulas, evaluation-equivalence on
-    random sheets, and completion exact match on held-out formulas."""
+    random sheets, and completion exact match on held-out formulas; retrieval recall: how often `search` with a
+    held-out formula's prefix puts that formula first / in the top 5 of the whole collection."""
     from slmkit.models import load
 
     data = Path(data)
@@ -733,6 +734,11 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
     rng = random.Random(0)
     prefixes = [completion_prefix(r["formula"], rng) for r in held_out]
     completed = _generate(loaded, ["complete: " + p for p in prefixes], batch_size)
+    collection = [r["formula"] for r in _read(data / "formulas.jsonl")]
+    top = (embed(loaded, prefixes) @ embed(loaded, collection).T).topk(min(5, len(collection))).indices.tolist()
+    where = {f: i for i, f in enumerate(collection)}
+    found = [row.index(where[r["formula"]]) if where[r["formula"]] in row else None
+             for r, row in zip(held_out, top, strict=True)]
     per_kind: dict = {}
     for t, y in zip(tests, fixed, strict=True):
         k = per_kind.setdefault(t["kind"], {"count": 0, "model": 0, "copy": 0})
@@ -751,6 +757,8 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
               "per_kind": per_kind, **_equivalence(tests, fixed), "completions": len(held_out),
               "completion_exact": sum(normalise(y) == normalise(r["formula"])
                                       for r, y in zip(held_out, completed, strict=True)) / max(len(held_out), 1),
+              "collection": len(collection), "retrieval_at_1": found.count(0) / max(len(found), 1),
+              "retrieval_at_5": sum(k is not None for k in found) / max(len(found), 1),
               "examples": [{"broken": t["broken"], "model": y, "fixed": t["fixed"]} for t, y in
                            list(zip(tests, fixed, strict=True))[:10]]}
     if out:
