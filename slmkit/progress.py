@@ -51,6 +51,7 @@ class Progress(RichProgress):
         self._last_line[task_id] = "done" if task.finished else now
         total = f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else ""
         eta = "" if task.finished else f", ETA {_clock(task.time_remaining)}"
-        fields = "".join(f", {k} {v:.4g}" for k, v in task.fields.items() if isinstance(v, float | int))
+        fields = "".join(f", {k} {v:.4g}" for k, v in task.fields.items()  # NaN: nothing measured yet
+                         if isinstance(v, float | int) and v == v)
         self.console.print(f"{task.description}: {task.completed:,.0f}{total}, {_clock(task.elapsed)} elapsed{eta}"
                            f"{fields}", markup=False, highlight=False)

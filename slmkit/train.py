@@ -268,7 +268,7 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
         return loss
 
     bar = _progress(progress and main)
-    task = bar.add_task("train", total=args.steps, completed=start, loss=float("nan"), tps=0.0)
+    task = bar.add_task("train", total=args.steps, completed=start, loss=float("nan"), tps=float("nan"))
     t0, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
     with bar:
         for step in range(start, args.steps):

@@ -18,6 +18,17 @@ def test_status_lines_in_a_log_and_none_on_a_terminal():
     assert lines[-1].startswith("sampling 2 program(s) for 3 problems: 6/6 (100%), 0:00 elapsed, loss 0.5")
     assert len(lines) == 5  # one per advance after the first, the last once
 
+    log = io.StringIO()  # a field not measured yet (NaN, e.g. the loss before the first logged step) is left out
+    with Progress(console=Console(file=log, force_terminal=False, width=200), every=0.0) as bar:
+        task = bar.add_task("train", total=3, loss=float("nan"), tps=float("nan"))
+        bar.advance(task)
+        bar.advance(task)
+        bar.update(task, loss=2.5, tps=100.0)
+        bar.advance(task)
+    lines = [line for line in log.getvalue().splitlines() if "elapsed" in line]
+    assert "nan" not in lines[0] and "loss" not in lines[0] and "tps" not in lines[0]
+    assert lines[-1].endswith(", loss 2.5, tps 100")
+
     quiet = io.StringIO()
     with Progress(console=Console(file=quiet, force_terminal=True, width=200), every=0.0) as bar:
         bar.advance(bar.add_task("train", total=2), 2)
