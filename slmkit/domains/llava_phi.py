@@ -555,11 +555,28 @@ def _answers(model, processor, prompts: list[str], images: list | None, max_new_
     return [tok.decode(row[inputs["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
 
 
+def question_prior(path: Path) -> dict[str, str]:
+    """The most frequent training answer to each question (PATH: stage2.jsonl; empty when missing): the best a
+    blind assistant can do from the question alone, the baseline a model's text-only answers are read against."""
+    from collections import Counter
+
+    if not path.is_file():
+        return {}
+    answers: dict[str, Counter] = {}
+    for row in read_conversations(path):
+        turns = row["messages"]
+        for ask, reply in zip(turns, turns[1:], strict=False):
+            if ask["role"] == "user" and reply["role"] == "assistant":
+                answers.setdefault(ask["content"].replace(IMAGE_TOKEN, "").strip(), Counter())[reply["content"]] += 1
+    return {q: c.most_common(1)[0][0] for q, c in answers.items()}
+
+
 def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, batch_size: int = 16,
                out: Path | None = None, progress: bool = True) -> dict:
     """Accuracy on held-out visual questions (DATA/test.jsonl) by question type, with the image and without it
-    (the same model answering from the text alone: the baseline the image must beat). An answer is right
-    when its normalised first words are the expected answer."""
+    (the same model answering from the text alone: the baseline the image must beat), and the question prior
+    (each question's most frequent training answer). An answer is right when its normalised first words are
+    the expected answer."""
     from PIL import Image
 
     from slmkit.data.corpora import read_jsonl
@@ -570,6 +587,7 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
     if not path.is_file():
         raise SlmError(f"{path} not found: run `slm llava data` first")
     tests = [row for _, row in read_jsonl(path)][:limit]
+    prior = question_prior(path.parent / "stage2.jsonl")
     net, processor = load_llava(model)
     tok = processor.tokenizer
     per_type: dict[str, dict] = {}
@@ -585,10 +603,11 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
             seen = _answers(net, processor, with_image, images, 6)
             blind = _answers(net, processor, text_only, None, 6)
             for q, a, b in zip(batch, seen, blind, strict=True):
-                t = per_type.setdefault(q["type"], {"count": 0, "image": 0, "text_only": 0})
+                t = per_type.setdefault(q["type"], {"count": 0, "image": 0, "text_only": 0, "prior": 0})
                 t["count"] += 1
                 t["image"] += answered(a, q["answer"])
                 t["text_only"] += answered(b, q["answer"])
+                t["prior"] += answered(prior.get(q["question"], ""), q["answer"])
                 if len(examples) < 12:
                     examples.append({**q, "with_image": a, "text_only": b})
             bar.advance(task, len(batch))
@@ -596,8 +615,10 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
     result = {"model": model, "questions": len(tests),
               "accuracy": sum(t["image"] for t in per_type.values()) / n,
               "text_only_accuracy": sum(t["text_only"] for t in per_type.values()) / n,
+              "prior_accuracy": sum(t["prior"] for t in per_type.values()) / n,
               "per_type": {k: {"count": t["count"], "image": t["image"] / t["count"],
-                               "text_only": t["text_only"] / t["count"]} for k, t in sorted(per_type.items())},
+                               "text_only": t["text_only"] / t["count"], "prior": t["prior"] / t["count"]}
+                           for k, t in sorted(per_type.items())},
               "examples": examples}
     if out:
         from slmkit.train import write_atomic
