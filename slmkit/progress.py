@@ -8,6 +8,7 @@ line (`sampling 8 program(s) for 200 problems: 96/1600 (6%), 4:10 elapsed, ETA 1
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.progress import Progress as RichProgress
@@ -52,6 +53,6 @@ class Progress(RichProgress):
         total = f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else ""
         eta = "" if task.finished else f", ETA {_clock(task.time_remaining)}"
         fields = "".join(f", {k} {v:.4g}" for k, v in task.fields.items()  # NaN: nothing measured yet
-                         if isinstance(v, float | int) and v == v)
+                         if isinstance(v, float | int) and not math.isnan(v))
         self.console.print(f"{task.description}: {task.completed:,.0f}{total}, {_clock(task.elapsed)} elapsed{eta}"
                            f"{fields}", markup=False, highlight=False)

@@ -672,15 +672,18 @@ def embed(loaded, texts: list[str], batch_size: int = 64):
     return torch.cat(rows)
 
 
+def nearest(loaded, queries: list[str], collection: list[str], top: int):
+    """(cosine similarities, indices) of the `top` formulas of `collection` closest to each query, best first."""
+    return (embed(loaded, queries) @ embed(loaded, collection).T).topk(min(top, len(collection)))
+
+
 def search(model: str, query: str, data: Path = Path("data/flame"), top: int = 5) -> list[tuple[float, str]]:
     """The formulas of DATA's collection closest to `query` (a partial formula or words)."""
     from slmkit.models import load
 
-    loaded = load(model, dtype="fp32")
     collection = [r["formula"] for r in _read(Path(data) / "formulas.jsonl")]
-    scores = embed(loaded, collection) @ embed(loaded, [query])[0]
-    best = scores.argsort(descending=True)[:top]
-    return [(float(scores[i]), collection[i]) for i in best.tolist()]
+    scores, best = nearest(load(model, dtype="fp32"), [query], collection, top)
+    return [(float(v), collection[i]) for v, i in zip(scores[0].tolist(), best[0].tolist(), strict=True)]
 
 
 def _equivalence(tests: list[dict], fixed: list[str]) -> dict:
@@ -725,7 +728,8 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
 
     data = Path(data)
     tests = _read(data / "repair.jsonl", "test")[:limit]
-    held_out = _read(data / "formulas.jsonl", "test")[:limit]
+    formulas = _read(data / "formulas.jsonl")
+    held_out = [r for r in formulas if r.get("split") == "test"][:limit]
     if not tests:
         raise SlmError(f"{data}/repair.jsonl has no test pairs")
     loaded = load(model, dtype="fp32")
@@ -734,8 +738,8 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
     rng = random.Random(0)
     prefixes = [completion_prefix(r["formula"], rng) for r in held_out]
     completed = _generate(loaded, ["complete: " + p for p in prefixes], batch_size)
-    collection = [r["formula"] for r in _read(data / "formulas.jsonl")]
-    top = (embed(loaded, prefixes) @ embed(loaded, collection).T).topk(min(5, len(collection))).indices.tolist()
+    collection = [r["formula"] for r in formulas]
+    top = nearest(loaded, prefixes, collection, 5).indices.tolist()
     where = {f: i for i, f in enumerate(collection)}
     found = [row.index(where[r["formula"]]) if where[r["formula"]] in row else None
              for r, row in zip(held_out, top, strict=True)]
