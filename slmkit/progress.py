@@ -12,6 +12,8 @@ import math
 import time
 
 from rich.progress import Progress as RichProgress
+from rich.progress import ProgressColumn
+from rich.text import Text
 
 
 def _clock(seconds: float | None) -> str:
@@ -20,6 +22,20 @@ def _clock(seconds: float | None) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
         f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class FieldColumn(ProgressColumn):
+    """A task field formatted with `template` (e.g. "loss {:.4f}"); "-" in its place until it is measured (NaN)."""
+
+    def __init__(self, name: str, template: str):
+        super().__init__()
+        self.name, self.template = name, template
+
+    def render(self, task) -> Text:
+        value = task.fields.get(self.name, math.nan)
+        measured = not (isinstance(value, float) and math.isnan(value))
+        return Text(self.template.format(value) if measured else self.template.split("{")[0] + "-"
+                    + self.template.split("}")[-1])
 
 
 class Progress(RichProgress):

@@ -354,10 +354,10 @@ def tensorboard_writer(run_dir: Path):
 def _progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    from slmkit.progress import Progress
+    from slmkit.progress import FieldColumn, Progress
 
     return Progress(TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                    FieldColumn("loss", "loss {:.4f}"), FieldColumn("tps", "{:,.0f} tok/s"),
                     TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)
 
 

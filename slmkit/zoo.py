@@ -190,8 +190,8 @@ def _specs() -> list[Spec]:
     # SLaDe: ~200M encoder-decoder over assembly and C with its own BPE vocabulary.
     add(Spec("slade-200m", "SLaDe", "seq2seq", "T5Config", _t5(32000, 768, 2048, 11, 10, 12, tie=True),
              "asm/C BPE (own)", 200e6, "SLaDe paper (200M)"))
-    add(Spec("slade-nano", "SLaDe", "seq2seq", "T5Config", _t5(4096, 256, 768, 4, 4, 4, tie=True),
-             "asm/C BPE (own)", nano=True))
+    add(Spec("slade-nano", "SLaDe", "seq2seq", "T5Config",
+             _t5(4096, 256, 768, 4, 4, 4, tie=True) | {"dropout_rate": 0.0}, "asm/C BPE (own)", nano=True))
     # LLaVA-phi: CLIP ViT-L/14-336 (penultimate-layer patches) -> 2-layer GELU MLP -> Phi-2.
     add(Spec("llava-phi-3b", "LLaVA-phi", "vision-lm", "LlavaConfig",
              dict(vision_feature_layer=-2, projector_hidden_act="gelu", image_token_index=51199),

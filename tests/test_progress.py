@@ -36,3 +36,14 @@ def test_status_lines_in_a_log_and_none_on_a_terminal():
 
     with Progress(console=Console(file=io.StringIO(), force_terminal=False), disable=True) as bar:
         bar.advance(bar.add_task("x", total=1))
+
+
+def test_field_columns_show_a_dash_until_measured():
+    from slmkit.progress import FieldColumn
+
+    loss, tps = FieldColumn("loss", "loss {:.4f}"), FieldColumn("tps", "{:,.0f} tok/s")
+    with Progress(loss, tps, console=Console(file=io.StringIO()), disable=True) as bar:
+        task = bar.add_task("train", total=3, loss=float("nan"), tps=float("nan"))
+        assert (str(loss.render(bar.tasks[0])), str(tps.render(bar.tasks[0]))) == ("loss -", "- tok/s")
+        bar.update(task, loss=2.5, tps=1234.4)
+        assert (str(loss.render(bar.tasks[0])), str(tps.render(bar.tasks[0]))) == ("loss 2.5000", "1,234 tok/s")
