@@ -138,11 +138,12 @@ def test_train_eval_and_decompile_end_to_end(tmp_path):
     s = slade.slade_train(data, str(tmp_path / "tiny"), "s", tmp_path / "runs", train_args=args, progress=False)
     assert s["val_loss"] < s["val_loss_before"]
     model = tmp_path / "runs" / "s" / "train" / "model"
-    r = slade.slade_eval(str(model), data, limit=3, max_new_tokens=24, out=tmp_path / "eval.json",
+    r = slade.slade_eval(str(model), data, limit=3, max_new_tokens=24, candidates=3, out=tmp_path / "eval.json",
                          unsandboxed=bwrap_command() is None, progress=False)
-    assert list(r["levels"]) == ["x86_64 -O0", "x86_64 -O3"]
+    assert list(r["levels"]) == ["x86_64 -O0", "x86_64 -O3"] and r["candidates"] == 3
     for m in r["levels"].values():
         assert m["functions"] == 3 and 0 <= m["io_accuracy"] <= m["compile_rate"] <= 1
+        assert 0 <= m["io_accuracy_greedy"] <= 1 and m["examples"][0]["candidate"] in (0, 1, 2)
         assert 0 < m["edit_similarity"] < 1 and m["examples"][0]["original"]
     assert json.loads((tmp_path / "eval.json").read_text())["levels"].keys() == r["levels"].keys()
     source = tmp_path / "f.c"
@@ -152,6 +153,21 @@ def test_train_eval_and_decompile_end_to_end(tmp_path):
     assert isinstance(out, str) and out.strip()
     with pytest.raises(SlmError, match="not found"):
         slade.decompile(str(model), tmp_path / "nope.s")
+
+
+def test_choose_keeps_the_candidate_gcc_compiles_back_nearest_the_input():
+    asm = slade.normalise_asm(slade.compile_asm("int twice(int x)\n{\n    return 2 * x;\n}\n", "O3"), "twice")
+    plus = "int f(int x)\n{\n    return x + 1;\n}\n"
+    times = "int f(int x)\n{\n    return x * 2;\n}\n"
+    broken = "int f(int x)\n{\n    return x +;\n}\n"
+    assert slade.recompiled_similarity(slade.restore_name(times, "twice"), "twice", asm, ["O3"]) == 1.0
+    assert 0 < slade.recompiled_similarity(slade.restore_name(plus, "twice"), "twice", asm, ["O3"]) < 1
+    assert slade.recompiled_similarity(broken, "twice", asm, ["O0", "O3"]) == 0.0
+    pick = slade.choose([plus, broken, times, plus], "twice", asm, ["O3"])
+    assert pick["index"] == 2 and pick["compiles"] and pick["score"] == 1.0
+    assert "twice(int x)" in pick["source"] and pick["prediction"] == slade.restore_name(times, "twice")
+    assert slade.choose([broken, plus], "twice", asm, ["O3"])["index"] == 1  # what compiles beats what does not
+    assert slade.choose([times, times.replace("x * 2", "x + x")], "twice", asm, ["O3"])["index"] == 0  # a tie
 
 
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,

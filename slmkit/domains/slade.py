@@ -618,21 +618,64 @@ def slade_train(data: Path = Path("data/slade"), model: str = "slade-nano", run:
                     runs_dir=runs_dir, resume=resume, train_args=args, progress=progress)
 
 
-def decompile_asm(loaded, asms: list[str], batch_size: int = 8, max_new_tokens: int = 384) -> list[str]:
-    """Greedy decoding of C for each normalised assembly text."""
+def decompile_asm(loaded, asms: list[str], batch_size: int = 8, max_new_tokens: int = 384, candidates: int = 1,
+                  temperature: float = 0.8, seed: int = 0) -> list[list[str]]:
+    """C for each normalised assembly text: the greedy decoding first, then `candidates` - 1 samples."""
     from slmkit.client import LocalLM
     from slmkit.generate import SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    return [t.strip() + "\n" for t in LocalLM(loaded, batch_size).generate(asms, params, chat=False)]
+    lm = LocalLM(loaded, batch_size)
+    greedy = lm.generate(asms, SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0), chat=False)
+    out = [[t.strip() + "\n"] for t in greedy]
+    if candidates > 1:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        sampled = lm.generate([a for a in asms for _ in range(candidates - 1)], params, chat=False)
+        for i, t in enumerate(sampled):
+            out[i // (candidates - 1)].append(t.strip() + "\n")
+    return out
+
+
+def recompiled_similarity(source: str, function: str, asm: str, levels: list[str], arch: str = "x86_64") -> float:
+    """How closely SOURCE reproduces the input assembly when gcc compiles it again: the best edit similarity of
+    its normalised assembly at any of LEVELS to ASM (0 when it does not compile to FUNCTION)."""
+    best = 0.0
+    for level in levels:
+        try:
+            again = normalise_asm(compile_asm(HEADERS + strip_includes(source), level, arch), function, arch)
+        except SlmError:
+            continue
+        best = max(best, edit_similarity(again, asm))
+    return best
+
+
+def choose(candidates: list[str], function: str, asm: str, levels: list[str], arch: str = "x86_64",
+           infer: bool = True) -> dict:
+    """The candidate decompilation gcc agrees with most: each is named after the assembly's label, completed
+    with the declarations it lacks and compiled again; the one whose assembly is nearest the input wins
+    (the first - greedy - on ties). Nothing is run: the compiler alone checks the model's guesses."""
+    unique, best = list(dict.fromkeys(candidates)), {}
+    for c in unique:
+        raw = restore_name(c, function)
+        completed, added, compiles = infer_declarations(raw) if infer else (raw, [], not compile_errors(raw))
+        compiles = compiles and defines(completed, function)
+        score = -1.0 if not compiles else recompiled_similarity(completed, function, asm, levels, arch) \
+            if len(unique) > 1 else 0.0
+        if not best or score > best["score"]:
+            best = {"index": candidates.index(c), "prediction": raw, "source": completed, "added": added,
+                    "compiles": compiles, "score": score}
+    return best
 
 
 def decompile(model: str, asm_file: Path, function: str | None = None, infer: bool = True,
-              max_new_tokens: int = 384, arch: str = "x86_64") -> str:
+              max_new_tokens: int = 384, arch: str = "x86_64", candidates: int = 8,
+              level: str | None = None) -> str:
     """Decompile FUNCTION (default: the first global function) of a gcc assembly file (`gcc -S`; x86_64, or
-    aarch64 for a model trained on it)."""
+    aarch64 for a model trained on it): of `candidates` decodings, the one that compiles back nearest the input
+    (at LEVEL, e.g. O3; by default the nearer of -O0 and -O3)."""
     from slmkit.models import load
 
+    if candidates < 1:
+        raise SlmError(f"--candidates must be >= 1 (got {candidates})")
     path = Path(asm_file)
     if not path.is_file():
         raise SlmError(f"{path} not found")
@@ -643,9 +686,11 @@ def decompile(model: str, asm_file: Path, function: str | None = None, infer: bo
         if not globl:
             raise SlmError(f"{path}: no function label found")
         function = globl[0]
-    c = decompile_asm(load(model, dtype="fp32"), [normalise_asm(asm, function, arch)], 1, max_new_tokens)[0]
-    c = restore_name(c, function)
-    return infer_declarations(c)[0] if infer else c
+    normalised = normalise_asm(asm, function, arch)
+    decoded = decompile_asm(load(model, dtype="fp32"), [normalised], 1, max_new_tokens, candidates)[0]
+    levels = [level.lstrip("-")] if level else ["O0", "O3"]
+    picked = choose(decoded, function, normalised, levels, arch, infer)
+    return picked["source"] if infer else picked["prediction"]
 
 
 def restore_name(source: str, function: str) -> str:
@@ -683,50 +728,62 @@ def io_check(sandbox, harness_source: str, reference: str, prediction: str) -> d
 
 
 def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, batch_size: int = 8,
-               max_new_tokens: int = 384, unsandboxed: bool = False, out: Path | None = None,
+               max_new_tokens: int = 384, candidates: int = 1, unsandboxed: bool = False, out: Path | None = None,
                progress: bool = True) -> dict:
     """Decompile held-out functions at each level and report IO accuracy (prediction + inferred declarations,
     compiled, run on the IO tests in the sandbox, output equal to the original's), compile rate with and
-    without type inference, and edit similarity to the original source."""
+    without type inference, and edit similarity to the original source. With `candidates` > 1 the prediction
+    is the candidate that compiles back nearest the input assembly (`choose`), and the greedy decoding's IO
+    accuracy is reported beside it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from slmkit.data.corpora import read_jsonl
     from slmkit.models import load
     from slmkit.sandbox import Limits, Sandbox
 
+    if candidates < 1:
+        raise SlmError(f"--candidates must be >= 1 (got {candidates})")
     path = Path(data) / "pairs.jsonl"
     if not path.is_file():
         raise SlmError(f"{path} not found: run `slm slade data --out {data}` first")
     tests = [r for _, r in read_jsonl(path) if r.get("split") == "test"]
     loaded = load(model, dtype="fp32")
-    result: dict = {"model": model, "levels": {}}
+    result: dict = {"model": model, "candidates": candidates, "levels": {}}
     sandbox = Sandbox(2, Limits(timeout=2.0, memory_mb=256), unsandboxed=unsandboxed)
-    with sandbox, Progress(disable=not progress) as bar:
+    with sandbox, Progress(disable=not progress) as bar, ThreadPoolExecutor(2) as pool:
         for group in dict.fromkeys(target_of(r) for r in tests):
             rows = [r for r in tests if target_of(r) == group][:limit]
             task = bar.add_task(f"{group}: decompiling", total=len(rows))
-            preds = []
+            decoded = []
             for i in range(0, len(rows), batch_size):
-                preds += decompile_asm(loaded, [r["asm"] for r in rows[i:i + batch_size]], batch_size,
-                                       max_new_tokens)
+                decoded += decompile_asm(loaded, [r["asm"] for r in rows[i:i + batch_size]], batch_size,
+                                         max_new_tokens, candidates)
                 bar.advance(task, min(batch_size, len(rows) - i))
-            stats = {"functions": len(rows), "compiles_raw": 0, "compiles": 0, "io": 0, "edit_similarity": 0.0}
+            picks = list(pool.map(lambda rc: choose(rc[1], rc[0]["function"], rc[0]["asm"], [rc[0]["level"]],
+                                                    rc[0].get("arch", "x86_64")), zip(rows, decoded, strict=True)))
+            stats = {"compiles_raw": 0, "compiles": 0, "io": 0, "io_greedy": 0, "edit_similarity": 0.0}
             examples = []
-            for r, pred in zip(rows, preds, strict=True):
-                pred = restore_name(pred, r["function"])
-                completed, added, compiles = infer_declarations(pred)
-                compiles = compiles and defines(completed, r["function"])
-                stats["compiles_raw"] += compiles and not added
-                stats["compiles"] += compiles
-                check = io_check(sandbox, r["harness"], r["c"], completed)
+            for r, cands, pick in zip(rows, decoded, picks, strict=True):
+                stats["compiles_raw"] += pick["compiles"] and not pick["added"]
+                stats["compiles"] += pick["compiles"]
+                check = io_check(sandbox, r["harness"], r["c"], pick["source"])
                 stats["io"] += check["io"]
-                stats["edit_similarity"] += edit_similarity(pred, r["c"])
+                if candidates > 1:
+                    greedy = check if pick["index"] == 0 else \
+                        io_check(sandbox, r["harness"], r["c"], infer_declarations(restore_name(cands[0],
+                                                                                                r["function"]))[0])
+                    stats["io_greedy"] += greedy["io"]
+                stats["edit_similarity"] += edit_similarity(pick["prediction"], r["c"])
                 if len(examples) < 6:
-                    examples.append({"asm": r["asm"], "original": r["c"], "prediction": pred, "added": added,
-                                     **check})
+                    examples.append({"asm": r["asm"], "original": r["c"], "prediction": pick["prediction"],
+                                     "added": pick["added"], "candidate": pick["index"], **check})
             n = max(len(rows), 1)
-            result["levels"][group] = {"functions": len(rows), "io_accuracy": stats["io"] / n,
-                                       "compile_rate": stats["compiles"] / n,
-                                       "compile_rate_without_inference": stats["compiles_raw"] / n,
-                                       "edit_similarity": stats["edit_similarity"] / n, "examples": examples}
+            level = {"functions": len(rows), "io_accuracy": stats["io"] / n, "compile_rate": stats["compiles"] / n,
+                     "compile_rate_without_inference": stats["compiles_raw"] / n,
+                     "edit_similarity": stats["edit_similarity"] / n}
+            if candidates > 1:
+                level["io_accuracy_greedy"] = stats["io_greedy"] / n
+            result["levels"][group] = level | {"examples": examples}
     if out:
         from slmkit.train import write_atomic
 
