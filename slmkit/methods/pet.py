@@ -207,16 +207,22 @@ def pet_objective(cloze: Cloze, aux_weight: float):
     return objective
 
 
-def cloze_logits(model, data: ClozeData, word_ids: list[int], masked: bool, batch_size: int = 16) -> np.ndarray:
+def cloze_logits(model, data: ClozeData, word_ids: list[int], masked: bool, batch_size: int = 16,
+                 progress: str | None = None) -> np.ndarray:
+    """Verbalizer logits of every example; `progress`: the description of a progress bar (None: no bar)."""
     import torch
+
+    from slmkit.progress import Progress
 
     was_training = model.training
     model.eval()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), Progress(disable=progress is None) as bar:
+        task = bar.add_task(progress or "", total=len(data))
         for start in range(0, len(data), batch_size):
             batch = data.collate(data.examples[start:start + batch_size])
             out.append(verbalizer_logits(model, batch, word_ids, masked).numpy())
+            bar.advance(task, len(batch["labels"]))
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, len(word_ids)), dtype=np.float32)
 
@@ -298,8 +304,10 @@ def train_member(source: str, pvp: PVP, index: int, labels: list[str], train_row
           resume=True, config={"workflow": "pet", "model": source, "pattern": pvp.pattern,
                                  "verbalizer": pvp.verbalizer, "train_examples": len(train_rows)}, progress=progress)
     un = cloze_logits(net, ClozeData(cloze, [{"text": t, "label": labels[0]} for t in unlabeled], labels),
-                      cloze.word_ids, masked)
-    te = cloze_logits(net, ClozeData(cloze, test, labels), cloze.word_ids, masked)
+                      cloze.word_ids, masked, progress=f"pattern {index}: scoring the unlabelled set" if progress
+                      else None)
+    te = cloze_logits(net, ClozeData(cloze, test, labels), cloze.word_ids, masked,
+                      progress=f"pattern {index}: scoring the test set" if progress else None)
     acc = _accuracy(te, np.array([labels.index(r["label"]) for r in test]))
     np.savez(run_dir / ".member.npz", weight=weight, unlabeled=un, test=te, test_accuracy=acc)
     (run_dir / ".member.npz").rename(done)
