@@ -980,13 +980,16 @@ def flame_train_command(
     run: NameOpt = "flame",
     runs_dir: RunsDirOpt = Path("runs"),
     resume: ResumeOpt = False,
+    retrieval_weight: Annotated[float, typer.Option(help="Weight of the contrastive retrieval term in fine-tuning "
+                                                    "(each input nearer its own formula than the batch's "
+                                                    "others; 0 = off).")] = 0.0,
     train_args: FinetuneArgs = None,
 ):
     """Pretrain a FLAME model on formulas (tail masking, random noise, span masking, user-inspired noise: each
-    asks for the whole formula), then fine-tune it for repair and completion."""
+    asks for the whole formula), then fine-tune it for repair and completion (and retrieval)."""
     from slmkit.domains.flame import flame_train
 
-    s = flame_train(data, model, pretrain_steps, run, runs_dir, resume, train_args)
+    s = flame_train(data, model, pretrain_steps, run, runs_dir, resume, train_args, retrieval_weight)
     out.print(f"done: fine-tuning validation loss {s['tune']['val_loss']:.4f}; model in {s['tune']['run_dir']}/model")
 
 

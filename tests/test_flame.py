@@ -137,11 +137,48 @@ def test_flame_train_eval_and_commands_end_to_end(tmp_path):
     assert result.exit_code == 0 and "=SUM(A1:A3  ->" in result.output, result.output
     hits = flame.search(str(model), "=VLOOKUP(", data, top=3)
     assert len(hits) == 3 and hits[0][0] >= hits[1][0] >= hits[2][0]
-    fresh = flame.flame_train(data, "flame-nano", pretrain_steps=0, run="f0", runs_dir=tmp_path,
-                              train_args=replace(args, steps=2), progress=False)  # no pretraining: built fresh
+    fresh = flame.flame_train(data, "flame-nano", pretrain_steps=0, run="f0", runs_dir=tmp_path,  # built fresh
+                              train_args=replace(args, steps=2), retrieval_weight=1.0, progress=False)
     assert "pretrain" not in fresh and (tmp_path / "f0" / "init" / "tokenizer.json").is_file()
     with pytest.raises(SlmError, match="slm flame data"):
         flame.flame_train(tmp_path / "missing", run="x", runs_dir=tmp_path, train_args=args, progress=False)
     (data / "pretrain.jsonl").write_text('{"text": "=SUM(A1:A3)"}\n')  # the format before FLAME's objectives
     with pytest.raises(SlmError, match="older `slm flame data`"):
         flame.flame_train(data, run="old", runs_dir=tmp_path, train_args=args, progress=False)
+
+
+def test_retrieval_term_teaches_the_encoder_to_find_each_target():
+    """The contrastive term alone, on one batch of random input/target pairs: the pooled encoder states learn to
+    rank each input's own target first; held out (eval mode) the objective is the model's seq2seq loss, and a
+    target that appears twice in the batch is no negative for itself (the loss stays finite)."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=2, num_decoder_layers=1,
+                                                num_heads=2, d_kv=16, decoder_start_token_id=0, pad_token_id=0))
+    ids, labels = torch.randint(2, 64, (8, 10)), torch.randint(2, 64, (8, 6))
+    labels[:, 4:] = -100
+    labels[7] = labels[6]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    def ranked_first() -> int:
+        with torch.no_grad():
+            encoder, keep = model.get_encoder(), labels != -100
+            q = flame.pooled(encoder(input_ids=ids).last_hidden_state, torch.ones_like(ids))
+            d = flame.pooled(encoder(input_ids=labels.clamp(min=0), attention_mask=keep.long()).last_hidden_state, keep)
+        return int(((q @ d.T).argmax(-1)[:6] == torch.arange(6)).sum())
+
+    objective = flame.retrieval_objective(1.0)
+    model.eval()
+    assert torch.isclose(objective(model, batch, None)[0], model(**batch).loss)
+    start = ranked_first()
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss, _ = objective(model, batch, None)
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert ranked_first() == 6 > start

@@ -26,7 +26,11 @@ and trains and uses it:
   `complete: PREFIX` -> formula;
 - `flame_eval`: exact match after normalisation on held-out repair pairs, per corruption kind, against
   the copy-the-input baseline; the parse rate of the outputs; exact match of completions;
-- `repair`, `complete`, `search` (retrieval: cosine similarity of mean-pooled encoder states).
+- `retrieval_objective`: the tuning loss plus an in-batch contrastive term that pulls each example's
+  encoded input (a broken formula, a prefix) towards its encoded target formula, so the encoder's pooled
+  states become a search embedding;
+- `repair`, `complete`, `search` (retrieval: cosine similarity of mean-pooled encoder states; a query is
+  embedded as a completion prompt).
 """
 
 from __future__ import annotations
@@ -593,6 +597,41 @@ def _read(path: Path, split: str | None = None) -> list[dict]:
     return [row for _, row in read_jsonl(path) if split is None or row.get("split") == split]
 
 
+def pooled(states, mask):
+    """Mean of the encoder states over real tokens, L2-normalised: FLAME's formula embedding."""
+    import torch
+
+    mask = mask[..., None].to(states.dtype)
+    return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
+
+
+def retrieval_objective(weight: float, temperature: float = 0.05):
+    """The seq2seq loss plus `weight` x an in-batch contrastive loss (InfoNCE): each input's embedding must be
+    nearer its own target formula's than the batch's other targets (a target that appears twice is not a
+    negative for itself). The encoder runs once over the inputs for both terms; held-out loss is the
+    seq2seq loss alone, comparable with a run without the term."""
+    import torch
+
+    def objective(model, batch, generator):
+        encoder, labels = model.get_encoder(), batch["labels"]
+        enc = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=labels)
+        keep = labels != -100
+        if not model.training or not weight or len(labels) < 2:
+            return out.loss, int(keep.sum())
+        pad = model.config.pad_token_id or 0
+        targets = encoder(input_ids=labels.masked_fill(~keep, pad), attention_mask=keep.long()).last_hidden_state
+        queries, docs = pooled(enc.last_hidden_state, batch["attention_mask"]), pooled(targets, keep)
+        sims = queries @ docs.T / temperature
+        same = (labels[:, None, :] == labels[None, :, :]).all(-1) & ~torch.eye(len(labels), dtype=torch.bool,
+                                                                                device=labels.device)
+        sims = sims.masked_fill(same, float("-inf"))
+        contrast = torch.nn.functional.cross_entropy(sims, torch.arange(len(labels), device=labels.device))
+        return out.loss + weight * contrast, int(keep.sum())
+
+    return objective
+
+
 def flame_train(
     data: Path = Path("data/flame"),
     model: str = "flame-nano",
@@ -601,12 +640,13 @@ def flame_train(
     runs_dir: Path = Path("runs"),
     resume: bool = False,
     train_args: FinetuneArgs | None = None,
+    retrieval_weight: float = 0.0,
     progress: bool = True,
 ) -> dict:
     """Pretrain `model` (a zoo spec, built with DATA's formula tokenizer, or a checkpoint) on DATA/pretrain.jsonl
     - FLAME's objectives, each asking for the whole formula back from a damaged one (`pretrain_steps`; 0
-    skips) - then fine-tune it on DATA/tasks.jsonl (repair and completion). Returns both stages' summaries;
-    the model is RUNS_DIR/RUN/tune/model."""
+    skips) - then fine-tune it on DATA/tasks.jsonl (repair and completion; with `retrieval_weight` > 0, plus
+    the contrastive retrieval term). Returns both stages' summaries; the model is RUNS_DIR/RUN/tune/model."""
     from dataclasses import replace
 
     from slmkit.methods.finetune import finetune
@@ -632,7 +672,7 @@ def flame_train(
         base = str(done)
     summary["tune"] = finetune(base, str(data / "tasks.jsonl"), "chat", val_fraction=0.02, lora=False,
                                run=f"{run}/tune", runs_dir=runs_dir, resume=resume, train_args=args,
-                               progress=progress)
+                               progress=progress, objective=retrieval_objective(retrieval_weight))
     return summary
 
 
@@ -657,7 +697,7 @@ def complete(model: str, prefixes: list[str], batch_size: int = 16) -> list[str]
 
 
 def embed(loaded, texts: list[str], batch_size: int = 64):
-    """Mean-pooled, L2-normalised encoder states of a FLAME model."""
+    """`pooled` encoder states of a FLAME model for each text."""
     import torch
 
     tok, net = loaded.tokenizer, loaded.model
@@ -666,15 +706,15 @@ def embed(loaded, texts: list[str], batch_size: int = 64):
         for i in range(0, len(texts), batch_size):
             batch = tok(texts[i:i + batch_size], padding=True, truncation=True, max_length=256, return_tensors="pt")
             states = net.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            mask = batch["attention_mask"][..., None].float()
-            pooled = (states.last_hidden_state * mask).sum(1) / mask.sum(1)
-            rows.append(torch.nn.functional.normalize(pooled, dim=-1))
+            rows.append(pooled(states.last_hidden_state, batch["attention_mask"]))
     return torch.cat(rows)
 
 
 def nearest(loaded, queries: list[str], collection: list[str], top: int):
-    """(cosine similarities, indices) of the `top` formulas of `collection` closest to each query, best first."""
-    return (embed(loaded, queries) @ embed(loaded, collection).T).topk(min(top, len(collection)))
+    """(cosine similarities, indices) of the `top` formulas of `collection` closest to each query, best first.
+    A query (a partial formula or words) is embedded as a completion prompt, as the retrieval term trains."""
+    scores = embed(loaded, ["complete: " + q for q in queries]) @ embed(loaded, collection).T
+    return scores.topk(min(top, len(collection)))
 
 
 def search(model: str, query: str, data: Path = Path("data/flame"), top: int = 5) -> list[tuple[float, str]]:

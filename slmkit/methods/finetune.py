@@ -428,6 +428,7 @@ def finetune(
     resume: bool = False,
     train_args: FinetuneArgs | None = None,
     progress: bool = True,
+    objective=None,
 ) -> dict:
     """Fine-tune a model and return the run summary with held-out scores before and after.
 
@@ -437,6 +438,7 @@ def finetune(
     data (default set: chatterbot-topics); full fine-tuning by default.
     `qlora`: the frozen base is loaded in 4-bit NF4 (bitsandbytes) and LoRA adapters train on top; the saved
     model merges the adapter into the full-precision base.
+    `objective`: replaces the chat task's loss (`sft_objective`), e.g. FLAME's with its retrieval term.
     """
     args = (train_args or FinetuneArgs()).validate()
     if task not in ("chat", "classify"):
@@ -454,12 +456,15 @@ def finetune(
             raise SlmError(f"{data} has {len(records)} example(s); need at least 2 to hold one out")
         train_records, val_records = split(records, val_fraction, args.seed)
     if task == "chat":
-        net, tok, train_set, val_set, objective = _chat_setup(model, train_records, val_records, args, qlora)
+        net, tok, train_set, val_set, sft = _chat_setup(model, train_records, val_records, args, qlora)
+        objective = objective or sft
     else:
         labels = sorted({r["label"] for r in train_records})
         net, tok = classifier_from(model or "all-minilm-l6-v2", labels)
         train_set = ClassificationData(tok, train_records, labels, args.seq_len)
         val_set = ClassificationData(tok, val_records, labels, args.seq_len)
+        if objective is not None:
+            raise SlmError("a custom objective replaces the chat task's loss (not --task classify)")
         objective = classification_objective
     if lora if lora is not None else task == "chat":
         kind = "SEQ_CLS" if task == "classify" else "SEQ_2_SEQ_LM" if net.config.is_encoder_decoder else "CAUSAL_LM"
