@@ -148,9 +148,10 @@ def test_flame_train_eval_and_commands_end_to_end(tmp_path):
 
 
 def test_retrieval_term_teaches_the_encoder_to_find_each_target():
-    """The contrastive term alone, on one batch of random input/target pairs: the pooled encoder states learn to
-    rank each input's own target first; held out (eval mode) the objective is the model's seq2seq loss, and a
-    target that appears twice in the batch is no negative for itself (the loss stays finite)."""
+    """On one batch of random input/target pairs (inputs behind a task prompt), the term teaches the pooled
+    encoder states of each input - embedded without its prompt, as `search` embeds a query - to rank the input's
+    own target first; held out (eval mode) the objective is the model's seq2seq loss, and a target that appears
+    twice in the batch is no negative for itself (the loss stays finite)."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -160,7 +161,9 @@ def test_retrieval_term_teaches_the_encoder_to_find_each_target():
     ids, labels = torch.randint(2, 64, (8, 10)), torch.randint(2, 64, (8, 6))
     labels[:, 4:] = -100
     labels[7] = labels[6]
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    prompt = [1, 1, 1]
+    batch = {"input_ids": torch.cat([torch.tensor([prompt] * 8), ids], 1), "labels": labels}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
 
     def ranked_first() -> int:
         with torch.no_grad():
@@ -169,7 +172,7 @@ def test_retrieval_term_teaches_the_encoder_to_find_each_target():
             d = flame.pooled(encoder(input_ids=labels.clamp(min=0), attention_mask=keep.long()).last_hidden_state, keep)
         return int(((q @ d.T).argmax(-1)[:6] == torch.arange(6)).sum())
 
-    objective = flame.retrieval_objective(1.0)
+    objective = flame.retrieval_objective(1.0, [prompt])
     model.eval()
     assert torch.isclose(objective(model, batch, None)[0], model(**batch).loss)
     start = ranked_first()

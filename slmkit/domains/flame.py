@@ -29,8 +29,7 @@ and trains and uses it:
 - `retrieval_objective`: the tuning loss plus an in-batch contrastive term that pulls each example's
   encoded input (a broken formula, a prefix) towards its encoded target formula, so the encoder's pooled
   states become a search embedding;
-- `repair`, `complete`, `search` (retrieval: cosine similarity of mean-pooled encoder states; a query is
-  embedded as a completion prompt).
+- `repair`, `complete`, `search` (retrieval: cosine similarity of mean-pooled encoder states).
 """
 
 from __future__ import annotations
@@ -432,6 +431,8 @@ def corrupt(formula: str, rng: random.Random, kind: str | None = None) -> tuple[
 
 # --- FLAME's pretraining objectives: from a damaged formula, write the whole original -------------------
 
+REPAIR, COMPLETE = "repair: ", "complete: "  # the fine-tuning tasks' prompts
+TASK_PROMPTS = (REPAIR, COMPLETE)
 MASK = "<mask>"  # the formula tokenizer's mask token (slmkit.data.tokenizers.SPECIAL)
 
 
@@ -559,8 +560,8 @@ def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: floa
             if broken and broken[0] not in kinds_done:
                 kinds_done.add(broken[0])
                 repairs.append({"broken": broken[1], "fixed": f, "kind": broken[0], "split": split})
-    tasks = [{"prompt": "repair: " + r["broken"], "completion": r["fixed"]} for r in repairs if r["split"] == "train"]
-    tasks += [{"prompt": "complete: " + completion_prefix(r["formula"], rng), "completion": r["formula"]}
+    tasks = [{"prompt": REPAIR + r["broken"], "completion": r["fixed"]} for r in repairs if r["split"] == "train"]
+    tasks += [{"prompt": COMPLETE + completion_prefix(r["formula"], rng), "completion": r["formula"]}
               for r in rows if r["split"] == "train"]
     rng.shuffle(tasks)
     pretrain = [pair for r in rows if r["split"] == "train" for _ in range(PRETRAIN_VARIANTS)
@@ -605,27 +606,33 @@ def pooled(states, mask):
     return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1)
 
 
-def retrieval_objective(weight: float, temperature: float = 0.05):
+def retrieval_objective(weight: float, prompts: list[list[int]] = (), temperature: float = 0.05):
     """The seq2seq loss plus `weight` x an in-batch contrastive loss (InfoNCE): each input's embedding must be
     nearer its own target formula's than the batch's other targets (a target that appears twice is not a
-    negative for itself). The encoder runs once over the inputs for both terms; held-out loss is the
-    seq2seq loss alone, comparable with a run without the term."""
+    negative for itself). The input is embedded as `search` embeds a query - without its task prompt (token
+    ids in `prompts`, e.g. those of "repair: "). Held-out loss is the seq2seq loss alone, comparable with a
+    run without the term."""
     import torch
 
     def objective(model, batch, generator):
-        encoder, labels = model.get_encoder(), batch["labels"]
-        enc = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        out = model(encoder_outputs=enc, attention_mask=batch["attention_mask"], labels=labels)
+        labels = batch["labels"]
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
         keep = labels != -100
         if not model.training or not weight or len(labels) < 2:
             return out.loss, int(keep.sum())
-        pad = model.config.pad_token_id or 0
-        targets = encoder(input_ids=labels.masked_fill(~keep, pad), attention_mask=keep.long()).last_hidden_state
-        queries, docs = pooled(enc.last_hidden_state, batch["attention_mask"]), pooled(targets, keep)
-        sims = queries @ docs.T / temperature
+        pad, encoder = model.config.pad_token_id or 0, model.get_encoder()
+        queries = torch.full_like(batch["input_ids"], pad)
+        for row, (ids, n) in enumerate(zip(batch["input_ids"].tolist(), batch["attention_mask"].sum(1).tolist(),
+                                           strict=True)):
+            cut = max([len(p) for p in prompts if ids[:len(p)] == p and len(p) < n] or [0])
+            queries[row, :n - cut] = torch.tensor(ids[cut:n])
+        q_mask = queries != pad
+        q = pooled(encoder(input_ids=queries, attention_mask=q_mask.long()).last_hidden_state, q_mask)
+        d = pooled(encoder(input_ids=labels.masked_fill(~keep, pad), attention_mask=keep.long()).last_hidden_state,
+                   keep)
         same = (labels[:, None, :] == labels[None, :, :]).all(-1) & ~torch.eye(len(labels), dtype=torch.bool,
                                                                                 device=labels.device)
-        sims = sims.masked_fill(same, float("-inf"))
+        sims = (q @ d.T / temperature).masked_fill(same, float("-inf"))
         contrast = torch.nn.functional.cross_entropy(sims, torch.arange(len(labels), device=labels.device))
         return out.loss + weight * contrast, int(keep.sum())
 
@@ -649,6 +656,8 @@ def flame_train(
     the contrastive retrieval term). Returns both stages' summaries; the model is RUNS_DIR/RUN/tune/model."""
     from dataclasses import replace
 
+    from transformers import AutoTokenizer
+
     from slmkit.methods.finetune import finetune
     from slmkit.methods.pretrain import initialise
 
@@ -670,9 +679,11 @@ def flame_train(
                                            lora=False, run=f"{run}/pretrain", runs_dir=runs_dir, resume=resume,
                                            train_args=replace(args, steps=pretrain_steps), progress=progress)
         base = str(done)
+    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+    prompts = [tok(p, add_special_tokens=False).input_ids for p in TASK_PROMPTS]
     summary["tune"] = finetune(base, str(data / "tasks.jsonl"), "chat", val_fraction=0.02, lora=False,
                                run=f"{run}/tune", runs_dir=runs_dir, resume=resume, train_args=args,
-                               progress=progress, objective=retrieval_objective(retrieval_weight))
+                               progress=progress, objective=retrieval_objective(retrieval_weight, prompts))
     return summary
 
 
@@ -687,13 +698,13 @@ def _generate(loaded, prompts: list[str], batch_size: int, max_new_tokens: int =
 def repair(model: str, formulas_: list[str], batch_size: int = 16) -> list[str]:
     from slmkit.models import load
 
-    return _generate(load(model, dtype="fp32"), ["repair: " + f for f in formulas_], batch_size)
+    return _generate(load(model, dtype="fp32"), [REPAIR + f for f in formulas_], batch_size)
 
 
 def complete(model: str, prefixes: list[str], batch_size: int = 16) -> list[str]:
     from slmkit.models import load
 
-    return _generate(load(model, dtype="fp32"), ["complete: " + p for p in prefixes], batch_size)
+    return _generate(load(model, dtype="fp32"), [COMPLETE + p for p in prefixes], batch_size)
 
 
 def embed(loaded, texts: list[str], batch_size: int = 64):
@@ -711,10 +722,8 @@ def embed(loaded, texts: list[str], batch_size: int = 64):
 
 
 def nearest(loaded, queries: list[str], collection: list[str], top: int):
-    """(cosine similarities, indices) of the `top` formulas of `collection` closest to each query, best first.
-    A query (a partial formula or words) is embedded as a completion prompt, as the retrieval term trains."""
-    scores = embed(loaded, ["complete: " + q for q in queries]) @ embed(loaded, collection).T
-    return scores.topk(min(top, len(collection)))
+    """(cosine similarities, indices) of the `top` formulas of `collection` closest to each query, best first."""
+    return (embed(loaded, queries) @ embed(loaded, collection).T).topk(min(top, len(collection)))
 
 
 def search(model: str, query: str, data: Path = Path("data/flame"), top: int = 5) -> list[tuple[float, str]]:
@@ -773,11 +782,11 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
     if not tests:
         raise SlmError(f"{data}/repair.jsonl has no test pairs")
     loaded = load(model, dtype="fp32")
-    prompts = ["repair: " + t["broken"] for t in tests]
+    prompts = [REPAIR + t["broken"] for t in tests]
     fixed = _generate(loaded, prompts, batch_size)
     rng = random.Random(0)
     prefixes = [completion_prefix(r["formula"], rng) for r in held_out]
-    completed = _generate(loaded, ["complete: " + p for p in prefixes], batch_size)
+    completed = _generate(loaded, [COMPLETE + p for p in prefixes], batch_size)
     collection = [r["formula"] for r in formulas]
     top = nearest(loaded, prefixes, collection, 5).indices.tolist()
     where = {f: i for i, f in enumerate(collection)}
