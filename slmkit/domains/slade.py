@@ -658,8 +658,12 @@ def choose(candidates: list[str], function: str, asm: str, levels: list[str], ar
         raw = restore_name(c, function)
         completed, added, compiles = infer_declarations(raw) if infer else (raw, [], not compile_errors(raw))
         compiles = compiles and defines(completed, function)
-        score = -1.0 if not compiles else recompiled_similarity(completed, function, asm, levels, arch) \
-            if len(unique) > 1 else 0.0
+        if not compiles:
+            score = -1.0
+        elif len(unique) == 1:  # nothing to compare with
+            score = 0.0
+        else:
+            score = recompiled_similarity(completed, function, asm, levels, arch)
         if not best or score > best["score"]:
             best = {"index": candidates.index(c), "prediction": raw, "source": completed, "added": added,
                     "compiles": compiles, "score": score}
@@ -759,8 +763,14 @@ def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, ba
                 decoded += decompile_asm(loaded, [r["asm"] for r in rows[i:i + batch_size]], batch_size,
                                          max_new_tokens, candidates)
                 bar.advance(task, min(batch_size, len(rows) - i))
-            picks = list(pool.map(lambda rc: choose(rc[1], rc[0]["function"], rc[0]["asm"], [rc[0]["level"]],
-                                                    rc[0].get("arch", "x86_64")), zip(rows, decoded, strict=True)))
+            checking = bar.add_task(f"{group}: compiling {candidates} candidate(s) each", total=len(rows))
+
+            def pick(row: dict, cands: list[str], task=checking) -> dict:
+                picked = choose(cands, row["function"], row["asm"], [row["level"]], row.get("arch", "x86_64"))
+                bar.advance(task)
+                return picked
+
+            picks = list(pool.map(pick, rows, decoded))
             stats = {"compiles_raw": 0, "compiles": 0, "io": 0, "io_greedy": 0, "edit_similarity": 0.0}
             examples = []
             for r, cands, pick in zip(rows, decoded, picks, strict=True):
