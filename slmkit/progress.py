@@ -9,6 +9,7 @@ line (`sampling 8 program(s) for 200 problems: 96/1600 (6%), 4:10 elapsed, ETA 1
 from __future__ import annotations
 
 import math
+import re
 import time
 
 from rich.progress import Progress as RichProgress
@@ -24,6 +25,11 @@ def _clock(seconds: float | None) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _measured(value) -> bool:
+    """A number that is not NaN (NaN: nothing measured yet, e.g. the loss before the first logged step)."""
+    return isinstance(value, float | int) and not math.isnan(value)
+
+
 class FieldColumn(ProgressColumn):
     """A task field formatted with `template` (e.g. "loss {:.4f}"); "-" in its place until it is measured (NaN)."""
 
@@ -33,9 +39,7 @@ class FieldColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         value = task.fields.get(self.name, math.nan)
-        measured = not (isinstance(value, float) and math.isnan(value))
-        return Text(self.template.format(value) if measured else self.template.split("{")[0] + "-"
-                    + self.template.split("}")[-1])
+        return Text(self.template.format(value) if _measured(value) else re.sub(r"\{[^}]*\}", "-", self.template))
 
 
 class Progress(RichProgress):
@@ -68,7 +72,6 @@ class Progress(RichProgress):
         self._last_line[task_id] = "done" if task.finished else now
         total = f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else ""
         eta = "" if task.finished else f", ETA {_clock(task.time_remaining)}"
-        fields = "".join(f", {k} {v:.4g}" for k, v in task.fields.items()  # NaN: nothing measured yet
-                         if isinstance(v, float | int) and not math.isnan(v))
+        fields = "".join(f", {k} {v:.4g}" for k, v in task.fields.items() if _measured(v))
         self.console.print(f"{task.description}: {task.completed:,.0f}{total}, {_clock(task.elapsed)} elapsed{eta}"
                            f"{fields}", markup=False, highlight=False)

@@ -679,11 +679,14 @@ def flame_train(
                                            lora=False, run=f"{run}/pretrain", runs_dir=runs_dir, resume=resume,
                                            train_args=replace(args, steps=pretrain_steps), progress=progress)
         base = str(done)
-    tok = AutoTokenizer.from_pretrained(data / "tokenizer")
-    prompts = [tok(p, add_special_tokens=False).input_ids for p in TASK_PROMPTS]
+    objective = None  # fine-tuning's own seq2seq loss
+    if retrieval_weight:
+        tok = AutoTokenizer.from_pretrained(data / "tokenizer")
+        objective = retrieval_objective(retrieval_weight,
+                                        [tok(p, add_special_tokens=False).input_ids for p in TASK_PROMPTS])
     summary["tune"] = finetune(base, str(data / "tasks.jsonl"), "chat", val_fraction=0.02, lora=False,
                                run=f"{run}/tune", runs_dir=runs_dir, resume=resume, train_args=args,
-                               progress=progress, objective=retrieval_objective(retrieval_weight, prompts))
+                               progress=progress, objective=objective)
     return summary
 
 

@@ -652,8 +652,9 @@ def choose(candidates: list[str], function: str, asm: str, levels: list[str], ar
            infer: bool = True) -> dict:
     """The candidate decompilation gcc agrees with most: each is named after the assembly's label, completed
     with the declarations it lacks and compiled again; the one whose assembly is nearest the input wins
-    (the first - greedy - on ties). Nothing is run: the compiler alone checks the model's guesses."""
-    unique, best = list(dict.fromkeys(candidates)), {}
+    (the first - greedy - on ties). Nothing is run: the compiler alone checks the model's guesses. `greedy`
+    holds the first candidate's completed source, for comparison."""
+    unique, scored = list(dict.fromkeys(candidates)), []
     for c in unique:
         raw = restore_name(c, function)
         completed, added, compiles = infer_declarations(raw) if infer else (raw, [], not compile_errors(raw))
@@ -664,10 +665,9 @@ def choose(candidates: list[str], function: str, asm: str, levels: list[str], ar
             score = 0.0
         else:
             score = recompiled_similarity(completed, function, asm, levels, arch)
-        if not best or score > best["score"]:
-            best = {"index": candidates.index(c), "prediction": raw, "source": completed, "added": added,
-                    "compiles": compiles, "score": score}
-    return best
+        scored.append({"index": candidates.index(c), "prediction": raw, "source": completed, "added": added,
+                       "compiles": compiles, "score": score})
+    return max(scored, key=lambda x: x["score"]) | {"greedy": scored[0]["source"]}  # max keeps the first of equals
 
 
 def decompile(model: str, asm_file: Path, function: str | None = None, infer: bool = True,
@@ -773,15 +773,13 @@ def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, ba
             picks = list(pool.map(pick, rows, decoded))
             stats = {"compiles_raw": 0, "compiles": 0, "io": 0, "io_greedy": 0, "edit_similarity": 0.0}
             examples = []
-            for r, cands, pick in zip(rows, decoded, picks, strict=True):
+            for r, pick in zip(rows, picks, strict=True):
                 stats["compiles_raw"] += pick["compiles"] and not pick["added"]
                 stats["compiles"] += pick["compiles"]
                 check = io_check(sandbox, r["harness"], r["c"], pick["source"])
                 stats["io"] += check["io"]
                 if candidates > 1:
-                    greedy = check if pick["index"] == 0 else \
-                        io_check(sandbox, r["harness"], r["c"], infer_declarations(restore_name(cands[0],
-                                                                                                r["function"]))[0])
+                    greedy = check if pick["index"] == 0 else io_check(sandbox, r["harness"], r["c"], pick["greedy"])
                     stats["io_greedy"] += greedy["io"]
                 stats["edit_similarity"] += edit_similarity(pick["prediction"], r["c"])
                 if len(examples) < 6:
