@@ -1227,6 +1227,8 @@ def llava_train_command(
     data: LlavaDataOpt = Path("data/llava"),
     stage: Annotated[int, typer.Option(help="1: projector on captions; 2: projector + LM on instructions.")] = 1,
     lora: Annotated[bool, typer.Option(help="Stage 2 with LoRA adapters on the LM instead of full tuning.")] = False,
+    train_vision: Annotated[bool, typer.Option(help="Stage 2 also trains the vision tower (for a tower trained "
+                                               "here on little data; LLaVA keeps a CLIP frozen).")] = False,
     run: NameOpt = "llava",
     runs_dir: RunsDirOpt = Path("runs"),
     resume: ResumeOpt = False,
@@ -1235,7 +1237,7 @@ def llava_train_command(
     """Train LLaVA-ϕ stage 1 or 2 (default learning rates 1e-3 and 2e-5); loss on answers only."""
     from slmkit.domains.llava_phi import llava_train
 
-    s = llava_train(model, data, stage, lora, run, runs_dir, resume, train_args)
+    s = llava_train(model, data, stage, lora, train_vision, run, runs_dir, resume, train_args)
     out.print(f"done: held-out loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f}; model in "
               f"{s['run_dir']}/model")
 

@@ -148,8 +148,8 @@ def _scene(tmp_path):
 
 
 def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
-    """Stage 1 moves only the projector, stage 2 (LoRA) the projector and the LM, never the vision tower; both
-    lower the held-out loss; eval scores with and without the image by question type."""
+    """Stage 1 moves only the projector, stage 2 (LoRA) the projector and the LM, the vision tower only when
+    asked; both lower the held-out loss; eval scores with and without the image by question type."""
     from safetensors.torch import load_file
 
     from slmkit.methods.finetune import FinetuneArgs
@@ -174,6 +174,11 @@ def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
     assert any("language_model" in k for k in moved) and not any("vision_tower" in k for k in moved)
     assert s2["val_loss"] < s2["val_loss_before"]
     assert s2["trainable_parameters"] < sum(v.numel() for v in final.values())
+    short = FinetuneArgs(steps=2, batch_size=8, seq_len=256, eval_every=0, save_every=2, warmup_steps=1, lr=3e-3)
+    L.llava_train(str(stage1), data, stage=2, train_vision=True, run="w", runs_dir=tmp_path, train_args=short,
+                  progress=False)  # a tower trained here may learn in stage 2 too
+    tuned = load_file(tmp_path / "w" / "stage2" / "model" / "model.safetensors")
+    assert any("vision_tower" in k for k in after if not torch.equal(after[k], tuned[k]))
     r = L.llava_eval(str(tmp_path / "v" / "stage2" / "model"), data, limit=10, batch_size=5, progress=False)
     assert r["questions"] == 10 and 0 <= r["accuracy"] <= 1 and 0 <= r["text_only_accuracy"] <= 1
     assert sum(t["count"] for t in r["per_type"].values()) == 10 and "with_image" in r["examples"][0]
@@ -181,6 +186,8 @@ def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
     assert prior["How many shapes are there?"] in L.NUMBERS and 0 < r["prior_accuracy"] <= 1
     with pytest.raises(SlmError, match="--lora applies to stage 2"):
         L.llava_train(str(base), data, stage=1, lora=True, runs_dir=tmp_path)
+    with pytest.raises(SlmError, match="--train-vision applies to stage 2"):
+        L.llava_train(str(base), data, stage=1, train_vision=True, runs_dir=tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "none.png", "conversations": [{"from": "human", "value": "hi"}]}\n')
     with pytest.raises(SlmError, match=r"bad.jsonl:1: image .* not found"):
