@@ -296,9 +296,9 @@ def train_member(source: str, pvp: PVP, index: int, labels: list[str], train_row
     before = cloze_logits(net, labelled_data, cloze.word_ids, masked)
     gold_labelled = np.array([labels.index(r["label"]) for r in labelled])
     weight = _accuracy(before, gold_labelled)
+    torch.manual_seed(args.seed)  # the adapter's initialisation too: a stage gives the same model however it runs
     if lora:
         net = add_lora(net, 16, 32, 0.05, None if masked else "CAUSAL_LM")
-    torch.manual_seed(args.seed)
     data = ClozeData(cloze, train_rows, labels, unlabeled if aux_weight else ())
     train(net, tok, data, labelled_data, pet_objective(cloze, aux_weight), args, run_dir,
           resume=True, config={"workflow": "pet", "model": source, "pattern": pvp.pattern,
@@ -352,10 +352,10 @@ def train_classifier(source: str, labels: list[str], rows: list[dict] | None, so
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
+    torch.manual_seed(args.seed)  # the new head and the adapter: the same classifier whatever ran before
     net, tok = classifier_from(source, labels)
     if lora:
         net = add_lora(net, 16, 32, 0.05, "SEQ_CLS")
-    torch.manual_seed(args.seed)
     test_set = ClassificationData(tok, test, labels, args.seq_len)
     if soft is None:
         data, objective = ClassificationData(tok, rows, labels, args.seq_len), classification_objective
