@@ -2,6 +2,7 @@
 pseudo-labelling, the spam corpus reader, and the whole workflow on a tiny model (resumable, per seed)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,7 +141,7 @@ def test_a_classifier_stage_is_the_same_whatever_ran_before(tmp_path, toy_task):
     from slmkit.methods.pet import train_classifier
 
     model, data, _ = toy_task
-    rows = [json.loads(line) for line in open(data)]
+    rows = [json.loads(line) for line in Path(data).read_text().splitlines()]
     args = FinetuneArgs(steps=2, batch_size=8, seq_len=32, eval_every=0, save_every=0, warmup_steps=1, seed=3)
     weights = []
     for k in range(2):

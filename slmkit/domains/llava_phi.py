@@ -487,8 +487,7 @@ def llava_train(model: str, data: Path = Path("data/llava"), stage: int = 1, lor
     `slm llava data`, whose stageN.jsonl is used, or a LLaVA-format JSONL file). Stage 1 trains the projector
     on captions, stage 2 the projector and the language model (or LoRA adapters on it with `lora`) on
     visual instructions, and with `train_vision` the vision tower as well; the default learning rate is the
-    stage's (1e-3, 2e-5). The model is
-    RUNS_DIR/RUN/stageN/model."""
+    stage's (1e-3, 2e-5). The model is RUNS_DIR/RUN/stageN/model."""
     from dataclasses import replace
 
     from slmkit.methods.finetune import split
