@@ -229,7 +229,9 @@ def vision_tower(source: str | None, image_size: int | None = None):
     from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Model
 
     from slmkit import zoo
+    from slmkit.models import quiet_transformers
 
+    quiet_transformers()  # a CLIPModel checkpoint's text tower is dropped on purpose: no load report for it
     if source is None:
         config = dict(zoo.get("llava-phi-nano").sub_configs["vision_config"][1])
         if image_size:
