@@ -367,7 +367,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_metrics(run_dir: Path) -> Path | None:
-    """loss.png: training loss per logged step and validation loss, with perplexity on a second axis."""
+    """loss.png: training loss per logged step and validation loss; the loss axis is logarithmic when the
+    curve spans more than a factor of 10, so the late steps stay readable under a high first loss."""
     try:
         import matplotlib
 
@@ -381,6 +382,9 @@ def plot_metrics(run_dir: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train loss")
     ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="validation loss")
+    losses = [r["loss"] for r in train_rows] + [r["val_loss"] for r in val_rows]
+    if losses and min(losses) > 0 and max(losses) > 10 * min(losses):
+        ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(Path(run_dir).name)
