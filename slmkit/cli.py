@@ -1255,12 +1255,14 @@ def llava_eval_command(
     from slmkit.domains.llava_phi import llava_eval
 
     r = llava_eval(model, data, limit, out=Path(model) / "llava_eval.json")
-    table = Table("question type", "count", "with image", "text only", "question prior",
+    table = Table("question type", "count", "with image", "text only", "question prior", "top mistakes (with image)",
                   title="LLaVA-ϕ on held-out questions")
     for kind, t in r["per_type"].items():
-        table.add_row(kind, str(t["count"]), f"{t['image']:.3f}", f"{t['text_only']:.3f}", f"{t['prior']:.3f}")
+        mistakes = ", ".join(f"{want}→{got or '∅'} ×{k}" for want, got, k in t["mistakes"][:2])
+        table.add_row(kind, str(t["count"]), f"{t['image']:.3f}", f"{t['text_only']:.3f}", f"{t['prior']:.3f}",
+                      mistakes)
     table.add_row("all", str(r["questions"]), f"{r['accuracy']:.3f}", f"{r['text_only_accuracy']:.3f}",
-                  f"{r['prior_accuracy']:.3f}")
+                  f"{r['prior_accuracy']:.3f}", "")
     out.print(table)
     out.print(f"-> {model}/llava_eval.json")
 

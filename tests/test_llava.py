@@ -186,6 +186,9 @@ def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
     r = L.llava_eval(str(tmp_path / "v" / "stage2" / "model"), data, limit=10, batch_size=5, progress=False)
     assert r["questions"] == 10 and 0 <= r["accuracy"] <= 1 and 0 <= r["text_only_accuracy"] <= 1
     assert sum(t["count"] for t in r["per_type"].values()) == 10 and "with_image" in r["examples"][0]
+    for t in r["per_type"].values():  # mistakes: (expected, answered, times), never more than the wrong answers
+        assert sum(k for _, _, k in t["mistakes"]) <= round(t["count"] * (1 - t["image"]))
+        assert bool(t["mistakes"]) == (t["image"] < 1)
     prior = L.question_prior(data / "stage2.jsonl")  # each training question's most frequent answer
     assert prior["How many shapes are there?"] in L.NUMBERS and 0 < r["prior_accuracy"] <= 1
     with pytest.raises(SlmError, match="--lora applies to stage 2"):

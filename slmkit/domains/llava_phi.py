@@ -583,7 +583,9 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
     """Accuracy on held-out visual questions (DATA/test.jsonl) by question type, with the image and without it
     (the same model answering from the text alone: the baseline the image must beat), and the question prior
     (each question's most frequent training answer). An answer is right when its normalised first words are
-    the expected answer."""
+    the expected answer; each type also lists its most frequent mistakes (expected, answered, times)."""
+    from collections import Counter
+
     from PIL import Image
 
     from slmkit.data.corpora import read_jsonl
@@ -610,9 +612,12 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
             seen = _answers(net, processor, with_image, images, 6)
             blind = _answers(net, processor, text_only, None, 6)
             for q, a, b in zip(batch, seen, blind, strict=True):
-                t = per_type.setdefault(q["type"], {"count": 0, "image": 0, "text_only": 0, "prior": 0})
+                t = per_type.setdefault(q["type"], {"count": 0, "image": 0, "text_only": 0, "prior": 0,
+                                                    "mistakes": Counter()})
                 t["count"] += 1
                 t["image"] += answered(a, q["answer"])
+                if not answered(a, q["answer"]):
+                    t["mistakes"][q["answer"], " ".join(normalise_answer(a).split()[:3])] += 1
                 t["text_only"] += answered(b, q["answer"])
                 t["prior"] += answered(prior.get(q["question"], ""), q["answer"])
                 if len(examples) < 12:
@@ -624,7 +629,8 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
               "text_only_accuracy": sum(t["text_only"] for t in per_type.values()) / n,
               "prior_accuracy": sum(t["prior"] for t in per_type.values()) / n,
               "per_type": {k: {"count": t["count"], "image": t["image"] / t["count"],
-                               "text_only": t["text_only"] / t["count"], "prior": t["prior"] / t["count"]}
+                               "text_only": t["text_only"] / t["count"], "prior": t["prior"] / t["count"],
+                               "mistakes": [[want, got, k] for (want, got), k in t["mistakes"].most_common(5)]}
                            for k, t in sorted(per_type.items())},
               "examples": examples}
     if out:
