@@ -615,8 +615,9 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
                 t = per_type.setdefault(q["type"], {"count": 0, "image": 0, "text_only": 0, "prior": 0,
                                                     "mistakes": Counter()})
                 t["count"] += 1
-                t["image"] += answered(a, q["answer"])
-                if not answered(a, q["answer"]):
+                right = answered(a, q["answer"])
+                t["image"] += right
+                if not right:
                     t["mistakes"][q["answer"], " ".join(normalise_answer(a).split()[:3])] += 1
                 t["text_only"] += answered(b, q["answer"])
                 t["prior"] += answered(prior.get(q["question"], ""), q["answer"])
