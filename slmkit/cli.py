@@ -1267,6 +1267,27 @@ def llava_eval_command(
     out.print(f"-> {model}/llava_eval.json")
 
 
+@llava_app.command("probe")
+def llava_probe_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="A LLaVA-ϕ checkpoint (assembled or trained).")]
+    = "runs/llava/stage2/model",
+    data: LlavaDataOpt = Path("data/llava"),
+    images: Annotated[int, typer.Option(help="Stage-1 images to probe (a quarter held out).")] = 1600,
+):
+    """Linear probes on the tower features the projector reads: each grid cell's shape and colour, and the
+    number of shapes - does the tower see what the questions ask, before the language model learns to say it?"""
+    from rich.table import Table
+
+    from slmkit.domains.llava_phi import probe_tower
+
+    r = probe_tower(model, data, images)
+    table = Table("probe", "held-out accuracy", "majority answer", title=f"What {model}'s tower features hold "
+                  f"({r['held_out']} held-out images)")
+    for name in ("shape_per_cell", "colour_per_cell", "count"):
+        table.add_row(name.replace("_", " "), f"{r[name]['accuracy']:.3f}", f"{r[name]['majority']:.3f}")
+    out.print(table)
+
+
 @app.command("ul2r")
 @dataclass_options(TrainArgs, "train_args")
 def ul2r_command(

@@ -35,6 +35,7 @@ def test_scenes_are_deterministic_and_questions_match_what_is_drawn():
     text = L.caption([L.Thing("circle", "red", 0, 0, True), L.Thing("square", "blue", 1, 1, False)], "CAT")
     assert text == 'A large red circle at the top left and a small blue square in the center. The word "CAT" ' \
                    'is written at the bottom.'
+    assert L.scene_of(text) == [L.Thing("circle", "red", 0, 0, True), L.Thing("square", "blue", 1, 1, False)]
     assert L.answered("Two.", "two") and L.answered("top left, next to", "top left")
     assert not L.answered("None.", "no") and not L.answered("top", "top left")  # whole words of the answer
 
@@ -189,6 +190,8 @@ def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
     for t in r["per_type"].values():  # mistakes: (expected, answered, times), never more than the wrong answers
         assert sum(k for _, _, k in t["mistakes"]) <= round(t["count"] * (1 - t["image"]))
         assert bool(t["mistakes"]) == (t["image"] < 1)
+    probes = L.probe_tower(str(stage1), data, progress=False)  # the tower's features, read by linear probes
+    assert probes["held_out"] > 0 and probes["colour_per_cell"]["accuracy"] > probes["colour_per_cell"]["majority"]
     prior = L.question_prior(data / "stage2.jsonl")  # each training question's most frequent answer
     assert prior["How many shapes are there?"] in L.NUMBERS and 0 < r["prior_accuracy"] <= 1
     with pytest.raises(SlmError, match="--lora applies to stage 2"):

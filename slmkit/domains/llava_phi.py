@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -536,7 +537,6 @@ def llava_train(model: str, data: Path = Path("data/llava"), stage: int = 1, lor
 
 
 def normalise_answer(text: str) -> str:
-    import re
 
     words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
     return " ".join(words)
@@ -639,3 +639,88 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
 
         write_atomic(Path(out), json.dumps(result, indent=2) + "\n")
     return result
+
+
+# --- what the tower sees ---------------------------------------------------------------------------------
+
+_THING = re.compile(r"(small|large) (\w+) (circle|square|triangle) (?:at|in) the ([a-z ]+?)(?=, | and |\.)")
+
+
+def scene_of(text: str) -> list[Thing]:
+    """The things a `caption` names, read back from it."""
+    cells = {Thing("", "", r, c, False).where: (r, c) for r in range(3) for c in range(3)}
+    return [Thing(shape, colour, *cells[where], size == "large") for size, colour, shape, where in _THING.findall(text)]
+
+
+def probe_tower(model: str, data: Path = Path("data/llava"), images: int = 1600, held_out: float = 0.25,
+                steps: int = 300, progress: bool = True) -> dict:
+    """Linear probes on the features a LLaVA-ϕ checkpoint's projector reads (its tower's `vision_feature_layer`
+    patches): from the mean patch feature of each 3x3 grid cell, the shape and the colour in that cell (or none),
+    and from all cells together the number of shapes; trained on stage-1 images, scored on held-out ones beside
+    the majority answer. High probe accuracy with low question accuracy means the language model, not the tower,
+    is what has not learned yet."""
+    import torch
+    from PIL import Image
+
+    from slmkit.progress import Progress
+
+    path = Path(data) / "stage1.jsonl"
+    if not path.is_file():
+        raise SlmError(f"{path} not found: run `slm llava data` first")
+    rows = read_conversations(path)[:images]
+    scenes = [scene_of(next(m["content"] for m in r["messages"] if m["role"] == "assistant")) for r in rows]
+    net, processor = load_llava(model)
+    layers = net.config.vision_feature_layer
+    layers = layers if isinstance(layers, list) else [layers]
+    feats = []
+    with Progress(disable=not progress) as bar, torch.no_grad():
+        task = bar.add_task("tower features", total=len(rows))
+        for i in range(0, len(rows), 64):
+            pics = [Image.open(r["image"]).convert("RGB") for r in rows[i:i + 64]]
+            pixels = processor.image_processor(images=pics, return_tensors="pt")["pixel_values"]
+            hidden = net.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            patches = torch.cat([hidden[k][:, 1:] for k in layers], -1)  # CLS dropped, as the projector reads
+            g = int(patches.shape[1] ** 0.5)
+            grid = patches.reshape(len(pics), g, g, -1)
+            feats.append(torch.stack([grid[:, r * g // 3:-(-(r + 1) * g // 3), c * g // 3:-(-(c + 1) * g // 3)]
+                                      .mean((1, 2)) for r in range(3) for c in range(3)], 1))
+            bar.advance(task, len(pics))
+    x = torch.cat(feats)  # images x 9 cells x features
+    x = (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6)
+    cut = int(len(rows) * (1 - held_out))
+    if cut < 8 or cut == len(rows):
+        raise SlmError(f"{path}: {len(rows)} images are too few to probe (need a training and a held-out part)")
+
+    def probe(inputs, labels: list[str], occupied=None) -> dict:
+        names = sorted(set(labels))
+        y = torch.tensor([names.index(v) for v in labels])
+        torch.manual_seed(0)
+        head = torch.nn.Linear(inputs.shape[1], len(names))
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+        n = cut * len(labels) // len(rows)
+
+        def loss():  # logistic regression, lightly L2-regularised, solved to convergence
+            opt.zero_grad()
+            value = torch.nn.functional.cross_entropy(head(inputs[:n]), y[:n]) + 1e-4 * head.weight.square().sum()
+            value.backward()
+            return value
+
+        opt.step(loss)
+        keep = torch.ones(len(labels) - n, dtype=torch.bool) if occupied is None else occupied[n:]
+        right = (head(inputs[n:]).argmax(-1) == y[n:])[keep]
+        majority = max(torch.bincount(y[n:][keep]).tolist()) / max(int(keep.sum()), 1)
+        return {"accuracy": right.float().mean().item(), "majority": majority}
+
+    shapes, colours = [], []
+    for s in scenes:
+        cell = {(t.row, t.col): t for t in s}
+        for r in range(3):
+            for c in range(3):
+                t = cell.get((r, c))
+                shapes.append(t.shape if t else "none")
+                colours.append(t.colour if t else "none")
+    occupied = torch.tensor([v != "none" for v in shapes])
+    flat = x.reshape(-1, x.shape[-1])
+    return {"model": model, "images": len(rows), "held_out": len(rows) - cut,
+            "shape_per_cell": probe(flat, shapes, occupied), "colour_per_cell": probe(flat, colours, occupied),
+            "count": probe(x.reshape(len(rows), -1), [str(len(s)) for s in scenes])}
