@@ -1155,6 +1155,7 @@ def slade_decompile_command(
 
 llava_app = typer.Typer(no_args_is_help=True, help="LLaVA-ϕ: a small vision-language assistant.")
 app.add_typer(llava_app, name="llava")
+LlavaModelOpt = Annotated[str, typer.Option("--model", "-m", help="A LLaVA-ϕ checkpoint.")]
 LlavaDataOpt = Annotated[Path, typer.Option(help="Directory written by `slm llava data` (or a LLaVA-format "
                                             "JSONL file).")]
 
@@ -1244,8 +1245,7 @@ def llava_train_command(
 
 @llava_app.command("eval")
 def llava_eval_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="A trained LLaVA-ϕ checkpoint.")]
-    = "runs/llava/stage2/model",
+    model: LlavaModelOpt = "runs/llava/stage2/model",
     data: LlavaDataOpt = Path("data/llava"),
     limit: Annotated[int, typer.Option(help="Held-out questions to answer.")] = 600,
 ):
@@ -1269,8 +1269,7 @@ def llava_eval_command(
 
 @llava_app.command("probe")
 def llava_probe_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="A LLaVA-ϕ checkpoint (assembled or trained).")]
-    = "runs/llava/stage2/model",
+    model: LlavaModelOpt = "runs/llava/stage2/model",
     data: LlavaDataOpt = Path("data/llava"),
     images: Annotated[int, typer.Option(help="Stage-1 images to probe (a quarter held out).")] = 1600,
 ):
