@@ -16,6 +16,7 @@ torchvision is not needed), so any tool that opens LLaVA checkpoints opens it.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), 
            "purple": (140, 60, 180), "orange": (245, 130, 30)}
 SHAPES = ["circle", "square", "triangle"]
 ROWS, COLS = ["top", "middle", "bottom"], ["left", "center", "right"]
+GRID = [(r, c) for r in range(3) for c in range(3)]  # the scene's cells, row by row
 WORDS = ["CAT", "SUN", "BOX", "MAP", "DOG", "RED", "TOP", "OK"]
 NUMBERS = ["zero", "one", "two", "three", "four"]
 
@@ -61,7 +63,7 @@ def draw_scene(rng: random.Random, size: int = 64):
     shade = rng.randint(225, 250)
     image = Image.new("RGB", (size, size), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
-    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], rng.randint(1, 4))
+    cells = rng.sample(GRID, rng.randint(1, 4))
     word = rng.choice(WORDS) if rng.random() < 0.25 else None
     if word:  # the word takes the bottom row
         cells = [(r, c) for r, c in cells if r != 2] or [(0, rng.randint(0, 2))]
@@ -537,7 +539,6 @@ def llava_train(model: str, data: Path = Path("data/llava"), stage: int = 1, lor
 
 
 def normalise_answer(text: str) -> str:
-
     words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
     return " ".join(words)
 
@@ -648,7 +649,7 @@ _THING = re.compile(r"(small|large) (\w+) (circle|square|triangle) (?:at|in) the
 
 def scene_of(text: str) -> list[Thing]:
     """The things a `caption` names, read back from it."""
-    cells = {Thing("", "", r, c, False).where: (r, c) for r in range(3) for c in range(3)}
+    cells = {Thing("", "", r, c, False).where: (r, c) for r, c in GRID}
     return [Thing(shape, colour, *cells[where], size == "large") for size, colour, shape, where in _THING.findall(text)]
 
 
@@ -668,6 +669,9 @@ def probe_tower(model: str, data: Path = Path("data/llava"), images: int = 1600,
     if not path.is_file():
         raise SlmError(f"{path} not found: run `slm llava data` first")
     rows = read_conversations(path)[:images]
+    cut = int(len(rows) * (1 - held_out))
+    if cut < 8 or cut == len(rows):
+        raise SlmError(f"{path}: {len(rows)} images are too few to probe (need a training and a held-out part)")
     scenes = [scene_of(next(m["content"] for m in r["messages"] if m["role"] == "assistant")) for r in rows]
     net, processor = load_llava(model)
     layers = net.config.vision_feature_layer
@@ -682,14 +686,11 @@ def probe_tower(model: str, data: Path = Path("data/llava"), images: int = 1600,
             patches = torch.cat([hidden[k][:, 1:] for k in layers], -1)  # CLS dropped, as the projector reads
             g = int(patches.shape[1] ** 0.5)
             grid = patches.reshape(len(pics), g, g, -1)
-            feats.append(torch.stack([grid[:, r * g // 3:-(-(r + 1) * g // 3), c * g // 3:-(-(c + 1) * g // 3)]
-                                      .mean((1, 2)) for r in range(3) for c in range(3)], 1))
+            span = [slice(k * g // 3, math.ceil((k + 1) * g / 3)) for k in range(3)]  # a cell's patch rows/columns
+            feats.append(torch.stack([grid[:, span[r], span[c]].mean((1, 2)) for r, c in GRID], 1))
             bar.advance(task, len(pics))
     x = torch.cat(feats)  # images x 9 cells x features
     x = (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6)
-    cut = int(len(rows) * (1 - held_out))
-    if cut < 8 or cut == len(rows):
-        raise SlmError(f"{path}: {len(rows)} images are too few to probe (need a training and a held-out part)")
 
     def probe(inputs, labels: list[str], occupied=None) -> dict:
         names = sorted(set(labels))
@@ -714,11 +715,9 @@ def probe_tower(model: str, data: Path = Path("data/llava"), images: int = 1600,
     shapes, colours = [], []
     for s in scenes:
         cell = {(t.row, t.col): t for t in s}
-        for r in range(3):
-            for c in range(3):
-                t = cell.get((r, c))
-                shapes.append(t.shape if t else "none")
-                colours.append(t.colour if t else "none")
+        for t in map(cell.get, GRID):
+            shapes.append(t.shape if t else "none")
+            colours.append(t.colour if t else "none")
     occupied = torch.tensor([v != "none" for v in shapes])
     flat = x.reshape(-1, x.shape[-1])
     return {"model": model, "images": len(rows), "held_out": len(rows) - cut,
