@@ -1167,12 +1167,14 @@ def llava_data_command(
     seed: Annotated[int, typer.Option(help="Seed: the same seed draws the same images.")] = 0,
     test_fraction: Annotated[float, typer.Option(help="Fraction of images held out for evaluation.")] = 0.1,
     image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    turns: Annotated[int, typer.Option(help="At most this many question-answer turns per stage-2 conversation "
+                                            "(more supervision per image).")] = 4,
 ):
     """Draw scenes (shapes, colours, sizes, positions, counts, words) with captions (stage 1), question-answer
     conversations (stage 2) and typed held-out questions, in LLaVA's format."""
     from slmkit.domains.llava_phi import llava_data
 
-    r = llava_data(to, count, seed, test_fraction, image_size)
+    r = llava_data(to, count, seed, test_fraction, image_size, turns)
     types = ", ".join(f"{k} {v}" for k, v in sorted(r["test_types"].items()))
     out.print(f"{r['images']} images: {r['stage1']} captions, {r['stage2']} conversations, {r['test']} held-out "
               f"questions ({types}) -> {r['out']}")

@@ -155,6 +155,22 @@ def test_train_eval_and_decompile_end_to_end(tmp_path):
         slade.decompile(str(model), tmp_path / "nope.s")
 
 
+@pytest.mark.parametrize("level", ["O0", "O3"])
+def test_divisions_by_constants_are_marked_with_their_divisor(level):
+    source = ("int f(int a, int b)\n{\n    return a / 9 + b % 7;\n}\n"
+              "unsigned g(unsigned a)\n{\n    return a / 10;\n}\n"
+              "long h(long a)\n{\n    return a / 9;\n}\n"
+              "int k(int a)\n{\n    return a * 123456789 + a / 4;\n}\n")
+    asm = slade.compile_asm(source, level)
+    marks = {name: re.findall(r"# div (\d+)", slade.normalise_asm(asm, name)) for name in "fghk"}
+    assert sorted(marks["f"]) == ["7", "9"]
+    assert marks["g"] == ["5"]  # 2^35/10 is 2^34/5: the odd divisor; the shift that follows holds the 2
+    assert marks["h"] == ["9"]  # a 64-bit magic number
+    assert marks["k"] == []  # an ordinary constant, and a division by a power of two (a shift)
+    assert slade.divisor_of(954437177) == 9 and slade.divisor_of(-1840700269) == 7
+    assert slade.divisor_of(123456789) is None and slade.divisor_of(1_000_000) is None
+
+
 def test_choose_keeps_the_candidate_gcc_compiles_back_nearest_the_input():
     asm = slade.normalise_asm(slade.compile_asm("int twice(int x)\n{\n    return 2 * x;\n}\n", "O3"), "twice")
     plus = "int f(int x)\n{\n    return x + 1;\n}\n"

@@ -123,13 +123,15 @@ def questions(things: list[Thing], word: str | None, rng: random.Random) -> list
 
 
 def llava_data(out: Path, count: int = 4000, seed: int = 0, test_fraction: float = 0.1, image_size: int = 64,
-               progress: bool = True) -> dict:
+               turns: int = 4, progress: bool = True) -> dict:
     """Write OUT/images/*.png and, in LLaVA's JSON-lines format, stage1.jsonl (caption conversations),
-    stage2.jsonl (2-4 question-answer turns per image) and test.jsonl (held-out images, one typed question
-    each: {"image", "type", "question", "answer"})."""
+    stage2.jsonl (2 to `turns` question-answer turns per image) and test.jsonl (held-out images, one typed
+    question each: {"image", "type", "question", "answer"})."""
     from slmkit.progress import Progress
     from slmkit.train import write_atomic
 
+    if turns < 1:
+        raise SlmError(f"--turns must be at least 1, got {turns}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -147,9 +149,9 @@ def llava_data(out: Path, count: int = 4000, seed: int = 0, test_fraction: float
                 stage1.append({"id": f"{i:06d}", "image": name, "conversations": [
                     {"from": "human", "value": f"{IMAGE_TOKEN}\nDescribe the image briefly."},
                     {"from": "gpt", "value": caption(things, word)}]})
-                turns = rng.sample(qa, min(len(qa), rng.randint(2, 4)))
+                asked = rng.sample(qa, min(len(qa), rng.randint(min(2, turns), turns)))
                 conversation = []
-                for k, q in enumerate(turns):
+                for k, q in enumerate(asked):
                     conversation += [{"from": "human", "value": (f"{IMAGE_TOKEN}\n" if k == 0 else "") + q["question"]},
                                      {"from": "gpt", "value": q["answer"]}]
                 stage2.append({"id": f"{i:06d}", "image": name, "conversations": conversation})

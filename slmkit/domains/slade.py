@@ -13,7 +13,10 @@ Everything is built offline and deterministically from a seed:
   function) and one target function (scalar arithmetic, array loops, struct fields, digit loops, in-place
   array updates) whose parameters the IO harness knows how to feed.
 - `compile_asm` + `normalise_asm`: gcc -S at each level, the target function's instructions cut out,
-  directives dropped, local labels renumbered, referenced constants (`.LC0`) appended.
+  directives dropped, local labels renumbered, referenced constants (`.LC0`) appended, and each
+  multiply-by-reciprocal ("magic number") that gcc emits for a division by a constant marked with its
+  divisor (`# div 9`), the idiom a decompiler recognises so the model can copy `9` instead of learning
+  954437177 -> 9.
 - `harness`: a `main` that runs the function on fixed inputs and prints its result and every array/struct
   it can touch.
 - `infer_declarations`: after the model, a compiler-driven type inference (as PsycheC does for SLaDe): the
@@ -361,7 +364,38 @@ def normalise_asm(asm: str, function: str, arch: str = "x86_64") -> str:
             constants += block
     text = "\n".join([f"{function}:", *body, *constants])
     labels = dict.fromkeys(re.findall(r"\.L\w+", text))
-    return re.sub(r"\.L\w+", lambda m: f".L{list(labels).index(m.group())}", text) + "\n"
+    text = re.sub(r"\.L\w+", lambda m: f".L{list(labels).index(m.group())}", text)
+    return "\n".join(_mark_division(line, comment) for line in text.split("\n")) + "\n"
+
+
+def divisor_of(value: int) -> int | None:
+    """D when VALUE is the reciprocal gcc multiplies by to divide by a constant: 2^e/D rounded up, stored as
+    is, as a signed immediate, or less 2^bits (the 33-bit magic numbers of unsigned division), for 32- or
+    64-bit division (not 16-bit: its magic numbers are too short to tell from other constants); otherwise
+    None. The number fixes D only up to a power of two (2^33/6 rounds up to
+    2^32/3's 1431655766; the shifts that follow tell them apart), so D is the odd divisor, 3..4095."""
+    for bits in (32, 64):
+        if not -(1 << (bits - 1)) <= value < (1 << bits):
+            continue
+        unsigned = value % (1 << bits)
+        if unsigned < 1 << (bits - 12):
+            continue
+        for magic in (unsigned, unsigned + (1 << bits)):
+            for exponent in range(bits - 12, bits + 12):
+                power = 1 << exponent
+                d = (power + magic // 2) // magic
+                if 0 <= magic * d - power < 2 * d and d % 2:  # gcc rounds up, by up to 2/d
+                    return d if 3 <= d < 4096 else None
+    return None
+
+
+def _mark_division(line: str, comment: str) -> str:
+    """LINE with `COMMENT div D` appended when one of its constants is gcc's magic number for dividing by D."""
+    for number in re.findall(r"(?<![\w.])-?\d{6,}", line):
+        d = divisor_of(int(number))
+        if d:
+            return f"{line} {comment} div {d}"
+    return line
 
 
 def asm_of(program: Program, level: str, arch: str = "x86_64") -> str:
