@@ -51,6 +51,12 @@ def test_llava_data_writes_the_llava_format(tmp_path):
     assert conv[0]["from"] == "human" and conv[0]["value"].startswith("<image>\n") and conv[1]["from"] == "gpt"
     assert sum("<image>" in c["value"] for c in conv) == 1
     assert (tmp_path / "d" / stage1[0]["image"]).is_file() and set(r["test_types"]) >= {"count", "exists"}
+    assert {len(s["conversations"]) // 2 for s in stage2} <= {2, 3, 4}
+    L.llava_data(tmp_path / "long", count=40, seed=1, turns=8, progress=False)
+    long = [json.loads(x) for x in (tmp_path / "long" / "stage2.jsonl").read_text().splitlines()]
+    assert max(len(s["conversations"]) // 2 for s in long) > 4
+    with pytest.raises(SlmError, match="--turns"):
+        L.llava_data(tmp_path / "none", count=4, turns=0, progress=False)
 
 
 def test_assemble_a_standard_llava_checkpoint(tmp_path, tiny_causal):
