@@ -372,8 +372,9 @@ def divisor_of(value: int) -> int | None:
     """D when VALUE is the reciprocal gcc multiplies by to divide by a constant: 2^e/D rounded up, stored as
     is, as a signed immediate, or less 2^bits (the 33-bit magic numbers of unsigned division), for 32- or
     64-bit division (not 16-bit: its magic numbers are too short to tell from other constants); otherwise
-    None. The number fixes D only up to a power of two (2^33/6 rounds up to
-    2^32/3's 1431655766; the shifts that follow tell them apart), so D is the odd divisor, 3..4095."""
+    None. The number fixes D only up to a power of two (2^33/6 rounds up to 2^32/3's 1431655766; the shifts
+    that follow tell them apart), so D is the odd divisor, 3..4095. (On aarch64 the number is built in 16-bit
+    halves, `mov` + `movk`, and is not marked.)"""
     for bits in (32, 64):
         if not -(1 << (bits - 1)) <= value < (1 << bits):
             continue
@@ -384,7 +385,7 @@ def divisor_of(value: int) -> int | None:
             for exponent in range(bits - 12, bits + 12):
                 power = 1 << exponent
                 d = (power + magic // 2) // magic
-                if 0 <= magic * d - power < 2 * d and d % 2:  # gcc rounds up, by up to 2/d
+                if 0 <= magic * d - power < 2 * d and d % 2:  # 2^e/d rounded up (by less than 2)
                     return d if 3 <= d < 4096 else None
     return None
 
