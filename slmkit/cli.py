@@ -1115,19 +1115,21 @@ def slade_eval_command(
                                                     "(resource limits only).")] = False,
 ):
     """IO accuracy, compile rate (with and without type inference) and edit similarity at -O0 and -O3; with
-    --candidates N, also the greedy decoding's IO accuracy beside the chosen candidate's."""
+    --candidates N, also the greedy decoding's IO accuracy beside the chosen candidate's, and how often any of
+    the N passes the tests (pass@N: the most that choosing among them could reach)."""
     from rich.table import Table
 
     from slmkit.domains.slade import slade_eval
 
     r = slade_eval(model, data, limit, candidates=candidates, unsandboxed=unsafe_no_sandbox,
                    out=Path(model) / "slade_eval.json")
-    greedy = ["IO accuracy (greedy)"] if candidates > 1 else []
+    greedy = ["IO accuracy (greedy)", f"any of {candidates}"] if candidates > 1 else []
     table = Table("target", "functions", "IO accuracy", *greedy, "compiles", "compiles w/o inference",
                   "edit similarity", title=f"SLaDe on held-out functions ({candidates} candidate(s) each)")
     for level, m in r["levels"].items():
         table.add_row(level, str(m["functions"]), f"{m['io_accuracy']:.3f}",
-                      *[f"{m['io_accuracy_greedy']:.3f}"] * bool(greedy), f"{m['compile_rate']:.3f}",
+                      *[f"{m[k]:.3f}" for k in ("io_accuracy_greedy", "io_accuracy_any") if greedy],
+                      f"{m['compile_rate']:.3f}",
                       f"{m['compile_rate_without_inference']:.3f}", f"{m['edit_similarity']:.3f}")
     out.print(table)
     out.print(f"-> {model}/slade_eval.json")

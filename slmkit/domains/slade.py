@@ -683,26 +683,37 @@ def recompiled_similarity(source: str, function: str, asm: str, levels: list[str
     return best
 
 
+def foreign_globals(source: str, asm: str) -> list[str]:
+    """The globals SOURCE declares `extern` that the assembly never names: a function that reads them is not the
+    one compiled (a global is referenced by name at every level; a callee may be inlined, so prototypes are not
+    judged)."""
+    names = re.findall(r"^\s*extern\b[^;(]*?\b(\w+)\s*(?:\[[^\]]*\])?\s*;", source, flags=re.M)
+    return [n for n in dict.fromkeys(names) if not re.search(rf"(?<![\w.$]){re.escape(n)}\b", asm)]
+
+
 def choose(candidates: list[str], function: str, asm: str, levels: list[str], arch: str = "x86_64",
            infer: bool = True) -> dict:
     """The candidate decompilation gcc agrees with most: each is named after the assembly's label, completed
     with the declarations it lacks and compiled again; the one whose assembly is nearest the input wins
-    (the first - greedy - on ties). Nothing is run: the compiler alone checks the model's guesses. `greedy`
-    holds the first candidate's completed source, for comparison."""
+    (the first - greedy - on ties), and one that reads a global the assembly never names ranks below every
+    one that does not. Nothing is run: the compiler alone checks the model's guesses. `greedy` holds the first
+    candidate's completed source, for comparison, and `compiling` every completed source that compiles."""
     unique, scored = list(dict.fromkeys(candidates)), []
     for c in unique:
         raw = restore_name(c, function)
         completed, added, compiles = infer_declarations(raw) if infer else (raw, [], not compile_errors(raw))
         compiles = compiles and defines(completed, function)
+        foreign = foreign_globals(completed, asm) if compiles else []
         if not compiles:
-            score = -1.0
+            score = -2.0
         elif len(unique) == 1:  # nothing to compare with
             score = 0.0
         else:
-            score = recompiled_similarity(completed, function, asm, levels, arch)
+            score = recompiled_similarity(completed, function, asm, levels, arch) - (1.0 if foreign else 0.0)
         scored.append({"index": candidates.index(c), "prediction": raw, "source": completed, "added": added,
-                       "compiles": compiles, "score": score})
-    return max(scored, key=lambda x: x["score"]) | {"greedy": scored[0]["source"]}  # max keeps the first of equals
+                       "compiles": compiles, "foreign": foreign, "score": score})
+    best = max(scored, key=lambda x: x["score"])  # max keeps the first of equals
+    return best | {"greedy": scored[0]["source"], "compiling": [x["source"] for x in scored if x["compiles"]]}
 
 
 def decompile(model: str, asm_file: Path, function: str | None = None, infer: bool = True,
@@ -754,16 +765,29 @@ def edit_similarity(a: str, b: str) -> float:
 
 def io_check(sandbox, harness_source: str, reference: str, prediction: str) -> dict:
     """Compile the prediction with the harness and compare its output with the original function's."""
+    return io_checks(sandbox, harness_source, reference, [prediction])[0]
+
+
+def io_checks(sandbox, harness_source: str, reference: str, predictions: list[str],
+              until_pass: bool = False) -> list[dict]:
+    """`io_check` for several predictions of one function (the original is built and run once); with
+    `until_pass`, stop at the first that passes."""
     ref_bin, error = build(harness_source, reference)
     if ref_bin is None:
         raise SlmError(f"the original function does not build: {error}")
     expected = sandbox.run_binary(ref_bin)
-    binary, error = build(harness_source, prediction)
-    if binary is None:
-        return {"builds": False, "io": False, "error": error}
-    got = sandbox.run_binary(binary)
-    return {"builds": True, "io": got.ok and expected.ok and got.stdout == expected.stdout,
-            "error": got.error if not got.ok else ""}
+    out = []
+    for prediction in predictions:
+        binary, error = build(harness_source, prediction)
+        if binary is None:
+            out.append({"builds": False, "io": False, "error": error})
+        else:
+            got = sandbox.run_binary(binary)
+            out.append({"builds": True, "io": got.ok and expected.ok and got.stdout == expected.stdout,
+                        "error": got.error if not got.ok else ""})
+        if until_pass and out[-1]["io"]:
+            break
+    return out
 
 
 def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, batch_size: int = 8,
@@ -806,26 +830,36 @@ def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, ba
                 return picked
 
             picks = list(pool.map(pick, rows, decoded))
-            stats = {"compiles_raw": 0, "compiles": 0, "io": 0, "io_greedy": 0, "edit_similarity": 0.0}
+
+            def check(row: dict, pick: dict) -> dict:
+                """IO of the pick, of the greedy decoding, and whether any compiling candidate passes."""
+                picked = io_check(sandbox, row["harness"], row["c"], pick["source"])
+                greedy = picked if pick["index"] == 0 else io_check(sandbox, row["harness"], row["c"], pick["greedy"])
+                others = [c for c in pick["compiling"] if c != pick["source"]]
+                any_io = picked["io"] or any(c["io"] for c in io_checks(sandbox, row["harness"], row["c"], others,
+                                                                         until_pass=True))
+                return picked | {"io_greedy": greedy["io"], "io_any": any_io}
+
+            checks = list(pool.map(check, rows, picks))
+            stats = {"compiles_raw": 0, "compiles": 0, "io": 0, "io_greedy": 0, "io_any": 0, "edit_similarity": 0.0}
             examples = []
-            for r, pick in zip(rows, picks, strict=True):
+            for r, pick, check in zip(rows, picks, checks, strict=True):
                 stats["compiles_raw"] += pick["compiles"] and not pick["added"]
                 stats["compiles"] += pick["compiles"]
-                check = io_check(sandbox, r["harness"], r["c"], pick["source"])
-                stats["io"] += check["io"]
-                if candidates > 1:
-                    greedy = check if pick["index"] == 0 else io_check(sandbox, r["harness"], r["c"], pick["greedy"])
-                    stats["io_greedy"] += greedy["io"]
+                for key in ("io", "io_greedy", "io_any"):
+                    stats[key] += check[key]
                 stats["edit_similarity"] += edit_similarity(pick["prediction"], r["c"])
                 if len(examples) < 6:
                     examples.append({"asm": r["asm"], "original": r["c"], "prediction": pick["prediction"],
-                                     "added": pick["added"], "candidate": pick["index"], **check})
+                                     "added": pick["added"], "foreign": pick["foreign"], "candidate": pick["index"],
+                                     **{k: v for k, v in check.items() if k in ("builds", "io", "error")}})
             n = max(len(rows), 1)
             level = {"functions": len(rows), "io_accuracy": stats["io"] / n, "compile_rate": stats["compiles"] / n,
                      "compile_rate_without_inference": stats["compiles_raw"] / n,
                      "edit_similarity": stats["edit_similarity"] / n}
             if candidates > 1:
                 level["io_accuracy_greedy"] = stats["io_greedy"] / n
+                level["io_accuracy_any"] = stats["io_any"] / n
             result["levels"][group] = level | {"examples": examples}
     if out:
         from slmkit.train import write_atomic
