@@ -688,7 +688,7 @@ def foreign_globals(source: str, asm: str) -> list[str]:
     one compiled (a global is referenced by name at every level; a callee may be inlined, so prototypes are not
     judged)."""
     names = re.findall(r"^\s*extern\b[^;(]*?\b(\w+)\s*(?:\[[^\]]*\])?\s*;", source, flags=re.M)
-    return [n for n in dict.fromkeys(names) if not re.search(rf"(?<![\w.$]){re.escape(n)}\b", asm)]
+    return [n for n in dict.fromkeys(names) if not re.search(rf"(?<![\w.]){re.escape(n)}\b", asm)]
 
 
 def choose(candidates: list[str], function: str, asm: str, levels: list[str], arch: str = "x86_64",
