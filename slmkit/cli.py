@@ -1286,7 +1286,7 @@ def llava_probe_command(
     r = probe_tower(model, data, images)
     table = Table("probe", "held-out accuracy", "majority answer", title=f"What {model}'s tower features hold "
                   f"({r['held_out']} held-out images)")
-    for name in ("shape_per_cell", "colour_per_cell", "count"):
+    for name in ("shape_per_cell", "shape_per_cell_small", "shape_per_cell_large", "colour_per_cell", "count"):
         table.add_row(name.replace("_", " "), f"{r[name]['accuracy']:.3f}", f"{r[name]['majority']:.3f}")
     out.print(table)
 

@@ -198,6 +198,7 @@ def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
         assert bool(t["mistakes"]) == (t["image"] < 1)
     probes = L.probe_tower(str(stage1), data, progress=False)  # the tower's features, read by linear probes
     assert probes["held_out"] > 0 and probes["colour_per_cell"]["accuracy"] > probes["colour_per_cell"]["majority"]
+    assert {"shape_per_cell_small", "shape_per_cell_large"} <= probes.keys()
     prior = L.question_prior(data / "stage2.jsonl")  # each training question's most frequent answer
     assert prior["How many shapes are there?"] in L.NUMBERS and 0 < r["prior_accuracy"] <= 1
     with pytest.raises(SlmError, match="--lora applies to stage 2"):

@@ -658,10 +658,10 @@ def scene_of(text: str) -> list[Thing]:
 def probe_tower(model: str, data: Path = Path("data/llava"), images: int = 1600, held_out: float = 0.25,
                 steps: int = 300, progress: bool = True) -> dict:
     """Linear probes on the features a LLaVA-ϕ checkpoint's projector reads (its tower's `vision_feature_layer`
-    patches): from the mean patch feature of each 3x3 grid cell, the shape and the colour in that cell (or none),
-    and from all cells together the number of shapes; trained on stage-1 images, scored on held-out ones beside
-    the majority answer. High probe accuracy with low question accuracy means the language model, not the tower,
-    is what has not learned yet."""
+    patches): from the mean patch feature of each 3x3 grid cell, the shape and the colour in that cell (or none;
+    shape also scored on small and large shapes apart), and from all cells together the number of shapes;
+    trained on stage-1 images, scored on held-out ones beside the majority answer. High probe accuracy with low
+    question accuracy means the language model, not the tower, is what has not learned yet."""
     import torch
     from PIL import Image
 
@@ -714,14 +714,17 @@ def probe_tower(model: str, data: Path = Path("data/llava"), images: int = 1600,
         majority = max(torch.bincount(y[n:][keep]).tolist()) / max(int(keep.sum()), 1)
         return {"accuracy": right.float().mean().item(), "majority": majority}
 
-    shapes, colours = [], []
+    shapes, colours, small = [], [], []
     for s in scenes:
         cell = {(t.row, t.col): t for t in s}
         for t in map(cell.get, GRID):
             shapes.append(t.shape if t else "none")
             colours.append(t.colour if t else "none")
-    occupied = torch.tensor([v != "none" for v in shapes])
+            small.append(t is not None and not t.large)
+    occupied, small = torch.tensor([v != "none" for v in shapes]), torch.tensor(small)
     flat = x.reshape(-1, x.shape[-1])
     return {"model": model, "images": len(rows), "held_out": len(rows) - cut,
             "shape_per_cell": probe(flat, shapes, occupied), "colour_per_cell": probe(flat, colours, occupied),
+            "shape_per_cell_small": probe(flat, shapes, small),  # the same probe, scored on small shapes only
+            "shape_per_cell_large": probe(flat, shapes, occupied & ~small),
             "count": probe(x.reshape(len(rows), -1), [str(len(s)) for s in scenes])}
