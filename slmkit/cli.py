@@ -1191,13 +1191,15 @@ def llava_vision_pretrain_command(
     run: NameOpt = "llava-clip",
     runs_dir: RunsDirOpt = Path("runs"),
     resume: ResumeOpt = False,
+    hard_negatives: Annotated[bool, typer.Option(help="Also train against NegCLIP hard negatives: each caption with "
+                                                       "one thing's shape, colour or size changed.")] = False,
     train_args: FinetuneArgs = None,
 ):
     """Train a nano CLIP (vision tower + small text tower) contrastively on the captions, for users without
     CLIP weights; then `slm llava assemble --vision RUNS_DIR/RUN/model`."""
     from slmkit.domains.llava_phi import vision_pretrain
 
-    s = vision_pretrain(data, image_size, vocab_size, run, runs_dir, resume, train_args)
+    s = vision_pretrain(data, image_size, vocab_size, run, runs_dir, resume, train_args, hard_negatives)
     out.print(f"done: contrastive loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f}; CLIP in {s['run_dir']}/model")
 
 

@@ -220,7 +220,7 @@ def test_vision_tower_pretrained_here_with_clip_loss(tmp_path, tiny_causal):
     args = FinetuneArgs(steps=12, batch_size=16, seq_len=64, eval_every=0, save_every=12, log_every=4,
                         warmup_steps=2, lr=2e-3)
     s = L.vision_pretrain(data, image_size=32, vocab_size=400, run="clip", runs_dir=tmp_path, train_args=args,
-                          progress=False)
+                          hard_negatives=True, progress=False)
     assert s["val_loss"] < s["val_loss_before"]  # images and their captions pull together
     lm_dir = save_pretrained_atomic(tiny_causal.model, tiny_causal.tokenizer, tmp_path / "lm")
     out = L.assemble(tmp_path / "llava", lm=str(lm_dir), vision=str(tmp_path / "clip" / "model"))
@@ -228,6 +228,45 @@ def test_vision_tower_pretrained_here_with_clip_loss(tmp_path, tiny_causal):
     tower = L.vision_tower(str(tmp_path / "clip" / "model"))
     assert all(torch.equal(a, b) for a, b in zip(model.model.vision_tower.state_dict().values(),
                                                   tower.state_dict().values(), strict=True))
+
+
+def test_hard_negative_changes_one_thing_by_one_attribute():
+    import random
+
+    caption = ('A small red circle at the top left and a large blue square in the center. '
+               'The word "CAT" is written at the bottom.')
+    rng, seen = random.Random(0), set()
+    for _ in range(60):
+        negative = L.hard_negative(caption, rng)
+        assert negative.endswith('The word "CAT" is written at the bottom.')
+        before, after = L.scene_of(caption), L.scene_of(negative)
+        changes = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+        assert len(changes) == 1
+        (a, b), = changes
+        assert (a.row, a.col) == (b.row, b.col)
+        diff = [k for k in ("shape", "colour", "large") if getattr(a, k) != getattr(b, k)]
+        assert len(diff) == 1
+        seen.add(diff[0])
+    assert seen == {"shape", "colour", "large"}
+    assert L.hard_negative("A photo of a dog.", rng) is None  # user captions that name no drawn thing
+
+
+def test_clip_objective_is_clips_loss_and_hard_negatives_raise_it():
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    layer = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = CLIPModel(CLIPConfig(text_config=dict(layer, vocab_size=50, max_position_embeddings=16),
+                                 vision_config=dict(layer, image_size=16, patch_size=8), projection_dim=16)).eval()
+    ids = torch.randint(0, 50, (6, 5))
+    batch = {"input_ids": ids[:3], "attention_mask": torch.ones(3, 5, dtype=torch.long),
+             "pixel_values": torch.randn(3, 3, 16, 16)}
+    loss, n = L.clip_objective(model, batch, None)
+    reference = model(**batch, return_loss=True).loss
+    assert n == 3 and torch.allclose(loss, reference, atol=1e-6)
+    harder = dict(batch, input_ids=ids, attention_mask=torch.ones(6, 5, dtype=torch.long))
+    loss_with_negatives, n = L.clip_objective(model, harder, None)
+    assert n == 3 and loss_with_negatives > loss  # more wrong captions for each image to score below its own
 
 
 @pytest.fixture(scope="module")
