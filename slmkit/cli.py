@@ -1192,7 +1192,7 @@ def llava_vision_pretrain_command(
     runs_dir: RunsDirOpt = Path("runs"),
     resume: ResumeOpt = False,
     hard_negatives: Annotated[bool, typer.Option(help="Also train against NegCLIP hard negatives: each caption with "
-                                                       "one thing's shape, colour or size changed.")] = False,
+                                                       "one thing's shape, colour or size changed.")] = True,
     train_args: FinetuneArgs = None,
 ):
     """Train a nano CLIP (vision tower + small text tower) contrastively on the captions, for users without

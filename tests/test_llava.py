@@ -220,7 +220,7 @@ def test_vision_tower_pretrained_here_with_clip_loss(tmp_path, tiny_causal):
     args = FinetuneArgs(steps=12, batch_size=16, seq_len=64, eval_every=0, save_every=12, log_every=4,
                         warmup_steps=2, lr=2e-3)
     s = L.vision_pretrain(data, image_size=32, vocab_size=400, run="clip", runs_dir=tmp_path, train_args=args,
-                          hard_negatives=True, progress=False)
+                          progress=False)  # with hard negatives, the default
     assert s["val_loss"] < s["val_loss_before"]  # images and their captions pull together
     lm_dir = save_pretrained_atomic(tiny_causal.model, tiny_causal.tokenizer, tmp_path / "lm")
     out = L.assemble(tmp_path / "llava", lm=str(lm_dir), vision=str(tmp_path / "clip" / "model"))

@@ -400,12 +400,13 @@ CLIP_TRAIN = dict(lr=1e-3, warmup_steps=50, weight_decay=0.1)  # the nano CLIP's
 
 def vision_pretrain(data: Path = Path("data/llava"), image_size: int = 64, vocab_size: int = 1000,
                     run: str = "llava-clip", runs_dir: Path = Path("runs"), resume: bool = False,
-                    train_args: FinetuneArgs | None = None, hard_negatives: bool = False,
+                    train_args: FinetuneArgs | None = None, hard_negatives: bool = True,
                     progress: bool = True) -> dict:
     """Train the zoo's nano CLIP vision tower (with a small text tower and a BPE trained on the captions) with
     CLIP's contrastive objective on DATA/stage1.jsonl, for users without CLIP weights. The CLIP checkpoint is
-    RUNS_DIR/RUN/model; give it to `slm llava assemble --vision`. `hard_negatives` adds NegCLIP's hard
-    negative captions to training (`hard_negative`); the held-out loss stays plain CLIP's, comparable across runs."""
+    RUNS_DIR/RUN/model; give it to `slm llava assemble --vision`. `hard_negatives` (default) adds NegCLIP's
+    hard negative captions to training (`hard_negative`), which teaches the tower to tell shapes apart (a
+    linear shape probe 0.750 -> 0.795, README); the held-out loss stays plain CLIP's, comparable across runs."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     from slmkit import zoo
