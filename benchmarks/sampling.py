@@ -27,10 +27,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
 
+    from slmkit.batching import complete_many
     from slmkit.generate import SamplingParams, generate
     from slmkit.methods import tinygsm
     from slmkit.models import load
-    from slmkit.serve import complete_many
 
     model = args.model if Path(args.model).is_dir() else "smollm2-135m"
     loaded = load(model, dtype=args.dtype)

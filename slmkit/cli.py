@@ -25,6 +25,7 @@ from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
 from slmkit.methods.finetune import FinetuneArgs
 from slmkit.methods.ul2r import DEFAULT_DENOISERS
+from slmkit.serve import Limits as ServeLimits
 from slmkit.train import TrainArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -134,26 +135,20 @@ def zoo(
 def read_prompts(prompt: str | None, input_file: Path | None) -> list[str | list[dict]]:
     """Prompts from the argument, a JSONL file ({"prompt": ...} or {"messages": [...]}) or stdin."""
     if input_file is not None:
+        from slmkit.data.records import prompt_of, read_jsonl
+
         if not input_file.is_file():
             raise SlmError(f"input file not found: {input_file}")
-        prompts = []
-        for n, line in enumerate(input_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SlmError(f"{input_file}:{n}: invalid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not ({"prompt", "messages"} & row.keys()):
-                raise SlmError(f"{input_file}:{n}: expected an object with a \"prompt\" or \"messages\" field")
-            prompts.append(row.get("prompt", row.get("messages")))
+        prompts = [prompt_of(row, where) for where, row in read_jsonl(input_file)]
         if not prompts:
             raise SlmError(f"{input_file} holds no prompts")
         return prompts
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise SlmError("give a prompt, --input FILE.jsonl, or pipe text on stdin")
-        prompt = sys.stdin.read()
+        from slmkit.data.records import read_stdin
+
+        prompt = read_stdin()
     if not prompt.strip():
         raise SlmError("the prompt is empty")
     return [prompt]
@@ -362,7 +357,11 @@ def chat(
         if interactive:
             sys.stdout.write(">>> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError:
+            err.print("[red]that line is not UTF-8; it was not sent[/]")
+            continue
         if not line:
             break
         line = line.rstrip("\n")
@@ -939,7 +938,9 @@ def classify_command(
     from slmkit.methods.length_adaptive import classify
 
     if texts == ["-"]:
-        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+        from slmkit.data.records import read_stdin
+
+        texts = [line for line in read_stdin().splitlines() if line.strip()]
     try:
         fractions = [float(x) for x in lengths.split(",")] if lengths else None
     except ValueError as e:
@@ -1329,6 +1330,7 @@ def ul2r_command(
 
 
 @app.command()
+@dataclass_options(ServeLimits, "limits")
 def serve(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for all interfaces).")] = "127.0.0.1",
@@ -1336,9 +1338,9 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Most requests decoded together (continuous batching).")] = 16,
     served_name: Annotated[str | None, typer.Option(help="Model name clients use (default: the model's).")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="SLMKIT_API_KEY", help="Require this bearer token.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Default max_tokens when a request gives none.")] = 512,
     dtype: DtypeOpt = "auto",
     engine: EngineOpt = "auto",
+    limits: ServeLimits = None,
 ):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (both stream with "stream": true),
     /v1/models, /health. Concurrent requests are batched. Use it with any OpenAI client:
@@ -1346,15 +1348,15 @@ def serve(
     from slmkit.serve import serve as run_server
 
     def ready(server):
-        engine_used = server.loaded.engine
-        how = f"{engine_used.name} engine" if engine_used else f"torch engine, max batch {max_batch}"
-        err.print(f"serving [bold]{server.name}[/] at {server.url} ({how}); Ctrl-C stops")
+        from slmkit.batching import SerialEngine
 
-    try:
-        run_server(model, host=host, port=port, max_batch=max_batch, served_name=served_name, api_key=api_key,
-                   max_tokens=max_tokens, dtype=dtype, engine=engine, on_ready=ready)
-    except KeyboardInterrupt:
-        err.print("stopped")
+        how = "one request at a time" if isinstance(server.engine, SerialEngine) else f"max batch {max_batch}"
+        err.print(f"serving [bold]{server.name}[/] at {server.url} ({server.engine_name} engine, {how}); "
+                  "Ctrl-C stops")
+
+    run_server(model, host=host, port=port, max_batch=max_batch, served_name=served_name, api_key=api_key,
+               limits=limits, dtype=dtype, engine=engine, on_ready=ready)
+    err.print("stopped")
 
 
 # --- data, tokenizers, pretraining ----------------------------------------------------------------------
@@ -1665,6 +1667,9 @@ def main() -> None:
     except SlmError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

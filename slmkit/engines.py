@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from slmkit.errors import SlmError
 
 ENGINES = ("auto", "torch", "llamacpp", "vllm")
-EXPORT_QUANT = "q8_0"  # what a model without a GGUF is exported to for llama.cpp: near-lossless, 2x smaller than f16
+# what a model directory (and a packaged model) is exported to for llama.cpp: f16 gives the model's own answers
+# (q8_0's 8-bit weights and activations moved logits by up to ~1.9 and made them depend on the batch; see
+# benchmarks/results/engines.json). A smaller file is one `slm export --quant` away, run with `-m FILE.gguf`.
+EXPORT_QUANT = "f16"
 
 
 def installed(module: str) -> bool:
@@ -37,15 +40,22 @@ def cuda_available() -> bool:
 
 
 def open_model(source: str | None, engine: str = "auto", *, dtype: str = "auto", progress: bool = True):
-    """Load `source` for inference on `engine` (ENGINES). `auto`: vLLM on a CUDA GPU when vllm is installed,
-    llama.cpp when llama-cpp-python is installed and the model already has a GGUF (a .gguf file, the embedded
-    default, or an export cached by an earlier `--engine llamacpp`), torch otherwise."""
+    """Load `source` for inference on `engine` (ENGINES). `auto`: vLLM on a CUDA GPU when vllm is installed;
+    llama.cpp when llama-cpp-python is installed and the model is a .gguf file, a packaged model, or a directory
+    with a cached export from an earlier `--engine llamacpp`; torch otherwise (and when llama.cpp cannot open it)."""
     from slmkit.models import load
 
     if engine not in ENGINES:
         raise SlmError(f"unknown engine '{engine}' (one of {', '.join(ENGINES)})")
     if engine == "auto":
         engine = pick_engine(source)
+        if engine == "llamacpp":
+            try:
+                return open_llamacpp(source, progress=progress)
+            except SlmError as e:
+                if progress:
+                    print(f"llama.cpp cannot run {source or 'the default model'} ({e}); using torch", file=sys.stderr)
+                engine = "torch"
     if engine == "llamacpp":
         return open_llamacpp(source, progress=progress)
     if engine == "vllm":
@@ -55,37 +65,53 @@ def open_model(source: str | None, engine: str = "auto", *, dtype: str = "auto",
 
 
 def pick_engine(source: str | None) -> str:
+    from slmkit import zoo
+    from slmkit.models import resolve
+
     if installed("vllm") and cuda_available():
         return "vllm"
-    if installed("llama_cpp"):
-        try:
-            if existing_gguf(source) is not None:
-                return "llamacpp"
-        except SlmError:
-            pass  # let the torch loader report what is wrong with the source
+    if not installed("llama_cpp"):
+        return "torch"
+    try:
+        kind, path = resolve(source)
+    except SlmError:
+        return "torch"  # let the torch loader report what is wrong with the source
+    if kind == "gguf":
+        return "llamacpp"
+    if kind == "zoo":
+        spec = zoo.get(source or zoo.DEFAULT_MODEL)
+        return "llamacpp" if spec.package is not None and spec.task == "causal-lm" else "torch"
+    if kind == "dir" and _export_path(path).is_file():
+        return "llamacpp"
     return "torch"
 
 
 # --- llama.cpp -----------------------------------------------------------------------------------------
 
 
-def existing_gguf(source: str | None) -> Path | None:
-    """The GGUF `source` already has: itself, a packaged one, or a cached export; None if it has none."""
+def llamacpp_files(source: str | None) -> tuple[Path, Path | None]:
+    """(the GGUF llama.cpp runs for `source`, the HF directory it is exported from). A .gguf file the user names
+    runs as it is (directory None). A model directory, and a packaged model, run as an EXPORT_QUANT export of their
+    full-precision weights, made once into the cache: the embedded default ships as a 4-bit (Q4_1) GGUF whose
+    answers in llama.cpp are wrong where the model's are right ("La femme de France..." for the capital of
+    France), so its dequantised weights are exported again."""
     from slmkit import zoo
-    from slmkit.models import packaged_weights, resolve
+    from slmkit.models import convert_gguf, packaged_weights, resolve
 
     kind, path = resolve(source)
     if kind == "gguf":
-        return path
+        return path, None
     if kind == "zoo":
         spec = zoo.get(source or zoo.DEFAULT_MODEL)
-        if spec.package is None or spec.task != "causal-lm":
-            return None
+        if spec.package is None:
+            raise SlmError(f"{spec.name} is a random-initialised spec; llama.cpp runs trained checkpoints")
+        if spec.task != "causal-lm":
+            raise SlmError(f"{spec.name} is a {spec.task} model; llama.cpp runs causal LMs here")
         weights = packaged_weights(spec)
-        return weights if weights.suffix == ".gguf" else _cached_export(weights)
-    if kind == "dir":
-        return _cached_export(path)
-    return None
+        path = convert_gguf(weights) if weights.suffix == ".gguf" else weights
+    elif kind != "dir":
+        raise SlmError(f"{source}: llama.cpp runs a .gguf file or a local model directory")
+    return _export_path(path), path
 
 
 def _export_path(directory: Path) -> Path:
@@ -95,11 +121,6 @@ def _export_path(directory: Path) -> Path:
     stamps = [f"{f}:{(directory / f).stat().st_mtime_ns}" for f in WEIGHT_FILES if (directory / f).is_file()]
     key = hashlib.sha256(f"{directory.resolve()}|{'|'.join(stamps)}".encode()).hexdigest()[:12]
     return cache_dir() / "gguf" / f"{directory.resolve().name}-{key}-{EXPORT_QUANT}.gguf"
-
-
-def _cached_export(directory: Path) -> Path | None:
-    path = _export_path(directory)
-    return path if path.is_file() else None
 
 
 def gguf_tokenizer(gguf: Path):
@@ -124,7 +145,7 @@ def gguf_tokenizer(gguf: Path):
 
 def open_llamacpp(source: str | None, *, n_ctx: int | None = None, threads: int | None = None,
                   progress: bool = True):
-    """A `Loaded` whose engine is llama.cpp. A model without a GGUF is exported (q8_0) once into the cache."""
+    """A `Loaded` whose engine is llama.cpp (`llamacpp_files` says which GGUF; an export is made once)."""
     import transformers
 
     from slmkit import zoo
@@ -132,73 +153,72 @@ def open_llamacpp(source: str | None, *, n_ctx: int | None = None, threads: int 
     from slmkit.models import Loaded, quiet_transformers, resolve
 
     require_llama_cpp("--engine llamacpp")
-    gguf = existing_gguf(source)
-    kind, path = resolve(source)
-    if gguf is None:
-        if kind == "zoo":
-            spec = zoo.get(source or zoo.DEFAULT_MODEL)
-            raise SlmError(f"{spec.name} is a random-initialised spec; llama.cpp runs trained checkpoints"
-                           if spec.package is None else f"{spec.name} is a {spec.task} model; llama.cpp runs "
-                           "causal LMs here")
-        if kind != "dir":
-            raise SlmError(f"{source}: llama.cpp runs a .gguf file or a local model directory")
-        gguf = _export_path(path)
-        if progress:
-            print(f"first llama.cpp use of {path}: exporting it to {EXPORT_QUANT} GGUF (once) -> {gguf}")
-        to_gguf(str(path), gguf, EXPORT_QUANT, progress=progress)
-    if kind == "dir":
-        quiet_transformers()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    else:
+    gguf, directory = llamacpp_files(source)
+    if directory is None:
         tokenizer = gguf_tokenizer(gguf)
-    name = (source or zoo.DEFAULT_MODEL) if kind != "zoo" else zoo.get(source or zoo.DEFAULT_MODEL).name
-    return Loaded(None, tokenizer, name, gguf, "causal-lm", engine=LlamaCppEngine(gguf, n_ctx=n_ctx, threads=threads))
+    else:
+        if not gguf.is_file():
+            if progress:
+                print(f"first llama.cpp use of {directory}: exporting it to {EXPORT_QUANT} GGUF (once) -> {gguf}",
+                      file=sys.stderr)
+            to_gguf(str(directory), gguf, EXPORT_QUANT, progress=progress)
+        quiet_transformers()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    name = zoo.get(source or zoo.DEFAULT_MODEL).name if resolve(source)[0] == "zoo" else source
+    try:
+        engine = LlamaCppEngine(gguf, n_ctx=n_ctx, threads=threads)
+    except SlmError as e:
+        raise SlmError(f"{e}; is {gguf} a complete GGUF file?") from e
+    return Loaded(None, tokenizer, name, gguf, "causal-lm", engine=engine)
 
 
 class LlamaCppEngine:
-    """A GGUF in llama.cpp: one sequence at a time, its KV cache kept between calls, so a chat's next turn
-    reuses the prefix it already evaluated."""
+    """A GGUF in llama.cpp, several sequences in one context (`llamacpp.py`): the prompts of a `generate` batch and
+    the rows of the server's continuous batching decode together. Sampling, stop handling and the decode loop are
+    slmkit's own (`generate.decode_tokens`, `batching.BatchEngine`); llama.cpp computes the logits."""
 
     name = "llamacpp"
 
     def __init__(self, gguf: Path, *, n_ctx: int | None = None, threads: int | None = None):
-        import llama_cpp
+        from slmkit.llamacpp import LlamaContext
 
-        self.gguf = Path(gguf)
-        try:
-            self.llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx or 0, n_threads=threads or os.cpu_count() or 1,
-                                       n_batch=512, verbose=False)
-        except ValueError as e:
-            raise SlmError(f"llama.cpp cannot load {gguf}: {e}") from e
-        self.n_ctx = self.llm.n_ctx()
-        self.eos = {self.llm.token_eos()}
+        self.gguf, self.threads = Path(gguf), threads
+        self.context = LlamaContext(self.gguf, n_seq=1, n_cells=256, threads=threads)  # grown by `reserve`
+        trained = self.context.lc.llama_model_n_ctx_train(self.context.model)
+        self.n_ctx = min(n_ctx or trained, trained) if trained > 0 else n_ctx or 4096
+        self.eos = {self.context.lc.llama_vocab_eos(self.context.lc.llama_model_get_vocab(self.context.model))}
 
-    def decode(self, model, input_ids, attention_mask, params, eos: set[int]) -> Iterator[list[int]]:
-        """The `generate.decode_tokens` interface for one row: yield [token] per step until EOS or
-        `max_new_tokens`. Sampling is llama.cpp's own (temperature, top-k, top-p, repetition penalty over
-        its last 64 tokens, seed)."""
-        if input_ids.shape[0] != 1:
-            raise SlmError("the llama.cpp engine decodes one prompt at a time")
-        ids = input_ids[0][attention_mask[0].bool()].tolist()
-        if params.seed is not None:  # reproducible: also re-evaluate the prompt from scratch, since reusing a
-            self.llm.set_seed(params.seed)  # cached prefix changes the float sums enough to flip a sampled token
-            self.llm.reset()
-        processors = None
-        if params.ignore_eos:
-            blocked = sorted(self.eos)
+    def reserve(self, n_seq: int, cells: int) -> None:
+        """Make the context hold `n_seq` sequences sharing `cells` KV cells (a new, larger one if needed)."""
+        from slmkit.llamacpp import LlamaContext
 
-            def no_eos(_, scores):
-                scores[blocked] = -float("inf")
-                return scores
+        if self.context.n_cells < cells or self.context.n_seq < n_seq:
+            self.context = LlamaContext(self.gguf, n_seq=max(n_seq, self.context.n_seq),
+                                        n_cells=max(cells, self.context.n_cells), threads=self.threads)
 
-            processors = [no_eos]
-        tokens = self.llm.generate(ids, top_k=params.top_k, top_p=params.top_p, min_p=0.0, typical_p=1.0,
-                                   temp=params.temperature, repeat_penalty=params.repetition_penalty,
-                                   logits_processor=processors)
-        for n, token in enumerate(tokens, 1):
-            yield [token]
-            if token in eos or n >= params.max_new_tokens:
-                return
+    def reserve_batch(self, rows: int, kept_tokens: int) -> int:
+        """Size the context for continuous batching (`batching.BatchEngine`): `rows` running sequences and the copies
+        made as they join, in KV_CELLS cells of which `kept_tokens` hold prompts kept for reuse. Returns the cells
+        the running requests may hold; a request that does not fit waits until others finish."""
+        from slmkit.llamacpp import KV_CELLS
+
+        self.reserve(min(256, 4 * rows + 16), max(KV_CELLS, self.n_ctx + kept_tokens))
+        return self.context.n_cells - kept_tokens
+
+    def sequences(self, input_ids, attention_mask):
+        """A `CachedLM`-like cache of these (left-padded) prompts in llama.cpp (`llamacpp.Sequences`)."""
+        from slmkit.llamacpp import Sequences
+
+        return Sequences(self.context, input_ids, attention_mask)
+
+    def decode(self, model, input_ids, attention_mask, params, eos: set[int]) -> Iterator:
+        """The `generate.decode_tokens` loop over llama.cpp sequences: yields a (batch,) tensor per step."""
+        from slmkit.generate import decode_tokens
+
+        rows, width = input_ids.shape
+        self.reserve(rows, rows * (width + params.max_new_tokens))
+        return decode_tokens(model, input_ids, attention_mask, params, eos,
+                             lm_class=lambda _, ids, mask: self.sequences(ids, mask))
 
 
 # --- images: LLaVA-style vision-language models ----------------------------------------------------------

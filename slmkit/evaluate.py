@@ -90,8 +90,9 @@ def perplexity(loaded, data: str = "brown", tokens: int = 16_384, seq_len: int =
     from slmkit.data.corpora import documents
     from slmkit.progress import Progress
 
-    if loaded.task != "causal-lm" or loaded.model is None:
-        raise SlmError(f"{loaded.name}: perplexity is measured on a causal LM on the torch engine")
+    llamacpp = loaded.model is None and hasattr(loaded.engine, "sequences")
+    if loaded.task != "causal-lm" or (loaded.model is None and not llamacpp):
+        raise SlmError(f"{loaded.name}: perplexity is measured on a causal LM on the torch or llama.cpp engine")
     tok = loaded.tokenizer
     ids: list[int] = []
     for doc in documents(data):
@@ -110,7 +111,13 @@ def perplexity(loaded, data: str = "brown", tokens: int = 16_384, seq_len: int =
             width = max(map(len, batch))
             x = torch.tensor([w + [tok.eos_token_id] * (width - len(w)) for w in batch])
             mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in batch])
-            logits = loaded.model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
+            if llamacpp:  # each window one sequence, the logits of every position kept
+                loaded.engine.reserve(1, width)
+                rows = [loaded.engine.sequences(torch.tensor([w]), torch.ones(1, len(w))).prefill(keep=len(w))[0, :-1]
+                        for w in batch]
+                logits = torch.stack([torch.nn.functional.pad(r, (0, 0, 0, width - 1 - len(r))) for r in rows])
+            else:
+                logits = loaded.model(input_ids=x, attention_mask=mask).logits[:, :-1].float()
             target, keep = x[:, 1:], mask[:, 1:].bool()
             losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
             nll += float(losses[keep].sum())

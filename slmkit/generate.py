@@ -484,7 +484,8 @@ def generate(loaded, prompts: list[str | list[dict]], params: SamplingParams | N
     """Generate for a batch of prompts at once. `on_text(row, delta)` receives text as it is produced;
     `decode` replaces the token loop as in `stream`; `images` gives each prompt its images."""
     params = params or SamplingParams()
-    if loaded.engine is not None and len(prompts) > 1:  # an engine decodes one prompt at a time
+    if loaded.engine is not None and not hasattr(loaded.engine, "sequences") and len(prompts) > 1:
+        # an engine with its own token loop (vLLM, a vision model's) decodes one prompt at a time
         return [c for row, p in enumerate(prompts) for c in generate(
             loaded, [p], params, system=system, chat=chat,
             on_text=on_text and (lambda _, delta, row=row: on_text(row, delta)), decode=decode,

@@ -104,8 +104,10 @@ def load_recipe(path: Path, overrides: list[str] | None = None):
     path = Path(path)
     if not path.is_file():
         raise SlmError(f"recipe not found: {path}")
+    from slmkit.data.records import read_text
+
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = yaml.safe_load(read_text(path))
     except yaml.YAMLError as e:
         raise SlmError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(recipe, dict):

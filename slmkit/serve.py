@@ -1,324 +1,64 @@
 """An OpenAI-compatible HTTP server over any model slmkit loads: `/v1/chat/completions`, `/v1/completions`,
-`/v1/models`, streaming by server-sent events, OpenAI-style errors.
+`/v1/models`, `/health`, streaming by server-sent events, OpenAI-style errors.
 
-Concurrent requests are batched continuously: one engine thread owns the model and a `CachedLM` over all
-running requests. Each iteration it admits waiting requests (one batched prefill, then their rows join the
-running cache), decodes one token for every running row, streams each row's text to its client and drops
-the rows that finished. A request therefore never waits for another to end. The prefill of the last few
-distinct prompts is kept: another request with the same prompt (the N samples of best-of-N) starts from a
-copy of its KV cache instead of running the prompt again. (Encoder-decoder models batch the requests that
-arrive together and admit new ones when that group ends.)
+Requests are generated together by the continuous-batching engine (`batching.py`). The HTTP side is the standard
+library's threading server: a handler thread per connection parses the request, submits it to the engine and
+relays the engine's events. No web framework is needed.
 
-The HTTP side is the standard library's threading server: a handler thread per connection parses the
-request, submits it to the engine and relays the engine's events. No web framework is needed.
+It is a public surface, so every limit a client could push on is set in `Limits` (each a `slm serve` flag): the
+body is refused by its declared size before it is read, a request's tokens and prompts are capped, the queue is
+bounded (429 with Retry-After when full), every request has a wall-time; the work of a client that goes away
+stops, streaming or not; any failure is answered as an OpenAI-shaped JSON error; SIGTERM and SIGINT stop the
+server within seconds, closing the streams in flight with an error event and `[DONE]`.
 """
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import math
 import queue
+import select
+import signal
+import socket
+import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from slmkit.batching import engine_for
+from slmkit.data.records import RecordError, check_messages
 from slmkit.engines import IMAGE_TOKEN, read_image
-from slmkit.errors import SlmError
-from slmkit.generate import (
-    CachedLM,
-    Completion,
-    SamplingParams,
-    _TextTracker,
-    format_prompt,
-    is_chat_model,
-    next_tokens,
-    stop_ids,
-    takes_images,
-)
-
-# the batching engine keeps the prefill (KV cache, first logits) of up to 8 recent distinct prompts, 8K tokens in all
-KEPT_PREFILLS = (8, 8192)
-
-
-class ApiError(Exception):
-    """An error returned to the client in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error"}
-        return {"error": {"message": self.message, "type": kind.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
-
-
-# --- the batching engine ---------------------------------------------------------------------------------
+from slmkit.errors import ApiError, SlmError
+from slmkit.generate import Completion, SamplingParams, format_prompt, is_chat_model, takes_images
 
 
 @dataclass
-class Request:
-    """One completion being generated. Its events go to `events` as (index, kind, payload) tuples:
-    ("text", delta) while it runs, then ("done", Completion) or ("error", message)."""
+class Limits:
+    """What one client may ask of the server."""
 
-    ids: list[int]
-    params: SamplingParams
-    tracker: _TextTracker
-    events: queue.Queue
-    index: int = 0
-    prompt: str = ""
-    cancelled: bool = False
-    generator: object = None
-    seen: list[int] = field(default_factory=list)  # prompt and generated tokens
-    images: list | None = None  # PIL images for the prompt's image placeholders (a vision engine's requests)
-
-    @property
-    def generated(self) -> int:
-        return len(self.seen) - len(self.ids)
-
-    @property
-    def finished(self) -> bool:
-        return self.cancelled or self.tracker.finished is not None or self.generated >= self.params.max_new_tokens
+    max_tokens: int = field(default=512, metadata={"help": "Tokens generated when a request gives no max_tokens."})
+    max_tokens_cap: int = field(default=4096, metadata={"help": "Most tokens a request may ask for (also capped "
+                                                                "to the model's context)."})
+    max_body_bytes: int = field(default=8 << 20, metadata={"help": "Largest request body (413 beyond it, before "
+                                                                   "reading it); images travel inside it."})
+    max_prompts: int = field(default=16, metadata={"help": "Most completions per request (prompts x n)."})
+    max_queue: int = field(default=256, metadata={"help": "Requests waiting for a batch row; more get 429 with "
+                                                          "Retry-After."})
+    timeout: float = field(default=600.0, metadata={"help": "Wall-time per request in seconds (504 after it)."})
+    max_connections: int = field(default=512, metadata={"help": "Open connections; more get 503."})
+    read_timeout: float = field(default=60.0, metadata={"help": "Seconds a client may stay silent while sending "
+                                                                "a request before it is dropped."})
 
 
-class BatchEngine:
-    """Owns the model; generates for all submitted requests together (see the module docstring)."""
-
-    def __init__(self, loaded, max_batch: int = 16):
-        if loaded.task not in ("causal-lm", "seq2seq") and not takes_images(loaded):
-            raise SlmError(f"{loaded.name} is a {loaded.task} model; only causal-lm, seq2seq and vision-language "
-                           "models can be served")
-        if loaded.tokenizer is None:
-            raise SlmError(f"{loaded.name} has no tokenizer; save one beside the model to serve it")
-        self.loaded, self.max_batch = loaded, max_batch
-        self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.encoder_decoder = loaded.engine is None and bool(self.model.config.is_encoder_decoder)
-        self.eos = stop_ids(loaded)
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos or {0})
-        self.waiting: queue.Queue[Request] = queue.Queue()
-        self.stats = {"requests": 0, "tokens": 0, "max_batch_seen": 0, "steps": 0, "prefills_reused": 0}
-        self._prefixes: OrderedDict[tuple[int, ...], tuple] = OrderedDict()  # prompt ids -> (1-row CachedLM, logits)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="slmkit-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, text: str, params: SamplingParams, events: queue.Queue, *, templated: bool,
-               index: int = 0, images: list | None = None) -> Request:
-        """Queue one prompt; its events arrive on `events`. Raises ApiError if it cannot run."""
-        ids = self.tokenizer(text, add_special_tokens=not templated).input_ids
-        if not ids:
-            raise ApiError(400, "the prompt is empty", "prompt")
-        context = self.loaded.context_length
-        if context and not self.encoder_decoder:
-            if len(ids) >= context:
-                raise ApiError(400, f"the prompt is {len(ids)} tokens but the model's context is {context} tokens",
-                               "messages", "context_length_exceeded")
-            params.max_new_tokens = min(params.max_new_tokens, context - len(ids))
-        eos = set() if params.ignore_eos else self.eos
-        req = Request(ids, params, _TextTracker(self.tokenizer, list(params.stop), eos), events, index, text,
-                      seen=list(ids), images=images)
-        if params.seed is not None:
-            import torch
-
-            req.generator = torch.Generator().manual_seed(params.seed)
-        self.waiting.put(req)
-        return req
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    # The engine thread ---------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        import torch
-
-        running: list[Request] = []
-        lm: CachedLM | None = None
-        last = None  # each running row's newest token, not yet fed to the model
-        while not self._stop.is_set():
-            admitted: list[Request] = []
-            try:
-                admitted = self._admit(len(running), block=not running, allow=lm is None or not self.encoder_decoder)
-                if admitted:
-                    fresh, tokens = self._prefill(admitted)
-                    if lm is None:
-                        lm, last, running = fresh, tokens, admitted
-                    else:
-                        lm.merge(fresh)
-                        last, running = torch.cat([last, tokens]), running + admitted
-                elif running:
-                    logits = lm.step(last[:, None])[:, -1]
-                    last = self._sample(logits, running)
-                    self._deliver(running, last)
-                if running:
-                    lm, last, running = self._retire(lm, last, running)
-            except Exception as e:  # an engine failure ends the affected requests with an error, not the server
-                for req in {id(r): r for r in running + admitted}.values():
-                    req.events.put((req.index, "error", f"generation failed: {type(e).__name__}: {e}"))
-                running, lm, last = [], None, None
-
-    def _admit(self, n_running: int, *, block: bool, allow: bool) -> list[Request]:
-        if not allow:
-            return []
-        admitted = []
-        try:
-            if block:
-                admitted.append(self.waiting.get(timeout=0.1))
-            while n_running + len(admitted) < self.max_batch:
-                admitted.append(self.waiting.get_nowait())
-        except queue.Empty:
-            pass
-        return [r for r in admitted if not r.cancelled]
-
-    def _prefill(self, reqs: list[Request]):
-        """A cache for newly admitted rows and their first tokens. The prompts not kept from an earlier prefill
-        run in one left-padded batch; the rows' kept caches are then merged into one new cache (the first is
-        copied, merge only reads the others)."""
-        import torch
-
-        if self.encoder_decoder:
-            logits, lm = self._run_prompts([r.ids for r in reqs])
-        else:
-            keys = [tuple(r.ids) for r in reqs]
-            new = [k for k in dict.fromkeys(keys) if k not in self._prefixes]
-            if new:
-                batch_logits, batch = self._run_prompts(new)
-                for row, key in enumerate(new):
-                    self._prefixes[key] = (batch.copy_rows([row]), batch_logits[row:row + 1])
-            self.stats["prefills_reused"] += len(reqs) - len(new)
-            lm = self._prefixes[keys[0]][0].copy_rows([0])  # merge reads the kept caches; only this one changes
-            for key in keys[1:]:
-                lm.merge(self._prefixes[key][0])
-            logits = torch.cat([self._prefixes[key][1] for key in keys])
-            for key in keys:
-                self._prefixes.move_to_end(key)
-            while len(self._prefixes) > KEPT_PREFILLS[0] or sum(map(len, self._prefixes)) > KEPT_PREFILLS[1]:
-                self._prefixes.popitem(last=False)
-        tokens = self._sample(logits, reqs)
-        self._deliver(reqs, tokens)
-        self.stats["requests"] += len(reqs)
-        return lm, tokens
-
-    def _run_prompts(self, prompts: list):
-        """One left-padded prefill of these prompts (token id sequences): (last logits, CachedLM)."""
-        import torch
-
-        rows = [list(p) for p in prompts]
-        width = max(map(len, rows))
-        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        lm = CachedLM(self.model, ids, mask)
-        return lm.prefill(ids)[:, -1], lm
-
-    def _sample(self, logits, reqs: list[Request]):
-        """Greedy rows in one argmax; rows with their own sampling settings one by one."""
-        import torch
-
-        with torch.inference_mode():
-            tokens = logits.float().argmax(-1)
-            for row, req in enumerate(reqs):
-                p = req.params
-                if p.temperature > 0 or p.repetition_penalty != 1.0:
-                    seen = torch.tensor([req.seen]) if p.repetition_penalty != 1.0 else None  # only a penalty reads it
-                    tokens[row] = next_tokens(logits[row:row + 1], p, seen, req.generator)[0]
-        self.stats["steps"] += 1
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(reqs))
-        return tokens
-
-    def _deliver(self, reqs: list[Request], tokens) -> None:
-        for req, token in zip(reqs, tokens.tolist(), strict=True):
-            if req.finished:  # an encoder-decoder group keeps finished rows until all end
-                continue
-            req.seen.append(token)
-            self.stats["tokens"] += 1
-            delta = req.tracker.add(token)
-            if delta:
-                req.events.put((req.index, "text", delta))
-            if req.finished and not req.cancelled:
-                self._complete(req)
-
-    @staticmethod
-    def _complete(req: Request) -> None:
-        delta = req.tracker.close()
-        if delta:
-            req.events.put((req.index, "text", delta))
-        completion = Completion(req.prompt, req.tracker.text, len(req.ids), len(req.tracker.ids), req.tracker.finished)
-        req.events.put((req.index, "done", completion))
-
-    def _retire(self, lm: CachedLM, last, running: list[Request]):
-        keep = [i for i, r in enumerate(running) if not r.finished]
-        if not keep:
-            return None, None, []
-        if len(keep) == len(running) or self.encoder_decoder:
-            return lm, last, running
-        lm.select(keep)
-        return lm, last[keep], [running[i] for i in keep]
+class ClientGone(Exception):
+    """The client closed its connection: its requests are cancelled and nothing is sent."""
 
 
-class SerialEngine(BatchEngine):
-    """For engines with their own token loop (llama.cpp, vLLM): requests run one at a time, in arrival order,
-    through the same request/stop-string/event handling as the batching engine."""
-
-    def _run(self) -> None:
-        import torch
-
-        while not self._stop.is_set():
-            try:
-                req = self.waiting.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if req.cancelled:
-                continue
-            self.stats["requests"] += 1
-            self.stats["max_batch_seen"] = 1
-            ids = torch.tensor([req.ids])
-            extra = {"images": req.images} if req.images else {}
-            try:
-                for tokens in self.loaded.engine.decode(None, ids, torch.ones_like(ids), req.params, req.tracker.eos,
-                                                        **extra):
-                    self.stats["steps"] += 1
-                    self._deliver([req], torch.tensor(tokens))
-                    if req.finished:
-                        break
-                if not req.finished:  # the engine ended the sequence itself
-                    self._complete(req)
-            except Exception as e:  # a failed request ends with an error; the server goes on
-                req.events.put((req.index, "error", f"generation failed: {type(e).__name__}: {e}"))
-
-
-def complete_many(loaded, prompts: list[str], params: list[SamplingParams], *, max_batch: int = 16,
-                  on_done=None) -> list[Completion]:
-    """Complete many raw-text prompts through the continuous-batching engine, without HTTP: a row that ends
-    frees its place for the next prompt at once, so no row waits for the longest of a fixed batch (the way
-    to sample many solutions). `params[i]` is prompt i's (give each its own seed for independent samples);
-    `on_done(i, completion)` is called as prompt i completes."""
-    engine = (SerialEngine if loaded.engine is not None else BatchEngine)(loaded, max_batch=max_batch)
-    events: queue.Queue = queue.Queue()
-    results: list[Completion | None] = [None] * len(prompts)
-    try:
-        for i, (text, p) in enumerate(zip(prompts, params, strict=True)):
-            try:
-                engine.submit(text, p, events, templated=False, index=i)
-            except ApiError as e:
-                raise SlmError(f"prompt {i}: {e.message}") from e
-        for _ in prompts:
-            index, kind, payload = events.get()
-            while kind == "text":
-                index, kind, payload = events.get()
-            if kind == "error":
-                raise SlmError(f"prompt {index}: {payload}")
-            results[index] = payload
-            if on_done:
-                on_done(index, payload)
-    finally:
-        engine.close()
-    return results
-
-
-# --- requests and responses ------------------------------------------------------------------------------
+# --- requests ------------------------------------------------------------------------------------------
 
 
 def _number(body: dict, name: str, default, kind=float, low=None, high=None):
@@ -327,12 +67,12 @@ def _number(body: dict, name: str, default, kind=float, low=None, high=None):
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
-    if (low is not None and value < low) or (high is not None and value > high):
+    if (low is not None and value < low) or (high is not None and value > high) or not math.isfinite(value):
         raise ApiError(400, f"'{name}' must be between {low} and {high} (got {value})", name)
     return kind(value)
 
 
-def sampling_from(body: dict, default_max_tokens: int) -> SamplingParams:
+def sampling_from(body: dict, limits: Limits) -> SamplingParams:
     """OpenAI request fields (plus vLLM's top_k, repetition_penalty, ignore_eos) -> SamplingParams."""
     for name in ("presence_penalty", "frequency_penalty"):
         if body.get(name):
@@ -341,68 +81,61 @@ def sampling_from(body: dict, default_max_tokens: int) -> SamplingParams:
         raise ApiError(400, "'logprobs' is not supported by this server", "logprobs")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings", "stop")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop) or len(stop) > 4:
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings of up to 256 "
+                            "characters", "stop")
     temperature = _number(body, "temperature", 1.0, float, 0, 2)
     top_p = _number(body, "top_p", 1.0, float, 0, 1)
     if top_p == 0:  # "only the likeliest token" is greedy decoding
         temperature, top_p = 0.0, 1.0
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return SamplingParams(
-        max_new_tokens=_number({name: max_tokens}, name, default_max_tokens, int, 1, None),
+        max_new_tokens=_number(body, name, min(limits.max_tokens, limits.max_tokens_cap), int, 1,
+                               limits.max_tokens_cap),
         temperature=temperature,
         top_p=top_p,
-        top_k=max(_number(body, "top_k", 0, int, -1, None), 0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, None),
-        seed=_number(body, "seed", None, int),
+        top_k=max(_number(body, "top_k", 0, int, -1, 1 << 30), 0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 100),
+        seed=_number(body, "seed", None, int, -(1 << 62), 1 << 62),
         ignore_eos=bool(body.get("ignore_eos", False)),
         stop=stop,
     )
 
 
-def _message_text(message: dict, i: int, images: list | None = None) -> dict:
-    """One OpenAI message as {role, content}. Image content parts (base64 data URLs) become IMAGE_TOKEN in the
-    text, their pictures appended to `images` (None: images are refused)."""
-    if not isinstance(message, dict) or message.get("role") not in ("system", "developer", "user", "assistant"):
-        raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}].role")
-    content = message.get("content")
-    if isinstance(content, list):  # content parts: text, and images for a model that takes them
-        parts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                parts.append(part.get("text", ""))
-            elif kind == "image_url" and images is not None:
-                url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
-                try:
-                    images.append(read_image(url or ""))
-                except SlmError as e:
-                    raise ApiError(400, f"messages[{i}]: {e}", f"messages[{i}].content") from e
-                parts.append(IMAGE_TOKEN + "\n")
-            elif kind == "image_url":
-                raise ApiError(400, f"messages[{i}]: this model does not take images", f"messages[{i}].content")
-            else:
-                raise ApiError(400, f"messages[{i}]: content parts must be text or image_url", f"messages[{i}].content")
-        content = "".join(parts)
-    if not isinstance(content, str):
-        raise ApiError(400, f"messages[{i}].content must be a string or a list of content parts",
-                       f"messages[{i}].content")
-    role = "system" if message["role"] == "developer" else message["role"]
-    return {"role": role, "content": content}
+def _image_part(images: list | None):
+    """A `records.check_message` hook: an image_url content part (a base64 data URL) becomes IMAGE_TOKEN in the
+    text and its picture is appended to `images` (None: the model takes no images)."""
+
+    def convert(part: dict, where: str) -> str:
+        if part.get("type") != "image_url":
+            raise RecordError(where, "a content part must be text or image_url", where)
+        if images is None:
+            raise RecordError(where, "this model does not take images", where)
+        url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+        if not isinstance(url, str):
+            raise RecordError(where, "an image_url part needs {\"url\": \"data:image/png;base64,...\"}", where)
+        try:
+            images.append(read_image(url))
+        except SlmError as e:
+            raise RecordError(where, str(e), where) from e
+        return IMAGE_TOKEN + "\n"
+
+    return convert
 
 
 class Server:
-    """The HTTP server: `Server(loaded).start()` serves in the background (tests, notebooks);
-    `serve_forever()` blocks (the CLI)."""
+    """The HTTP server: `Server(loaded).start()` serves in the background (tests, notebooks); `serve()` below
+    blocks until a signal (the CLI)."""
 
     def __init__(self, loaded, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
-                 served_name: str | None = None, api_key: str | None = None, max_tokens: int = 512):
-        self.loaded, self.api_key, self.max_tokens = loaded, api_key, max_tokens
+                 served_name: str | None = None, api_key: str | None = None, limits: Limits | None = None):
+        self.loaded, self.api_key, self.limits = loaded, api_key, limits or Limits()
         self.name = served_name or loaded.name
-        self.engine = (SerialEngine if loaded.engine is not None else BatchEngine)(loaded, max_batch=max_batch)
-        self.httpd = ThreadingHTTPServer((host, port), _handler_for(self))
-        self.httpd.daemon_threads = True
+        self.engine = engine_for(loaded, max_batch=max_batch, max_queue=self.limits.max_queue)
+        self.stopping = threading.Event()
+        self.active = 0  # requests being answered
+        self._lock = threading.Lock()
+        self.httpd = _HTTPServer((host, port), _handler_for(self), self.limits.max_connections)
         self._thread: threading.Thread | None = None
 
     @property
@@ -415,16 +148,20 @@ class Server:
         self._thread.start()
         return self
 
-    def serve_forever(self) -> None:
-        try:
-            self.httpd.serve_forever()
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self.httpd.shutdown() if self._thread else None
+    def close(self, grace: float = 3.0) -> None:
+        """Stop accepting, end the requests in flight (streams get an error event and [DONE]) within `grace`
+        seconds, stop the engine."""
+        self.stopping.set()
+        if self._thread:
+            self.httpd.shutdown()
+        deadline = time.monotonic() + grace
+        while self.active and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.httpd.server_close()
-        self.engine.close()
+        self.engine.close(timeout=max(0.5, deadline - time.monotonic()))
+
+    def log(self, message: str) -> None:
+        print(f"slmkit serve: {message}", file=sys.stderr, flush=True)
 
     # Endpoints --------------------------------------------------------------------------------------------
 
@@ -432,24 +169,43 @@ class Server:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(time.time()),
                                             "owned_by": "slmkit"}]}
 
+    def health(self) -> dict:
+        return {"status": "stopping" if self.stopping.is_set() else "ok", "engine": self.engine_name,
+                "waiting": self.engine.waiting.qsize(), "active_requests": self.active, **self.engine.stats}
+
+    @property
+    def engine_name(self) -> str:
+        return getattr(self.loaded.engine, "name", "torch")
+
+    def authorized(self, header: str | None) -> bool:
+        if not self.api_key:
+            return True
+        expected = f"Bearer {self.api_key}".encode()
+        return hmac.compare_digest((header or "").encode("utf-8", "surrogateescape"), expected)
+
     def check_model(self, body: dict) -> None:
         model = body.get("model")
         if model not in (None, "", self.name, self.loaded.name):
-            raise ApiError(404, f"The model '{model}' does not exist; this server serves '{self.name}'", "model",
-                           "model_not_found")
+            raise ApiError(404, f"The model '{str(model)[:100]}' does not exist; this server serves '{self.name}'",
+                           "model", "model_not_found")
 
     def prompts(self, body: dict, chat: bool) -> list[tuple[str, bool, list | None]]:
         """(text, templated, images) per prompt."""
         tok = self.loaded.tokenizer
         if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ApiError(400, "'messages' must be a non-empty list", "messages")
+            images = [] if takes_images(self.loaded) else None
+            try:
+                messages = check_messages(body.get("messages"), "messages", parts=_image_part(images))
+            except RecordError as e:
+                raise ApiError(400, str(e), e.field) from e
             if not is_chat_model(tok):
                 raise ApiError(400, f"{self.name} has no chat template; use /v1/completions", "messages")
-            images = [] if takes_images(self.loaded) else None
-            messages = [_message_text(m, i, images) for i, m in enumerate(messages)]
-            return [(format_prompt(tok, messages, chat=True), True, images or None)]
+            try:
+                text = format_prompt(tok, messages, chat=True)
+            except Exception as e:  # the template's own checks (e.g. roles must alternate) reject these messages
+                raise ApiError(400, f"the model's chat template refused the messages: {str(e)[:200]}",
+                               "messages") from e
+            return [(text, True, images or None)]
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             prompt = [prompt]
@@ -459,10 +215,13 @@ class Server:
 
     def start_request(self, body: dict, chat: bool):
         self.check_model(body)
-        n = _number(body, "n", 1, int, 1, 16)
-        events: queue.Queue = queue.Queue()
+        n = _number(body, "n", 1, int, 1, self.limits.max_prompts)
+        params = sampling_from(body, self.limits)
         prompts = self.prompts(body, chat)
-        params = sampling_from(body, self.max_tokens)
+        if len(prompts) * n > self.limits.max_prompts:
+            raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than the {self.limits.max_prompts} "
+                                "completions a request may ask for", "prompt")
+        events: queue.Queue = queue.Queue()
         reqs = []
         try:
             for text, templated, images in prompts:
@@ -477,67 +236,208 @@ class Server:
         return reqs, events
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """A thread per connection, up to `max_connections` (then a 503), and a listen backlog for bursts."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, max_connections: int):
+        self.max_connections, self.connections = max_connections, 0
+        self._count = threading.Lock()
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        with self._count:
+            full = self.connections >= self.max_connections
+            self.connections += not full
+        if not full:
+            return super().process_request(request, client_address)
+        body = json.dumps(ApiError(503, "too many open connections; retry shortly").body()).encode()
+        try:
+            request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1"
+                            b"\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._count:
+                self.connections -= 1
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _handler_for(server: Server):
+    limits = server.limits
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "slmkit"
+        timeout = limits.read_timeout  # a silent client is dropped (the socket's timeout)
+        streaming = False  # the response's headers went out as an event stream
+        body_read = False  # the request's body was read (else the connection cannot carry another request)
 
         def log_message(self, format, *args):  # quiet: the CLI prints its own summary
             pass
 
-        def send_json(self, status: int, body: dict) -> None:
+        def send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 
-        def authorize(self) -> None:
-            if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
-                raise ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
+        def send_error(self, code, message=None, explain=None):
+            """The standard library's own errors (a malformed request line, headers too long, an unknown method)
+            in OpenAI's JSON shape."""
+            self.close_connection = True
+            self.request_version = "HTTP/1.1"  # a malformed request line left it at 0.9, which sends no status line
+            try:
+                self.send_json(code, ApiError(code, message or self.responses.get(code, ("error",))[0]).body())
+            except OSError:
+                pass
 
         def do_GET(self):
-            try:
-                self.authorize()
-                if self.path.rstrip("/") == "/v1/models":
-                    return self.send_json(200, server.models())
-                if self.path == "/health":
-                    return self.send_json(200, {"status": "ok", **server.engine.stats})
-                raise ApiError(404, f"unknown path {self.path}")
-            except ApiError as e:
-                self.send_json(e.status, e.body())
+            self.guarded(self.get)
 
         def do_POST(self):
-            chat = self.path.rstrip("/") == "/v1/chat/completions"
+            self.guarded(self.post)
+
+        def guarded(self, work) -> None:
+            """Run one request; whatever goes wrong becomes one JSON error (or, mid-stream, an error event)."""
+            with server._lock:
+                server.active += 1
+            self.body_read = self.streaming = False
             try:
-                self.authorize()
-                if not chat and self.path.rstrip("/") != "/v1/completions":
-                    raise ApiError(404, f"unknown path {self.path}")
-                try:
-                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
-                except (ValueError, UnicodeDecodeError) as e:
-                    raise ApiError(400, f"the request body is not valid JSON ({e})") from e
-                if not isinstance(body, dict):
-                    raise ApiError(400, "the request body must be a JSON object")
-                reqs, events = server.start_request(body, chat)
+                if not server.authorized(self.headers.get("Authorization")):
+                    raise ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
+                work()
             except ApiError as e:
-                return self.send_json(e.status, e.body())
+                self.fail(e)
+            except (ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True
+            except Exception as e:  # a bug must not drop the connection or kill the server: log it, answer 500
+                server.log(f"internal error on {self.command} {self.path[:100]}: {type(e).__name__}: {e}")
+                self.fail(ApiError(500, f"internal server error ({type(e).__name__})"))
+            finally:
+                with server._lock:
+                    server.active -= 1
+
+        def fail(self, e: ApiError) -> None:
+            if self.command == "POST" and not self.body_read:
+                self.close_connection = True
+            try:
+                if self.streaming:
+                    self.wfile.write(f"data: {json.dumps(e.body())}\n\ndata: [DONE]\n\n".encode())
+                    self.wfile.flush()
+                else:
+                    self.send_json(e.status, e.body(), e.headers)
+            except OSError:
+                self.close_connection = True
+
+        def get(self):
+            path = self.path.split("?")[0].rstrip("/")
+            if path == "/v1/models":
+                return self.send_json(200, server.models())
+            if path == "/health":
+                return self.send_json(200, server.health())
+            raise ApiError(404, f"unknown path {self.path[:100]}")
+
+        def read_body(self) -> dict:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                self.close_connection = True
+                raise ApiError(411, "send the body with a Content-Length header (chunked bodies are not accepted)")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                raise ApiError(400, "the Content-Length header is not a byte count")
+            if length > limits.max_body_bytes:
+                self.close_connection = True  # the body is left unread
+                raise ApiError(413, f"the request body is {length:,} bytes; this server accepts up to "
+                                    f"{limits.max_body_bytes:,}", None, "request_too_large")
+            raw = self.rfile.read(length)
+            if len(raw) < length:
+                raise ClientGone
+            self.body_read = True
+            try:
+                body = json.loads(raw or b"null", parse_constant=_no_constants)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the request body is not valid JSON ({str(e)[:200]})") from e
+            except RecursionError:
+                raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "the request body must be a JSON object")
+            return body
+
+        def post(self):
+            path = self.path.split("?")[0].rstrip("/")
+            if path not in ("/v1/chat/completions", "/v1/completions"):
+                raise ApiError(404, f"unknown path {self.path[:100]}")
+            if server.stopping.is_set():
+                raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+            chat = path == "/v1/chat/completions"
+            body = self.read_body()
+            reqs, events = server.start_request(body, chat)
             try:
                 if body.get("stream"):
                     self.stream(reqs, events, chat, body)
                 else:
                     self.respond(reqs, events, chat)
-            except (BrokenPipeError, ConnectionResetError):
-                for r in reqs:  # the client went away: stop generating for it
+            finally:
+                for r in reqs:  # whatever ended the response (the client leaving too), its generation stops
                     r.cancelled = True
+
+        def client_gone(self) -> bool:
+            """Whether the client closed its end: the socket reads as ended (a request not yet read would show
+            as data, which is not an end)."""
+            try:
+                readable, _, _ = select.select([self.connection], [], [], 0)
+                return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                return True
+
+        def events(self, reqs, events):
+            """The engine's events for these requests until every one is done or failed; raises when the client
+            leaves, the request's wall-time passes or the server stops."""
+            deadline, checked, open_ = time.monotonic() + limits.timeout, time.monotonic(), len(reqs)
+            while open_:
+                try:
+                    item = events.get(timeout=0.2)
+                except queue.Empty:
+                    item = None
+                now = time.monotonic()
+                if item is None or now - checked > 0.2:
+                    checked = now
+                    if self.client_gone():
+                        raise ClientGone
+                    if now > deadline:
+                        raise ApiError(504, f"the request ran past this server's {limits.timeout:g} s limit",
+                                       None, "timeout")
+                    if server.stopping.is_set():
+                        raise ApiError(503, "the server is shutting down", None, "shutting_down")
+                if item is not None:
+                    open_ -= item[1] in ("done", "error")
+                    yield item
 
         def respond(self, reqs, events, chat: bool) -> None:
             done: dict[int, Completion] = {}
-            while len(done) < len(reqs):
-                index, kind, payload = events.get()
+            for index, kind, payload in self.events(reqs, events):
                 if kind == "error":
-                    return self.send_json(500, ApiError(500, payload).body())
+                    raise ApiError(500, payload)
                 if kind == "done":
                     done[index] = payload
             choices = []
@@ -556,7 +456,7 @@ def _handler_for(server: Server):
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")  # the stream ends when the connection closes
             self.end_headers()
-            self.close_connection = True
+            self.close_connection = self.streaming = True
             head = {"id": _new_id(chat), "object": "chat.completion.chunk" if chat else "text_completion",
                     "created": int(time.time()), "model": server.name}
 
@@ -573,17 +473,15 @@ def _handler_for(server: Server):
             if chat:
                 send([choice(i, "", first=True) for i in range(len(reqs))])
             done: dict[int, Completion] = {}
-            while len(done) < len(reqs):
-                index, kind, payload = events.get()
+            for index, kind, payload in self.events(reqs, events):
                 if kind == "error":
-                    self.wfile.write(f"data: {json.dumps(ApiError(500, payload).body())}\n\n".encode())
-                    break
+                    raise ApiError(500, payload)
                 if kind == "text":
                     send([choice(index, payload)])
                 else:
                     done[index] = payload
                     send([choice(index, "", payload.finish_reason)])
-            if (body.get("stream_options") or {}).get("include_usage") and len(done) == len(reqs):
+            if (body.get("stream_options") or {}).get("include_usage"):
                 send([], usage=_usage(done, chat))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
@@ -604,19 +502,53 @@ def _new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
-          served_name: str | None = None, api_key: str | None = None, max_tokens: int = 512, dtype: str = "auto",
-          engine: str = "auto", on_ready=None) -> None:
-    """Load a model on `engine` (see `engines.open_model`) and serve it until interrupted. `on_ready(server)`
-    runs once it listens."""
+          served_name: str | None = None, api_key: str | None = None, limits: Limits | None = None,
+          dtype: str = "auto", engine: str = "auto", on_ready=None) -> None:
+    """Load a model on `engine` (see `engines.open_model`) and serve it until SIGTERM or SIGINT (Ctrl-C), which
+    stop it within seconds. `on_ready(server)` runs once it listens."""
     from slmkit.engines import open_model
 
-    loaded = open_model(model, engine, dtype=dtype)
+    stop, loading = threading.Event(), [True]
+
+    def on_signal(*_):
+        stop.set()
+        if loading[0]:  # interrupt the load (the flag stays set if a C callback swallows the exception)
+            raise KeyboardInterrupt
+
+    # set here, not inherited: a shell that starts a job in the background makes it ignore SIGINT
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT) if main}
+    server = None
     try:
-        server = Server(loaded, host=host, port=port, max_batch=max_batch, served_name=served_name,
-                        api_key=api_key, max_tokens=max_tokens)
-    except OSError as e:
-        raise SlmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
-    if on_ready:
-        on_ready(server)
-    server.serve_forever()
+        loaded = open_model(model, engine, dtype=dtype)
+        try:
+            server = Server(loaded, host=host, port=port, max_batch=max_batch, served_name=served_name,
+                            api_key=api_key, limits=limits)
+        except OSError as e:
+            raise SlmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+        loading[0] = False
+        if stop.is_set():
+            raise KeyboardInterrupt
+        if not api_key and not _loopback(host):
+            server.log(f"warning: listening on {host} without an API key: anyone who reaches this port can use the "
+                       "model (set --api-key or SLMKIT_API_KEY)")
+        server.start()
+        if on_ready:
+            on_ready(server)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        if server is not None:
+            server.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

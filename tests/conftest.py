@@ -51,3 +51,22 @@ def tiny_seq2seq(tokenizer):
                       pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     model = T5ForConditionalGeneration(config).eval()
     return Loaded(model, tokenizer, "tiny-t5", None, "seq2seq")
+
+
+# What the test install brings. Under CI a missing one fails the run at once, instead of its tests being
+# skipped in silence (outside CI they skip, with their reason, so a partial install can still test the rest).
+REQUIRED_COMMANDS = ("bwrap", "gcc", "aarch64-linux-gnu-gcc")
+REQUIRED_MODULES = ("llama_cpp", "lm_eval", "bitsandbytes", "tensorboard", "openai", "onnxruntime")
+
+
+def pytest_sessionstart(session):
+    import importlib.util
+    import shutil
+
+    if not os.environ.get("CI"):
+        return
+    missing = [c for c in REQUIRED_COMMANDS if shutil.which(c) is None]
+    missing += [f"python module {m}" for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise pytest.UsageError(f"CI needs every tool the tests use; missing: {', '.join(missing)} "
+                                "(install as the README's second command does)")

@@ -14,10 +14,11 @@ import urllib.request
 
 import pytest
 
+from slmkit.batching import BatchEngine
 from slmkit.client import Endpoint, RemoteLM, open_lm
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams, generate
-from slmkit.serve import BatchEngine, Server
+from slmkit.serve import Server
 
 
 def run_engine(engine, jobs):
@@ -62,7 +63,7 @@ def test_continuous_batching_matches_one_at_a_time(tiny_causal):
 def test_complete_many_batches_continuously_in_prompt_order(tiny_causal):
     """The library path to the same engine: more prompts than rows, each answer in its prompt's place and
     equal to generating it alone; a bad prompt stops with its index."""
-    from slmkit.serve import complete_many
+    from slmkit.batching import complete_many
 
     prompts = ["def add(a, b):", "x", "The quick brown fox jumps over", "import torch"]
     params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (9, 3, 6, 12)]
@@ -249,8 +250,10 @@ def test_slm_serve_command(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "slmkit.cli", "serve", "--port", str(port), "--served-name",
                              "smol"], stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     try:
-        line = proc.stderr.readline()
-        assert f"serving smol at http://127.0.0.1:{port}/v1" in line, line
+        lines = [proc.stderr.readline()]  # the first run may export the model for llama.cpp first
+        while lines[-1] and "serving" not in lines[-1]:
+            lines.append(proc.stderr.readline())
+        assert f"serving smol at http://127.0.0.1:{port}/v1" in lines[-1], lines
         endpoint = Endpoint(f"http://127.0.0.1:{port}/v1", "smol")
         assert endpoint.models() == ["smol"]
         assert endpoint.chat([{"role": "user", "content": "What is the capital of France?"}],

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.data.records import check_messages, check_text, read_jsonl, read_text
 from slmkit.errors import SlmError
 
 
@@ -172,33 +173,14 @@ def record_text(row: dict, where: str) -> str:
     if "text" in row:
         value = row["text"]
     elif "prompt" in row and "completion" in row:
-        value = f"{row['prompt']}{row['completion']}"
+        value = check_text(row["prompt"], where, "prompt") + check_text(row["completion"], where, "completion")
     elif "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "content" in m for m in msgs):
-            raise SlmError(f"{where}: field \"messages\" must be a list of {{\"role\", \"content\"}} objects")
-        value = "\n".join(f"{m.get('role', 'user')}: {m['content']}" for m in msgs)
+        value = "\n".join(f"{m['role']}: {m['content']}" for m in check_messages(row["messages"], where))
     else:
         raise SlmError(f"{where}: expected a \"text\", \"prompt\"+\"completion\" or \"messages\" field")
     if not isinstance(value, str):
         raise SlmError(f"{where}: the text field must be a string, got {type(value).__name__}")
     return value
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """Yield (location, record) for each non-empty line; a bad line raises with file:line."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SlmError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise SlmError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
@@ -235,7 +217,7 @@ def documents(source: str) -> Iterator[str]:
             for where, row in read_jsonl(file):
                 yield record_text(row, where)
         elif file.suffix == ".txt":
-            yield file.read_text(encoding="utf-8", errors="replace")
+            yield read_text(file)
         else:
             raise SlmError(f"{file}: unsupported file type (use .txt or .jsonl)")
 

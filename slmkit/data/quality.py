@@ -55,7 +55,7 @@ class Embedder:
 
 
 def read_seed(path: Path) -> tuple[list[str], list[int]]:
-    from slmkit.data.corpora import read_jsonl
+    from slmkit.data.records import read_jsonl
 
     texts, labels = [], []
     for where, row in read_jsonl(Path(path)):

@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+from slmkit.data.records import read_jsonl, read_text
 from slmkit.errors import SlmError
 
 KINDS = {
@@ -26,7 +27,7 @@ AUDIENCES = ["a beginner", "a high-school student", "a university student", "a c
 def read_topics(topics: str) -> list[str]:
     """A file with one topic per line, or a comma-separated list."""
     path = Path(topics).expanduser()
-    items = path.read_text(encoding="utf-8").splitlines() if path.is_file() else topics.split(",")
+    items = read_text(path).splitlines() if path.is_file() else topics.split(",")
     items = [t.strip() for t in items if t.strip() and not t.strip().startswith("#")]
     if not items:
         raise SlmError(f"no topics in {topics!r}")
@@ -61,8 +62,7 @@ def synthesize(topics: str, out: Path, *, teacher: str | None = None, kinds: tup
     out = Path(out)
     done, texts = set(), []
     if out.is_file():
-        for line in out.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+        for _, row in read_jsonl(out):
             done.add((row["topic"], row["kind"], row["sample"]))
             texts.append(row["text"])
     jobs = [(t, k, i) for t in read_topics(topics) for k in kinds for i in range(per_topic)

@@ -591,7 +591,7 @@ def normalise(formula: str) -> str:
 
 
 def _read(path: Path, split: str | None = None) -> list[dict]:
-    from slmkit.data.corpora import read_jsonl
+    from slmkit.data.records import read_jsonl
 
     if not path.is_file():
         raise SlmError(f"{path} not found: run `slm flame data --out {path.parent}` first")

@@ -450,7 +450,7 @@ def vision_pretrain(data: Path = Path("data/llava"), image_size: int = 64, vocab
 def read_conversations(path: Path) -> list[dict]:
     """LLaVA-format rows ({"image", "conversations": [{"from": "human"|"gpt", "value"}]}), image paths made
     absolute (relative to the file's directory); errors name the file and line."""
-    from slmkit.data.corpora import read_jsonl
+    from slmkit.data.records import check_messages, read_jsonl
 
     path = Path(path)
     if not path.is_file():
@@ -468,6 +468,7 @@ def read_conversations(path: Path) -> list[dict]:
             messages = [{"role": roles[m["from"]], "content": m["value"]} for m in conv]
         except (KeyError, TypeError):
             raise SlmError(f'{where}: each turn needs "from" (human/gpt) and "value"') from None
+        messages = check_messages(messages, where)
         if sum(IMAGE_TOKEN in m["content"] for m in messages) != 1:
             raise SlmError(f"{where}: the conversation must hold exactly one {IMAGE_TOKEN} placeholder")
         rows.append({"image": str(image), "messages": messages})
@@ -630,7 +631,7 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
 
     from PIL import Image
 
-    from slmkit.data.corpora import read_jsonl
+    from slmkit.data.records import read_jsonl
     from slmkit.generate import format_prompt
     from slmkit.progress import Progress
 

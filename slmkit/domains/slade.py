@@ -800,7 +800,7 @@ def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, ba
     accuracy is reported beside it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from slmkit.data.corpora import read_jsonl
+    from slmkit.data.records import read_jsonl
     from slmkit.models import load
     from slmkit.sandbox import Limits, Sandbox
 

@@ -100,7 +100,7 @@ CLASSIFICATION = {"chatterbot-topics": chatterbot_topics,
 
 def load_records(source: str) -> list[list[dict] | tuple[str, str]]:
     """Chat conversations (lists of messages) or (prompt, completion) pairs from a packaged set or JSONL."""
-    from slmkit.data.corpora import read_jsonl
+    from slmkit.data.records import check_messages, check_text, read_jsonl
 
     if source in PACKAGED:
         return PACKAGED[source]()
@@ -110,15 +110,10 @@ def load_records(source: str) -> list[list[dict] | tuple[str, str]]:
     records = []
     for where, row in read_jsonl(path):
         if "messages" in row:
-            msgs = row["messages"]
-            if not isinstance(msgs, list) or not all(isinstance(m, dict) and {"role", "content"} <= m.keys()
-                                                     for m in msgs):
-                raise SlmError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
-            if not any(m["role"] == "assistant" for m in msgs):
-                raise SlmError(f"{where}: the conversation has no assistant turn to learn from")
-            records.append(msgs)
+            records.append(check_messages(row["messages"], where, need_assistant=True))
         elif "prompt" in row and "completion" in row:
-            records.append((str(row["prompt"]), str(row["completion"])))
+            records.append((check_text(row["prompt"], where, "prompt"), check_text(row["completion"], where,
+                                                                                   "completion")))
         else:
             raise SlmError(f"{where}: expected \"messages\" or \"prompt\" + \"completion\" fields")
     if not records:
@@ -260,7 +255,7 @@ class SFTData:
 
 def load_classification(source: str) -> list[dict]:
     """{"text", "label"} rows from a packaged set (chatterbot-topics) or a JSONL file."""
-    from slmkit.data.corpora import read_jsonl
+    from slmkit.data.records import read_jsonl
 
     if source in CLASSIFICATION:
         return CLASSIFICATION[source]()

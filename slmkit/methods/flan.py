@@ -21,7 +21,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmkit.data.corpora import read_jsonl, write_jsonl
+from slmkit.data.corpora import write_jsonl
+from slmkit.data.records import read_jsonl
 from slmkit.errors import SlmError
 
 PACKAGED_TASKS = Path(__file__).resolve().parents[1] / "data" / "flan" / "tasks.yaml"

@@ -181,7 +181,7 @@ def to_chatml(messages: list[dict], generation_prompt: bool = False) -> str:
 def chatml_records(data: Path, model: str | None, run_dir: Path) -> Path:
     """`data` as it is for chat models; for a model without a chat template, prompt/completion rows in
     ChatML text (the completion is the answer and its end marker)."""
-    from slmkit.data.corpora import read_jsonl
+    from slmkit.data.records import check_messages, read_jsonl
     from slmkit.generate import is_chat_model
     from slmkit.models import load
 
@@ -192,8 +192,8 @@ def chatml_records(data: Path, model: str | None, run_dir: Path) -> Path:
         return data
     rows = []
     for where, row in read_jsonl(data):
-        msgs = row.get("messages")
-        if not msgs or msgs[-1].get("role") != "assistant":
+        msgs = check_messages(row.get("messages"), where)
+        if msgs[-1]["role"] != "assistant":
             raise SlmError(f"{where}: an Orca record is a conversation ending with the assistant's answer")
         rows.append({"prompt": to_chatml(msgs[:-1], generation_prompt=True),
                      "completion": msgs[-1]["content"] + "<|im_end|>"})

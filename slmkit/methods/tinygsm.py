@@ -26,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmkit.data.corpora import read_jsonl, write_jsonl
+from slmkit.data.corpora import write_jsonl
+from slmkit.data.records import read_jsonl
 from slmkit.errors import SlmError
 from slmkit.methods.finetune import SFTData, completion_example
 
@@ -650,9 +651,9 @@ def solve(loaded, questions: list[str], sandbox, *, samples: int = 1, temperatur
     takes the next prompt at once); sample i is seeded with `seed + i`. `partial`: a file each finished
     program is appended to as it completes; a rerun with the same model and settings samples only the programs
     it lacks, so an interrupted sampling run resumes."""
+    from slmkit.batching import complete_many
     from slmkit.generate import SamplingParams
     from slmkit.progress import Progress
-    from slmkit.serve import complete_many
 
     prompts = [program_prompt(q) for q in questions for _ in range(samples)]
     params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=0.95, stop=STOP,

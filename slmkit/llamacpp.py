@@ -1,0 +1,186 @@
+"""llama.cpp as a batching engine: many sequences in one llama.cpp context, through llama-cpp-python's batch API.
+
+llama.cpp keeps the keys and values of every sequence in one KV cache (`kv_unified`): a cell belongs to the
+sequence ids it was decoded for. One `llama_decode` call takes tokens of different sequences at their own
+positions, so the rows of a continuous batch decode together, a finished sequence's cells are freed with
+`llama_memory_seq_rm`, and a prompt decoded once is shared by another sequence with `llama_memory_seq_cp`
+(best-of-N samples start from it without running it again).
+
+`Sequences` gives this the interface of `generate.CachedLM` (prefill, step, select, copy_rows, merge), so the one
+continuous-batching engine (`batching.py`) and the one decode loop (`generate.decode_tokens`) run llama.cpp exactly
+as they run torch: same sampling, same stop handling. llama.cpp only computes logits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+from slmkit.errors import SlmError
+
+KV_CELLS = 32_768  # KV cache positions shared by the sequences of continuous batching (~0.75 GB for SmolLM2-135M)
+N_BATCH = 512  # tokens per llama_decode call; longer prefills are split
+
+
+_LOG_CALLBACK = None  # kept referenced: llama.cpp calls it for as long as the process lives
+
+
+def quiet(lc) -> None:
+    """Keep llama.cpp's log lines (loading details, a note that the shared KV cache is longer than the training
+    context) out of the terminal; a failure is reported by the error raised here, not by its log."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is None:
+        _LOG_CALLBACK = lc.llama_log_callback(lambda level, text, user_data: None)
+        lc.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+class LlamaContext:
+    """A GGUF model and one context for up to `n_seq` sequences sharing `n_cells` KV cells."""
+
+    def __init__(self, gguf: Path, *, n_seq: int, n_cells: int, threads: int | None = None):
+        import llama_cpp as lc
+
+        quiet(lc)
+        self.lc = lc
+        lc.llama_backend_init()
+        mparams = lc.llama_model_default_params()
+        self.model = lc.llama_model_load_from_file(str(gguf).encode(), mparams)
+        if not self.model:
+            raise SlmError(f"llama.cpp cannot load {gguf}")
+        cparams = lc.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_cells, N_BATCH, N_BATCH
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = True
+        cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
+        cparams.no_perf = True
+        self.ctx = lc.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            lc.llama_model_free(self.model)
+            raise SlmError(f"llama.cpp cannot make a context of {n_cells} cells for {n_seq} sequences")
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
+        self.n_seq, self.n_cells = n_seq, lc.llama_n_ctx(self.ctx)
+        self.batch = lc.llama_batch_init(N_BATCH, 0, 1)
+        self.free = list(range(n_seq - 1, -1, -1))  # sequence ids not in use
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self.lc.llama_batch_free(self.batch)
+            self.lc.llama_free(self.ctx)
+            self.lc.llama_model_free(self.model)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit llama_cpp may already be torn down
+            pass
+
+    # sequence ids -----------------------------------------------------------------------------------------
+
+    def take(self) -> int:
+        if not self.free:
+            raise SlmError(f"llama.cpp context has no free sequence (all {self.n_seq} in use)")
+        return self.free.pop()
+
+    def release(self, seq: int) -> None:
+        if self.ctx:
+            self.lc.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            self.free.append(seq)
+
+    def copy(self, seq: int) -> int:
+        """A new sequence sharing every cell of `seq` (no keys or values are copied)."""
+        twin = self.take()
+        self.lc.llama_memory_seq_cp(self.memory, seq, twin, -1, -1)
+        return twin
+
+    # decoding ---------------------------------------------------------------------------------------------
+
+    def decode(self, rows: list[tuple[int, list[int], int]], keep: int = 1):
+        """Append tokens to sequences: `rows` is (seq, tokens, position of the first). Returns the logits after
+        each row's last `keep` tokens, a float32 tensor (rows, keep, vocab)."""
+        import numpy as np
+        import torch
+
+        lc, batch = self.lc, self.batch
+        if any(len(tokens) < keep for _, tokens, _ in rows):
+            raise SlmError(f"cannot keep {keep} positions' logits of a row with fewer tokens")
+        out = np.empty((len(rows) * keep, self.n_vocab), dtype=np.float32)
+        items = [(r * keep + k - (len(tokens) - keep), seq, token, pos + k, k >= len(tokens) - keep)
+                 for r, (seq, tokens, pos) in enumerate(rows) for k, token in enumerate(tokens)]
+        for start in range(0, len(items), N_BATCH):
+            chunk = items[start:start + N_BATCH]
+            batch.n_tokens = len(chunk)
+            wanted = []
+            for i, (slot, seq, token, pos, output) in enumerate(chunk):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = output
+                if output:
+                    wanted.append(slot)
+            status = lc.llama_decode(self.ctx, batch)
+            if status != 0:
+                raise SlmError(f"llama.cpp could not decode ({'no free KV cells' if status == 1 else status}): "
+                               f"{self.n_cells} cells shared by the running sequences")
+            if wanted:
+                logits = ctypes.cast(lc.llama_get_logits(self.ctx), ctypes.POINTER(ctypes.c_float))
+                out[wanted] = np.ctypeslib.as_array(logits, shape=(len(wanted), self.n_vocab))
+        return torch.from_numpy(out).view(len(rows), keep, self.n_vocab)
+
+
+class Sequences:
+    """`generate.CachedLM`'s interface over llama.cpp sequences: row i of the batch is sequence `seqs[i]`, which
+    holds `lengths[i]` tokens. Rows that leave (`select`) or a dropped `Sequences` free their sequences."""
+
+    def __init__(self, ctx: LlamaContext, input_ids, attention_mask):
+        self.ctx = ctx
+        self.prompts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask, strict=True)]
+        self.seqs: list[int] = []
+        self.lengths: list[int] = []
+
+    @property
+    def batch(self) -> int:
+        return len(self.seqs)
+
+    def prefill(self, input_ids=None, keep: int = 1):
+        """Decode the prompts given at construction (their padding dropped); the last `keep` positions' logits
+        (rows, keep, vocab)."""
+        for _ in self.prompts:
+            self.seqs.append(self.ctx.take())
+        self.lengths = [len(p) for p in self.prompts]
+        return self.ctx.decode(list(zip(self.seqs, self.prompts, [0] * len(self.seqs), strict=True)), keep)
+
+    def step(self, ids, keep: int | None = None):
+        """Append `ids` (rows, k) and return the last `keep` (default k) positions' logits (rows, keep, vocab)."""
+        rows = ids.tolist()
+        logits = self.ctx.decode(list(zip(self.seqs, rows, self.lengths, strict=True)), keep or ids.shape[1])
+        self.lengths = [n + len(r) for n, r in zip(self.lengths, rows, strict=True)]
+        return logits
+
+    def select(self, rows) -> None:
+        rows = [int(r) for r in rows]
+        for r in set(range(self.batch)) - set(rows):
+            self.ctx.release(self.seqs[r])
+        self.seqs, self.lengths = [self.seqs[r] for r in rows], [self.lengths[r] for r in rows]
+
+    def copy_rows(self, rows) -> Sequences:
+        twin = Sequences.__new__(Sequences)
+        twin.ctx, twin.prompts = self.ctx, []
+        twin.seqs = [self.ctx.copy(self.seqs[int(r)]) for r in rows]
+        twin.lengths = [self.lengths[int(r)] for r in rows]
+        return twin
+
+    def merge(self, other: Sequences) -> None:
+        """Append copies of `other`'s rows (it keeps its own, as `CachedLM.merge` leaves the other cache as it is)."""
+        copied = other.copy_rows(range(other.batch))
+        self.seqs, self.lengths = self.seqs + copied.seqs, self.lengths + copied.lengths
+        copied.seqs = []
+
+    def __del__(self):
+        try:
+            for seq in getattr(self, "seqs", []):
+                self.ctx.release(seq)
+        except Exception:  # noqa: BLE001 - at interpreter exit llama_cpp may already be torn down
+            pass
+        self.seqs = []
