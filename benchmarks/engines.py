@@ -4,7 +4,8 @@ of its dequantised weights, each beside the torch fp32 engine, measured in one r
     python benchmarks/engines.py [--tokens 8192]
 
 For each: perplexity on packaged text (python-docs, the same windows for all), the greedy answers to eight factual
-questions (does each carry the fact the torch engine's answer carries?), prefill tok/s on a ~400-token prompt,
+questions (does each carry the fact the torch engine's answer carries?), the largest next-token logit difference
+from torch fp32 and between a prompt decoded alone and in a batch of eight, prefill tok/s on a ~400-token prompt,
 decode tok/s at batch 1, and aggregate decode tok/s with 1 / 4 / 16 sequences decoding together (64 greedy steps).
 Writes benchmarks/results/engines.json. Goal (the default engine answers what the model answers): perplexity
 within 1% of torch fp32 and every fact the same.
@@ -24,7 +25,7 @@ import torch
 from slmkit.engines import LlamaCppEngine, open_llamacpp
 from slmkit.evaluate import perplexity
 from slmkit.export import to_gguf
-from slmkit.generate import SamplingParams, generate
+from slmkit.generate import SamplingParams, format_prompt, generate
 from slmkit.models import cache_dir, embedded_gguf, load
 
 # (question, the word its answer must hold): the torch engine answers every one with its word
@@ -40,6 +41,30 @@ def facts(loaded) -> list[dict]:
     out = generate(loaded, [q for q, _ in FACTS], SamplingParams(max_new_tokens=40))
     return [{"question": q, "fact": word, "answer": c.text, "holds": word in c.text}
             for (q, word), c in zip(FACTS, out, strict=True)]
+
+
+def last_logits(loaded, prompts: list[list[int]]):
+    """Next-token logits after each prompt (token ids), the prompts decoded together in one batch."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    if loaded.model is None:
+        loaded.engine.reserve(len(prompts), len(prompts) * width)
+        return loaded.engine.sequences(ids, mask).prefill(ids)[:, -1]
+    from slmkit.generate import CachedLM
+
+    return CachedLM(loaded.model, ids, mask).prefill(ids)[:, -1].float()
+
+
+def drift(loaded, reference) -> dict:
+    """Largest |logit difference| over the eight questions' next-token logits: against torch fp32 (`reference`),
+    and between each prompt decoded alone and decoded in a batch of eight (what else runs changes the answer?)."""
+    tok = loaded.tokenizer
+    prompts = [tok(format_prompt(tok, q), add_special_tokens=False).input_ids for q, _ in FACTS]
+    together = last_logits(loaded, prompts)
+    alone = torch.cat([last_logits(loaded, [p]) for p in prompts])
+    return {"max_logit_diff_vs_torch": round(float((alone - reference).abs().max()), 4),
+            "max_logit_diff_alone_vs_batch": round(float((alone - together).abs().max()), 4)}
 
 
 def median_time(fn, repeats: int = 3) -> float:
@@ -58,7 +83,7 @@ def speeds(loaded) -> dict:
     ones = torch.ones_like(ids)
     if loaded.model is None:
         engine: LlamaCppEngine = loaded.engine
-        engine.reserve(16)
+        engine.reserve(16, 16 * (ids.shape[1] + 80))
 
         def prefill():
             engine.sequences(ids, ones).prefill(ids)
@@ -104,13 +129,18 @@ def main():
         loaded = open_llamacpp(str(gguf), progress=False)
         arms[f"llama.cpp {quant} export"] = loaded
     results = {}
+    tok = torch_fp32.tokenizer
+    reference = torch.cat([last_logits(torch_fp32, [tok(format_prompt(tok, q), add_special_tokens=False).input_ids])
+                           for q, _ in FACTS])
     for name, loaded in arms.items():
         ppl = perplexity(loaded, "python-docs", tokens=args.tokens, seq_len=512, progress=False)
         answers = facts(loaded)
         results[name] = {"perplexity": round(ppl["perplexity"], 4), "facts_held": sum(a["holds"] for a in answers),
-                         "answers": answers, **speeds(loaded)}
+                         "answers": answers, **drift(loaded, reference), **speeds(loaded)}
         r = results[name]
-        print(f"{name:26s} ppl {r['perplexity']:8.4f}  facts {r['facts_held']}/8  prefill {r['prefill_tok_s']:6.1f}"
+        print(f"{name:26s} ppl {r['perplexity']:8.4f}  facts {r['facts_held']}/8  |dlogit| vs torch "
+              f"{r['max_logit_diff_vs_torch']} alone vs batch {r['max_logit_diff_alone_vs_batch']}  "
+              f"prefill {r['prefill_tok_s']:6.1f}"
               f"  decode 1/4/16: {r['decode_tok_s_1']}/{r['decode_tok_s_4']}/{r['decode_tok_s_16']} tok/s")
     reference = results["torch fp32"]["perplexity"]
     for r in results.values():

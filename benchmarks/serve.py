@@ -1,30 +1,33 @@
-"""Serving throughput of `slm serve` under concurrent streaming clients, over loopback.
+"""Serving under load: `slm serve` as users start it (a separate process), streaming clients over loopback.
 
-    python benchmarks/serve.py [--model NAME_OR_PATH] [--engine torch|llamacpp] [--clients 1 4 16] [--new-tokens 64]
+    python benchmarks/serve.py [--model NAME_OR_PATH] [--engine torch|llamacpp] [--clients 1 4 16 64]
+                               [--new-tokens 64] [--requests 2] [--max-batch 16]
 
-Starts slmkit's OpenAI-compatible server in this process, then for each concurrency level runs that many
-client threads with the real `openai` client; each client streams `--requests` chat completions one
-after another (EOS ignored so every request makes exactly `--new-tokens` tokens). Reports aggregate
-tokens/s, time to first token and failed requests per level, and the ratio to single-stream throughput
-(goal for the batching torch engine: >= 4x at 16 clients, zero failures; the llama.cpp engine serves requests
-one at a time, so its aggregate stays near its faster single stream). Writes benchmarks/results/serve[-ENGINE].json.
+For each concurrency level, that many client threads (the real `openai` client) each stream `--requests` chat
+completions one after another (EOS ignored, so every request makes exactly `--new-tokens` tokens). Per level:
+aggregate tokens/s, time to first token (p50, p99), failed requests with their first errors, and the ratio to
+single-stream throughput; for the run: the server process's peak resident memory (VmHWM) and the same after the
+load (VmRSS). Goals: zero failures at every level; at 16 clients, llama.cpp above the torch engine and median time
+to first token under 1 s; memory bounded at 64 clients (no more than at 16 plus the requests' KV).
+Writes benchmarks/results/serve[-ENGINE].json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-import torch
 from openai import OpenAI
-
-from slmkit.engines import open_model
-from slmkit.serve import Server
 
 TOPICS = ["lighthouses", "volcanoes", "bees", "the moon", "bread", "rivers", "chess", "owls", "glass", "trains",
           "maps", "salt", "clocks", "whales", "paper", "bridges"]
@@ -53,7 +56,7 @@ def run_level(client: OpenAI, name: str, clients: int, requests: int, new_tokens
                     ttfts.append(first)
             except Exception as e:  # noqa: BLE001 - counted as a failed request
                 with lock:
-                    failures.append(repr(e))
+                    failures.append(repr(e)[:200])
 
     threads = [threading.Thread(target=one_client, args=(c,)) for c in range(clients)]
     start = time.perf_counter()
@@ -62,48 +65,76 @@ def run_level(client: OpenAI, name: str, clients: int, requests: int, new_tokens
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - start
+    firsts = sorted(t for t in ttfts if t is not None)
     return {"clients": clients, "requests": clients * requests, "tokens": sum(tokens), "seconds": round(elapsed, 2),
             "tokens_per_s": round(sum(tokens) / elapsed, 1),
-            "median_ttft_s": round(statistics.median(t for t in ttfts if t is not None), 3) if ttfts else None,
+            "median_ttft_s": round(statistics.median(firsts), 3) if firsts else None,
+            "p99_ttft_s": round(firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))], 3) if firsts else None,
             "failed": len(failures), "errors": failures[:3]}
+
+
+def memory_kib(pid: int) -> dict:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key] = int(value.split()[0])
+    return fields
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--engine", default="torch", choices=["torch", "llamacpp"])
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     suffix = "" if args.engine == "torch" else f"-{args.engine}"
     args.out = args.out or Path(__file__).parent / "results" / f"serve{suffix}.json"
 
-    loaded = open_model(args.model, args.engine, progress=False)
-    server = Server(loaded, port=0, max_batch=max(args.clients)).start()
-    client = OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=600)
-    run_level(client, server.name, 1, 1, 8)  # warm-up
-    levels = []
-    for n in args.clients:
-        level = run_level(client, server.name, n, args.requests, args.new_tokens)
-        levels.append(level)
-        print(f"{n:3d} clients: {level['tokens_per_s']:7.1f} tok/s, median time to first token "
-              f"{level['median_ttft_s']} s, {level['failed']} failed")
-    server.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "slmkit.cli", "serve", "--engine", args.engine, "--port", str(port),
+               "--max-batch", str(args.max_batch), "--served-name", "bench"]
+    server = subprocess.Popen(command + (["--model", args.model] if args.model else []), stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "COLUMNS": "300"})
+    try:
+        while "serving" not in (line := server.stderr.readline()):
+            if not line:
+                raise SystemExit(f"slm serve did not start: {server.stderr.read()}")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0, timeout=600)
+        run_level(client, "bench", 1, 1, 8)  # warm-up
+        levels = []
+        for n in args.clients:
+            level = run_level(client, "bench", n, args.requests, args.new_tokens)
+            level["server_memory_kib"] = memory_kib(server.pid)
+            levels.append(level)
+            print(f"{n:3d} clients: {level['tokens_per_s']:7.1f} tok/s, time to first token p50 "
+                  f"{level['median_ttft_s']} s p99 {level['p99_ttft_s']} s, {level['failed']} failed, "
+                  f"server peak RSS {level['server_memory_kib']['VmHWM'] / 1024:.0f} MiB")
+        t0 = time.perf_counter()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        stop_s = round(time.perf_counter() - t0, 2)
+    finally:
+        server.kill()
     single = levels[0]["tokens_per_s"] if args.clients[0] == 1 else None
     for level in levels:
         level["vs_single_stream"] = round(level["tokens_per_s"] / single, 2) if single else None
-    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
-    dtype = str(loaded.model.dtype) if loaded.model is not None else loaded.path.name
-    result = {"model": server.name, "engine": args.engine, "dtype": dtype, "new_tokens": args.new_tokens,
-              "machine": machine, "levels": levels}
+    result = {"model": args.model or "smollm2-135m (embedded)", "engine": args.engine, "max_batch": args.max_batch,
+              "new_tokens": args.new_tokens, "requests_per_client": args.requests, "sigterm_stop_s": stop_s,
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+              "levels": levels}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if single:
         print("throughput vs single stream: " + ", ".join(f"{lv['clients']} clients {lv['vs_single_stream']}x"
                                                           for lv in levels))
-    print(f"wrote {args.out}")
+    print(f"SIGTERM stopped the server in {stop_s} s; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ cache), decodes one token for every running row, sends each row's text to its re
 the rows that finished or were cancelled. A request therefore never waits for another to end. The prefill of
 the last few distinct prompts is kept: another request with the same prompt (the N samples of best-of-N) starts
 from a copy of its cache instead of running the prompt again. (Encoder-decoder models batch the requests that
-arrive together and admit new ones when that group ends.) `SerialEngine` runs engines with their own token loop
-(vLLM, a vision model's `generate`) one request at a time through the same request handling.
+arrive together and admit new ones when that group ends.) `VllmBatchEngine` hands every request to vLLM's own
+scheduler; `SerialEngine` runs an engine with its own token loop (a vision model's `generate`) one request at a
+time through the same request handling.
 
 The HTTP server (`serve.py`) and offline sampling (`complete_many`: TinyGSM's best-of-N) both use it.
 """
@@ -140,6 +141,7 @@ class BatchEngine:
                     else:
                         lm.merge(fresh)
                         last, running = torch.cat([last, tokens]), running + admitted
+                    del fresh  # merged (copied): a llama.cpp cache frees its sequences as it goes
                 elif running:
                     logits = lm.step(last[:, None])[:, -1]
                     last = self._sample(logits, running)
@@ -261,8 +263,8 @@ class BatchEngine:
 
 
 class SerialEngine(BatchEngine):
-    """For engines with their own token loop (vLLM, a vision model's `generate`): requests run one at a time, in
-    arrival order, through the same request/stop-string/event handling as the batching engine."""
+    """For an engine with its own token loop (a vision model's `generate`): requests run one at a time, in arrival
+    order, through the same request/stop-string/event handling as the batching engine."""
 
     def _run(self) -> None:
         import torch
@@ -292,12 +294,63 @@ class SerialEngine(BatchEngine):
             self.stats["running"] = 0
 
 
+class VllmBatchEngine(BatchEngine):
+    """vLLM schedules and batches on the GPU itself: every request goes to its scheduler as it arrives, and each
+    step's new tokens go through the same stop-string and event handling as the other engines. A request that is
+    cancelled or stops on a stop string is aborted in vLLM."""
+
+    def _run(self) -> None:
+        import torch
+
+        engine = self.loaded.engine
+        live: dict[str, Request] = {}
+        sent: dict[str, int] = {}
+        while not self._stop.is_set():
+            try:
+                while True:
+                    req = self.waiting.get(timeout=0.05) if not live else self.waiting.get_nowait()
+                    if not req.cancelled:
+                        rid = engine.add(req.ids, req.params)
+                        live[rid], sent[rid] = req, 0
+                        self.stats["requests"] += 1
+            except queue.Empty:
+                pass
+            try:
+                for rid, tokens, done in engine.step() if live else []:
+                    req = live.get(rid)
+                    for token in tokens[sent.get(rid, 0):] if req is not None else []:
+                        self._deliver([req], torch.tensor([token]))
+                    sent[rid] = len(tokens)
+                    if req is not None and done and not req.finished:
+                        self._complete(req)  # vLLM ended it (EOS or its max_tokens)
+                    if req is not None and done:
+                        live.pop(rid), sent.pop(rid)
+                for rid in [rid for rid, req in live.items() if req.finished]:
+                    engine.abort(rid)
+                    live.pop(rid), sent.pop(rid)
+                self.stats["steps"] += 1
+                self.stats["running"] = len(live)
+                self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(live))
+            except Exception as e:  # a failed step ends the running requests with an error; the server goes on
+                for rid, req in live.items():
+                    req.events.put((req.index, "error", f"generation failed: {type(e).__name__}: {e}"))
+                    try:
+                        engine.abort(rid)
+                    except Exception:  # noqa: BLE001 - already gone
+                        pass
+                live.clear()
+                sent.clear()
+
+
 def engine_for(loaded, *, max_batch: int = 16, max_queue: int | None = None) -> BatchEngine:
     """The engine that batches this model's requests: `BatchEngine` over torch models and llama.cpp (whose engine
-    gives `sequences`, a cache over its own multi-sequence context), `SerialEngine` over engines with their own
-    token loop."""
-    batches = loaded.engine is None or hasattr(loaded.engine, "sequences")
-    return (BatchEngine if batches else SerialEngine)(loaded, max_batch=max_batch, max_queue=max_queue)
+    gives `sequences`, a cache over its own multi-sequence context), `VllmBatchEngine` over vLLM (its own
+    scheduler), `SerialEngine` over other engines with their own token loop (a vision model's `generate`)."""
+    if loaded.engine is None or hasattr(loaded.engine, "sequences"):
+        kind = BatchEngine
+    else:
+        kind = VllmBatchEngine if getattr(loaded.engine, "name", "") == "vllm" else SerialEngine
+    return kind(loaded, max_batch=max_batch, max_queue=max_queue)
 
 
 def complete_many(loaded, prompts: list[str], params: list[SamplingParams], *, max_batch: int = 16,

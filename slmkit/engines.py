@@ -23,9 +23,10 @@ from pathlib import Path
 from slmkit.errors import SlmError
 
 ENGINES = ("auto", "torch", "llamacpp", "vllm")
-# what a model directory (and a packaged model) is exported to for llama.cpp: f16 gives the model's own answers
-# (q8_0's 8-bit weights and activations moved logits by up to ~1.9 and made them depend on the batch; see
-# benchmarks/results/engines.json). A smaller file is one `slm export --quant` away, run with `-m FILE.gguf`.
+# what a model directory (and a packaged model) is exported to for llama.cpp: f16 keeps the model's logits (within
+# 0.05 of torch fp32, alone or batched), where the packaged Q4_1 file and a q8_0 export move them by more than 1 and
+# make them depend on the batch (benchmarks/results/engines.json, docs/serving.md). A smaller file is one
+# `slm export --quant` away, run with `-m FILE.gguf`.
 EXPORT_QUANT = "f16"
 
 
@@ -93,8 +94,8 @@ def llamacpp_files(source: str | None) -> tuple[Path, Path | None]:
     """(the GGUF llama.cpp runs for `source`, the HF directory it is exported from). A .gguf file the user names
     runs as it is (directory None). A model directory, and a packaged model, run as an EXPORT_QUANT export of their
     full-precision weights, made once into the cache: the embedded default ships as a 4-bit (Q4_1) GGUF whose
-    answers in llama.cpp are wrong where the model's are right ("La femme de France..." for the capital of
-    France), so its dequantised weights are exported again."""
+    logits in llama.cpp stray from the model's and change with the batch, so its dequantised weights are exported
+    again."""
     from slmkit import zoo
     from slmkit.models import convert_gguf, packaged_weights, resolve
 
@@ -295,6 +296,7 @@ class VisionEngine:
         import threading
 
         import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
 
         ids = input_ids[0][attention_mask[0].bool()].tolist()
@@ -327,7 +329,11 @@ class VisionEngine:
             sampling.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         if params.ignore_eos:
             sampling["min_new_tokens"] = params.max_new_tokens
-        errors = []
+        errors, stop = [], threading.Event()
+
+        class Stopped(StoppingCriteria):  # the caller stopped reading (a stop string, a client that left)
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
 
         def run():
             try:
@@ -336,16 +342,20 @@ class VisionEngine:
                 with torch.inference_mode():
                     self.model.generate(input_ids=torch.tensor([expanded]), attention_mask=torch.ones(1, len(expanded),
                                         dtype=torch.long), max_new_tokens=params.max_new_tokens, streamer=Stream(),
-                                        pad_token_id=self.pad, **sampling, **extra)
+                                        pad_token_id=self.pad, stopping_criteria=StoppingCriteriaList([Stopped()]),
+                                        **sampling, **extra)
             except Exception as e:  # reported in the caller's thread
                 errors.append(e)
                 tokens.put(None)
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        while (token := tokens.get()) is not None:
-            yield [token]
-        worker.join()
+        try:
+            while (token := tokens.get()) is not None:
+                yield [token]
+        finally:
+            stop.set()
+            worker.join()
         if errors:
             raise errors[0]
 
@@ -362,22 +372,29 @@ def vllm_sampling(params) -> dict:
 
 
 def open_vllm(source: str | None):
-    """A `Loaded` whose engine is vLLM (a CUDA GPU and `pip install 'slmkit[gpu]'`)."""
+    """A `Loaded` whose engine is vLLM (a CUDA GPU and `pip install 'slmkit[gpu]'`). Only the tokenizer and config
+    are read here; the weights go straight to vLLM."""
+    import transformers
+
     from slmkit.export import model_dir
-    from slmkit.models import Loaded, load_dir
+    from slmkit.models import Loaded, quiet_transformers, task_of
 
     if not installed("vllm"):
         raise SlmError("--engine vllm needs vLLM: pip install 'slmkit[gpu]' (CUDA GPUs)")
     if not cuda_available():
         raise SlmError("--engine vllm needs a CUDA GPU; use --engine llamacpp or torch on a CPU")
     path, name = model_dir(source)
-    tokenizer = load_dir(path, dtype="fp32").tokenizer  # the same tokenizer the torch path uses
-    return Loaded(None, tokenizer, name, path, "causal-lm", engine=VllmEngine(path))
+    quiet_transformers()
+    task = task_of(transformers.AutoConfig.from_pretrained(path))
+    if task not in ("causal-lm", "seq2seq"):
+        raise SlmError(f"{name} is a {task} model; vLLM serves text generators here")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)  # the same tokenizer the torch path uses
+    return Loaded(None, tokenizer, name, path, task, engine=VllmEngine(path))
 
 
 class VllmEngine:
-    """A model in vLLM. vLLM schedules its own batches; here each call generates one prompt's tokens and
-    hands them to slmkit's text tracker."""
+    """A model in vLLM. `generate` and `slm chat` stream one prompt's tokens as vLLM makes them; the server hands
+    all its requests to vLLM's own scheduler (`batching.VllmBatchEngine`), which batches them on the GPU."""
 
     name = "vllm"
 
@@ -387,12 +404,34 @@ class VllmEngine:
         self.llm = LLM(model=str(path), tokenizer=str(path))
         self.n_ctx = self.llm.llm_engine.model_config.max_model_len
         self.eos = set()
+        self._ids = iter(range(1 << 62))
 
-    def decode(self, model, input_ids, attention_mask, params, eos: set[int]) -> Iterator[list[int]]:
+    def add(self, ids: list[int], params) -> str:
+        """Queue one prompt (token ids) in vLLM's scheduler; returns its request id."""
         from vllm import SamplingParams, TokensPrompt
 
-        ids = input_ids[0][attention_mask[0].bool()].tolist()
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(**vllm_sampling(params)),
-                                use_tqdm=False)
-        for token in out[0].outputs[0].token_ids:
-            yield [token]
+        request_id = f"slmkit-{next(self._ids)}"
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=ids),
+                                        SamplingParams(**vllm_sampling(params)))
+        return request_id
+
+    def step(self) -> list[tuple[str, list[int], bool]]:
+        """One scheduler step over every queued request: (request id, all its tokens so far, finished)."""
+        return [(out.request_id, list(out.outputs[0].token_ids), out.finished) for out in self.llm.llm_engine.step()]
+
+    def abort(self, request_id: str) -> None:
+        self.llm.llm_engine.abort_request(request_id)
+
+    def decode(self, model, input_ids, attention_mask, params, eos: set[int]) -> Iterator[list[int]]:
+        """One prompt's tokens as vLLM makes them (the `generate.decode_tokens` interface for one row)."""
+        request_id = self.add(input_ids[0][attention_mask[0].bool()].tolist(), params)
+        sent, finished = 0, False
+        try:
+            while not finished:
+                for rid, tokens, done in self.step():
+                    if rid == request_id:
+                        yield from ([t] for t in tokens[sent:])
+                        sent, finished = len(tokens), done
+        finally:
+            if not finished:
+                self.abort(request_id)

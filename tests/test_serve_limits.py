@@ -170,7 +170,8 @@ def test_a_long_request_does_not_hold_up_short_ones(serving):
         for _ in range(3):
             status, _, body = post(srv, {"prompt": "Hi", "max_tokens": 5, "ignore_eos": True})
             assert status == 200 and body["usage"]["completion_tokens"] == 5
-        assert srv.engine.stats["running"] == 1  # the long one is still going
+        assert wait_for(lambda: srv.engine.stats["running"] == 1, timeout=5)  # the long one is still going
+        assert srv.engine.stats["tokens"] < LONG
     finally:
         long.close()
 
