@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from generate import timed  # benchmarks/generate.py: the median of repeats after a warm-up
 
 from slmkit.engines import LlamaCppEngine, open_llamacpp
 from slmkit.evaluate import perplexity
@@ -67,16 +66,6 @@ def drift(loaded, reference) -> dict:
             "max_logit_diff_alone_vs_batch": round(float((alone - together).abs().max()), 4)}
 
 
-def median_time(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def speeds(loaded) -> dict:
     """Prefill tok/s on LONG, decode tok/s at batch 1, aggregate decode tok/s for 1 / 4 / 16 sequences."""
     ids = loaded.tokenizer(LONG, add_special_tokens=False, return_tensors="pt").input_ids
@@ -106,10 +95,10 @@ def speeds(loaded) -> dict:
             for _ in range(steps):
                 logits = lm.step(logits[:, -1].argmax(-1)[:, None])
 
-    prefill_s = median_time(prefill)
+    prefill_s = timed(prefill, 3)
     result = {"prompt_tokens": ids.shape[1], "prefill_tok_s": round(ids.shape[1] / prefill_s, 1)}
     for rows in (1, 4, 16):
-        seconds = median_time(lambda rows=rows: decode(rows), repeats=2)
+        seconds = timed(lambda rows=rows: decode(rows), 2)
         result[f"decode_tok_s_{rows}"] = round(rows * 64 / seconds, 1)
     return result
 

@@ -88,6 +88,11 @@ def sampling_from(body: dict, limits: Limits) -> SamplingParams:
     top_p = _number(body, "top_p", 1.0, float, 0, 1)
     if top_p == 0:  # "only the likeliest token" is greedy decoding
         temperature, top_p = 0.0, 1.0
+    for flag in ("stream", "ignore_eos"):
+        if not isinstance(body.get(flag, False), bool):
+            raise ApiError(400, f"'{flag}' must be true or false", flag)
+    if not isinstance(body.get("stream_options") or {}, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     return SamplingParams(
         max_new_tokens=_number(body, name, min(limits.max_tokens, limits.max_tokens_cap), int, 1,
@@ -97,7 +102,7 @@ def sampling_from(body: dict, limits: Limits) -> SamplingParams:
         top_k=max(_number(body, "top_k", 0, int, -1, 1 << 30), 0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 100),
         seed=_number(body, "seed", None, int, -(1 << 62), 1 << 62),
-        ignore_eos=bool(body.get("ignore_eos", False)),
+        ignore_eos=body.get("ignore_eos", False),
         stop=stop,
     )
 

@@ -21,9 +21,8 @@ def tokenizer(smol):
     return smol.tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_causal(tokenizer):
-    """A 2-layer random Llama over the embedded tokenizer's vocabulary, fp32."""
+def tiny_llama(tokenizer, context: int = 128, name: str = "tiny-llama"):
+    """A 2-layer random Llama over the embedded tokenizer's vocabulary, fp32, with `context` positions."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -31,10 +30,41 @@ def tiny_causal(tokenizer):
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config).eval()
-    return Loaded(model, tokenizer, "tiny-llama", None, "causal-lm")
+    return Loaded(LlamaForCausalLM(config).eval(), tokenizer, name, None, "causal-lm")
+
+
+def at_once(work, n: int) -> tuple[dict, list]:
+    """Run work(i) for i < n in n threads at once: ({i: result}, [exceptions])."""
+    import threading
+
+    results, errors = {}, []
+
+    def one(i):
+        try:
+            results[i] = work(i)
+        except Exception as e:  # noqa: BLE001 - returned to the test, which asserts on it
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def saved(loaded, directory):
+    """A model and its tokenizer saved as a Hugging Face directory; returns the directory."""
+    loaded.model.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_causal(tokenizer):
+    return tiny_llama(tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ llama.cpp engine behind generate / chat / serve, engine choice, and the vLLM par
 import json
 
 import pytest
+from conftest import at_once, saved
 
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams, generate, stream
@@ -14,10 +15,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="the llama.cpp engine needs 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_causal):
     """The tiny random Llama saved as an HF directory with the embedded tokenizer and chat template."""
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_causal.model.save_pretrained(out)
-    tiny_causal.tokenizer.save_pretrained(out)
-    return out
+    return saved(tiny_causal, tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +119,6 @@ def test_auto_engine_choice(tiny_dir):
 
 def test_server_on_the_llamacpp_engine(llama_smol):
     """Concurrent requests decode together in one llama.cpp context, each answering as it would alone."""
-    import threading
-
     from openai import OpenAI
 
     from slmkit.batching import BatchEngine
@@ -138,19 +134,14 @@ def test_server_on_the_llamacpp_engine(llama_smol):
         prompts = [f"Count from {i} to {i + 20}:" for i in range(6)]
         alone = [generate(llama_smol, [p], SamplingParams(max_new_tokens=16, ignore_eos=True), chat=False)[0].text
                  for p in prompts]
-        texts = {}
 
         def one(i):
             chunks = client.completions.create(model=server.name, prompt=prompts[i], max_tokens=16, temperature=0,
                                                stream=True, extra_body={"ignore_eos": True})
-            texts[i] = "".join(c.choices[0].text for c in chunks if c.choices)
+            return "".join(c.choices[0].text for c in chunks if c.choices)
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert [texts[i] for i in range(6)] == alone
+        texts, errors = at_once(one, 6)
+        assert not errors and [texts[i] for i in range(6)] == alone
         assert server.engine.stats["max_batch_seen"] == 4  # the rows decoded together; two requests waited
     finally:
         server.close()

@@ -8,11 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
+from conftest import at_once
 
 from slmkit.batching import BatchEngine
 from slmkit.client import Endpoint, RemoteLM, open_lm
@@ -182,19 +182,8 @@ def test_openai_style_errors(client, server):
 
 def test_concurrent_clients_are_batched(client, server):
     before = server.engine.stats["max_batch_seen"]
-    results, errors = {}, []
-
-    def one(i):
-        try:
-            results[i] = ask(client, server, f"Write one sentence about the number {i}.", max_tokens=16)
-        except Exception as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = at_once(lambda i: ask(client, server, f"Write one sentence about the number {i}.",
+                                            max_tokens=16), 6)
     assert not errors and len(results) == 6
     assert all(r.choices[0].message.content for r in results.values())
     assert server.engine.stats["max_batch_seen"] >= max(before, 2)

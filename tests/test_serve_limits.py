@@ -10,10 +10,10 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+from conftest import at_once, saved, tiny_llama
 
 from slmkit.generate import SamplingParams, generate
 from slmkit.serve import Limits, Server
@@ -23,17 +23,8 @@ LONG = 4000  # tokens: seconds of work for the tiny model (within the default ma
 
 @pytest.fixture(scope="module")
 def long_tiny(tokenizer):
-    """A 2-layer random Llama with an 8K context, fp32."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from slmkit.models import Loaded
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    return Loaded(LlamaForCausalLM(config).eval(), tokenizer, "long-tiny", None, "causal-lm")
+    """The tiny random Llama with an 8K context."""
+    return tiny_llama(tokenizer, context=8192, name="long-tiny")
 
 
 @pytest.fixture
@@ -118,7 +109,8 @@ def test_oversize_and_malformed_requests_get_one_json_error_each(serving):
         assert status == 400 and words in body["error"]["message"], (raw[:20], body)
     bad = [({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": "x", "max_tokens": 101}, "max_tokens"),
            ({"prompt": "x", "n": 5}, "n"), ({"prompt": ["a", "b", "c"], "n": 2}, "prompt"),
-           ({"prompt": "x", "stop": "s" * 300}, "stop"), ({"prompt": "x", "seed": 10**30}, "seed")]
+           ({"prompt": "x", "stop": "s" * 300}, "stop"), ({"prompt": "x", "seed": 10**30}, "seed"),
+           ({"prompt": "x", "stream": "yes"}, "stream"), ({"prompt": "x", "stream_options": [1]}, "stream_options")]
     for request, param in bad:
         status, _, body = post(srv, request)
         assert status == 400 and body["error"]["param"] == param, (request, body)
@@ -214,22 +206,14 @@ def test_64_concurrent_streams_all_complete_with_bounded_memory(serving, long_ti
 
     srv = serving(max_batch=16)
     client = OpenAI(base_url=srv.url, api_key="-", max_retries=0, timeout=300)
-    texts, errors = {}, []
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def one(i):
-        try:
-            chunks = client.completions.create(model=srv.name, prompt=f"Request number {i}:", max_tokens=24,
-                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
-            texts[i] = "".join(c.choices[0].text for c in chunks if c.choices)
-        except Exception as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
+        chunks = client.completions.create(model=srv.name, prompt=f"Request number {i}:", max_tokens=24,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks if c.choices)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(64)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    texts, errors = at_once(one, 64)
     assert not errors and len(texts) == 64
     assert srv.engine.stats["max_batch_seen"] == 16
     for i in (0, 17, 63):  # batching with 15 others changed no greedy token
@@ -241,10 +225,7 @@ def test_64_concurrent_streams_all_complete_with_bounded_memory(serving, long_ti
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, long_tiny):
-    out = tmp_path_factory.mktemp("long-tiny") / "model"
-    long_tiny.model.save_pretrained(out)
-    long_tiny.tokenizer.save_pretrained(out)
-    return out
+    return saved(long_tiny, tmp_path_factory.mktemp("long-tiny") / "model")
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT"])
