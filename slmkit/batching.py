@@ -303,31 +303,31 @@ class VllmBatchEngine(BatchEngine):
         import torch
 
         engine = self.loaded.engine
-        live: dict[str, Request] = {}
-        sent: dict[str, int] = {}
+        live: dict[str, Request] = {}  # vLLM request id -> request; its tokens delivered so far: req.generated
         while not self._stop.is_set():
             try:
                 while True:
                     req = self.waiting.get(timeout=0.05) if not live else self.waiting.get_nowait()
                     if not req.cancelled:
                         rid = engine.add(req.ids, req.params)
-                        live[rid], sent[rid] = req, 0
+                        live[rid] = req
                         self.stats["requests"] += 1
             except queue.Empty:
                 pass
             try:
                 for rid, tokens, done in engine.step() if live else []:
                     req = live.get(rid)
-                    for token in tokens[sent.get(rid, 0):] if req is not None else []:
+                    if req is None:  # aborted since
+                        continue
+                    for token in tokens[req.generated:]:
                         self._deliver([req], torch.tensor([token]))
-                    sent[rid] = len(tokens)
-                    if req is not None and done and not req.finished:
-                        self._complete(req)  # vLLM ended it (EOS or its max_tokens)
-                    if req is not None and done:
-                        live.pop(rid), sent.pop(rid)
+                    if done:
+                        if not req.finished:
+                            self._complete(req)  # vLLM ended it (EOS or its max_tokens)
+                        del live[rid]
                 for rid in [rid for rid, req in live.items() if req.finished]:
                     engine.abort(rid)
-                    live.pop(rid), sent.pop(rid)
+                    del live[rid]
                 self.stats["steps"] += 1
                 self.stats["running"] = len(live)
                 self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(live))
@@ -339,7 +339,6 @@ class VllmBatchEngine(BatchEngine):
                     except Exception:  # noqa: BLE001 - already gone
                         pass
                 live.clear()
-                sent.clear()
 
 
 def engine_for(loaded, *, max_batch: int = 16, max_queue: int | None = None) -> BatchEngine:

@@ -66,53 +66,56 @@ def open_model(source: str | None, engine: str = "auto", *, dtype: str = "auto",
 
 
 def pick_engine(source: str | None) -> str:
-    from slmkit import zoo
-    from slmkit.models import resolve
-
     if installed("vllm") and cuda_available():
         return "vllm"
     if not installed("llama_cpp"):
         return "torch"
     try:
-        kind, path = resolve(source)
+        kind, path, _ = llamacpp_source(source)
     except SlmError:
-        return "torch"  # let the torch loader report what is wrong with the source
-    if kind == "gguf":
-        return "llamacpp"
-    if kind == "zoo":
-        spec = zoo.get(source or zoo.DEFAULT_MODEL)
-        return "llamacpp" if spec.package is not None and spec.task == "causal-lm" else "torch"
-    if kind == "dir" and _export_path(path).is_file():
-        return "llamacpp"
-    return "torch"
+        return "torch"  # not for llama.cpp; the torch loader reports anything wrong with the source
+    return "llamacpp" if kind != "dir" or _export_path(path).is_file() else "torch"
 
 
 # --- llama.cpp -----------------------------------------------------------------------------------------
 
 
-def llamacpp_files(source: str | None) -> tuple[Path, Path | None]:
-    """(the GGUF llama.cpp runs for `source`, the HF directory it is exported from). A .gguf file the user names
-    runs as it is (directory None). A model directory, and a packaged model, run as an EXPORT_QUANT export of their
-    full-precision weights, made once into the cache: the embedded default ships as a 4-bit (Q4_1) GGUF whose
-    logits in llama.cpp stray from the model's and change with the batch, so its dequantised weights are exported
-    again."""
+def llamacpp_source(source: str | None):
+    """What llama.cpp can run of `source`, checked without reading weights: (kind, path, name) with kind "gguf"
+    (a .gguf file), "zoo" (a packaged causal LM; path None) or "dir" (a model directory); else a SlmError."""
     from slmkit import zoo
-    from slmkit.models import convert_gguf, packaged_weights, resolve
+    from slmkit.models import resolve
 
     kind, path = resolve(source)
-    if kind == "gguf":
-        return path, None
     if kind == "zoo":
         spec = zoo.get(source or zoo.DEFAULT_MODEL)
         if spec.package is None:
             raise SlmError(f"{spec.name} is a random-initialised spec; llama.cpp runs trained checkpoints")
         if spec.task != "causal-lm":
             raise SlmError(f"{spec.name} is a {spec.task} model; llama.cpp runs causal LMs here")
-        weights = packaged_weights(spec)
-        path = convert_gguf(weights) if weights.suffix == ".gguf" else weights
-    elif kind != "dir":
+        return kind, None, spec.name
+    if kind not in ("gguf", "dir"):
         raise SlmError(f"{source}: llama.cpp runs a .gguf file or a local model directory")
-    return _export_path(path), path
+    return kind, path, source
+
+
+def llamacpp_files(source: str | None) -> tuple[Path, Path | None, str]:
+    """(the GGUF llama.cpp runs for `source`, the HF directory it is exported from, the model's name). A .gguf file
+    the user names
+    runs as it is (directory None). A model directory, and a packaged model, run as an EXPORT_QUANT export of their
+    full-precision weights, made once into the cache: the embedded default ships as a 4-bit (Q4_1) GGUF whose
+    logits in llama.cpp stray from the model's and change with the batch, so its dequantised weights are exported
+    again."""
+    from slmkit import zoo
+    from slmkit.models import convert_gguf, packaged_weights
+
+    kind, path, name = llamacpp_source(source)
+    if kind == "gguf":
+        return path, None, name
+    if kind == "zoo":
+        weights = packaged_weights(zoo.get(name))
+        path = convert_gguf(weights) if weights.suffix == ".gguf" else weights
+    return _export_path(path), path, name
 
 
 def _export_path(directory: Path) -> Path:
@@ -149,12 +152,11 @@ def open_llamacpp(source: str | None, *, n_ctx: int | None = None, threads: int 
     """A `Loaded` whose engine is llama.cpp (`llamacpp_files` says which GGUF; an export is made once)."""
     import transformers
 
-    from slmkit import zoo
     from slmkit.export import require_llama_cpp, to_gguf
-    from slmkit.models import Loaded, quiet_transformers, resolve
+    from slmkit.models import Loaded, quiet_transformers
 
     require_llama_cpp("--engine llamacpp")
-    gguf, directory = llamacpp_files(source)
+    gguf, directory, name = llamacpp_files(source)
     if directory is None:
         tokenizer = gguf_tokenizer(gguf)
     else:
@@ -165,7 +167,6 @@ def open_llamacpp(source: str | None, *, n_ctx: int | None = None, threads: int 
             to_gguf(str(directory), gguf, EXPORT_QUANT, progress=progress)
         quiet_transformers()
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    name = zoo.get(source or zoo.DEFAULT_MODEL).name if resolve(source)[0] == "zoo" else source
     try:
         engine = LlamaCppEngine(gguf, n_ctx=n_ctx, threads=threads)
     except SlmError as e:
