@@ -40,7 +40,7 @@ def engines_table() -> str:
 
 def limits_table() -> str:
     sys.path.insert(0, str(ROOT))
-    from slmkit.serve import Limits
+    from slmkit.api import Limits
 
     beyond = {"max_tokens": "tokens generated when a request gives no `max_tokens`",
               "max_tokens_cap": "400 naming `max_tokens`; also capped to the model's context",

@@ -20,12 +20,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from slmkit.api import Limits as ServeLimits
 from slmkit.domains.llava_phi import CLIP_TRAIN
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
 from slmkit.methods.finetune import FinetuneArgs
 from slmkit.methods.ul2r import DEFAULT_DENOISERS
-from slmkit.serve import Limits as ServeLimits
 from slmkit.train import TrainArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",

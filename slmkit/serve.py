@@ -5,7 +5,7 @@ Requests are generated together by the continuous-batching engine (`batching.py`
 library's threading server: a handler thread per connection parses the request, submits it to the engine and
 relays the engine's events. No web framework is needed.
 
-It is a public surface, so every limit a client could push on is set in `Limits` (each a `slm serve` flag): the
+It is a public surface, so every limit a client could push on is set in `api.Limits` (each a `slm serve` flag): the
 body is refused by its declared size before it is read, a request's tokens and prompts are capped, the queue is
 bounded (429 with Retry-After when full), every request has a wall-time; the work of a client that goes away
 stops, streaming or not; any failure is answered as an OpenAI-shaped JSON error; SIGTERM and SIGINT stop the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
-import math
 import queue
 import select
 import signal
@@ -25,107 +24,18 @@ import socket
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from slmkit.api import Limits, image_part, new_id, number, sampling_from, usage
 from slmkit.batching import engine_for
 from slmkit.data.records import RecordError, check_messages
-from slmkit.engines import IMAGE_TOKEN, read_image
 from slmkit.errors import ApiError, SlmError
-from slmkit.generate import Completion, SamplingParams, format_prompt, is_chat_model, takes_images
-
-
-@dataclass
-class Limits:
-    """What one client may ask of the server."""
-
-    max_tokens: int = field(default=512, metadata={"help": "Tokens generated when a request gives no max_tokens."})
-    max_tokens_cap: int = field(default=4096, metadata={"help": "Most tokens a request may ask for (also capped "
-                                                                "to the model's context)."})
-    max_body_bytes: int = field(default=8 << 20, metadata={"help": "Largest request body (413 beyond it, before "
-                                                                   "reading it); images travel inside it."})
-    max_prompts: int = field(default=16, metadata={"help": "Most completions per request (prompts x n)."})
-    max_queue: int = field(default=256, metadata={"help": "Requests waiting for a batch row; more get 429 with "
-                                                          "Retry-After."})
-    timeout: float = field(default=600.0, metadata={"help": "Wall-time per request in seconds (504 after it)."})
-    max_connections: int = field(default=512, metadata={"help": "Open connections; more get 503."})
-    read_timeout: float = field(default=60.0, metadata={"help": "Seconds a client may stay silent while sending "
-                                                                "a request before it is dropped."})
+from slmkit.generate import Completion, format_prompt, is_chat_model, takes_images
 
 
 class ClientGone(Exception):
     """The client closed its connection: its requests are cancelled and nothing is sent."""
-
-
-# --- requests ------------------------------------------------------------------------------------------
-
-
-def _number(body: dict, name: str, default, kind=float, low=None, high=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}", name)
-    if (low is not None and value < low) or (high is not None and value > high) or not math.isfinite(value):
-        raise ApiError(400, f"'{name}' must be between {low} and {high} (got {value})", name)
-    return kind(value)
-
-
-def sampling_from(body: dict, limits: Limits) -> SamplingParams:
-    """OpenAI request fields (plus vLLM's top_k, repetition_penalty, ignore_eos) -> SamplingParams."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name):
-            raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty'", name)
-    if body.get("logprobs"):
-        raise ApiError(400, "'logprobs' is not supported by this server", "logprobs")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and 0 < len(s) <= 256 for s in stop) or len(stop) > 4:
-        raise ApiError(400, "'stop' must be a string or a list of up to 4 non-empty strings of up to 256 "
-                            "characters", "stop")
-    temperature = _number(body, "temperature", 1.0, float, 0, 2)
-    top_p = _number(body, "top_p", 1.0, float, 0, 1)
-    if top_p == 0:  # "only the likeliest token" is greedy decoding
-        temperature, top_p = 0.0, 1.0
-    for flag in ("stream", "ignore_eos"):
-        if not isinstance(body.get(flag, False), bool):
-            raise ApiError(400, f"'{flag}' must be true or false", flag)
-    if not isinstance(body.get("stream_options") or {}, dict):
-        raise ApiError(400, "'stream_options' must be an object", "stream_options")
-    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return SamplingParams(
-        max_new_tokens=_number(body, name, min(limits.max_tokens, limits.max_tokens_cap), int, 1,
-                               limits.max_tokens_cap),
-        temperature=temperature,
-        top_p=top_p,
-        top_k=max(_number(body, "top_k", 0, int, -1, 1 << 30), 0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 100),
-        seed=_number(body, "seed", None, int, -(1 << 62), 1 << 62),
-        ignore_eos=body.get("ignore_eos", False),
-        stop=stop,
-    )
-
-
-def _image_part(images: list | None):
-    """A `records.check_message` hook: an image_url content part (a base64 data URL) becomes IMAGE_TOKEN in the
-    text and its picture is appended to `images` (None: the model takes no images)."""
-
-    def convert(part: dict, where: str) -> str:
-        if part.get("type") != "image_url":
-            raise RecordError(where, "a content part must be text or image_url", where)
-        if images is None:
-            raise RecordError(where, "this model does not take images", where)
-        url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
-        if not isinstance(url, str):
-            raise RecordError(where, "an image_url part needs {\"url\": \"data:image/png;base64,...\"}", where)
-        try:
-            images.append(read_image(url))
-        except SlmError as e:
-            raise RecordError(where, str(e), where) from e
-        return IMAGE_TOKEN + "\n"
-
-    return convert
 
 
 class Server:
@@ -200,7 +110,7 @@ class Server:
         if chat:
             images = [] if takes_images(self.loaded) else None
             try:
-                messages = check_messages(body.get("messages"), "messages", parts=_image_part(images))
+                messages = check_messages(body.get("messages"), "messages", parts=image_part(images))
             except RecordError as e:
                 raise ApiError(400, str(e), e.field) from e
             if not is_chat_model(tok):
@@ -220,7 +130,7 @@ class Server:
 
     def start_request(self, body: dict, chat: bool):
         self.check_model(body)
-        n = _number(body, "n", 1, int, 1, self.limits.max_prompts)
+        n = number(body, "n", 1, int, 1, self.limits.max_prompts)
         params = sampling_from(body, self.limits)
         prompts = self.prompts(body, chat)
         if len(prompts) * n > self.limits.max_prompts:
@@ -451,9 +361,9 @@ def _handler_for(server: Server):
                 choice = {"index": i, "finish_reason": c.finish_reason, "logprobs": None}
                 choice.update({"message": {"role": "assistant", "content": c.text}} if chat else {"text": c.text})
                 choices.append(choice)
-            self.send_json(200, {"id": _new_id(chat), "object": "chat.completion" if chat else "text_completion",
+            self.send_json(200, {"id": new_id(chat), "object": "chat.completion" if chat else "text_completion",
                                  "created": int(time.time()), "model": server.name, "choices": choices,
-                                 "usage": _usage(done, chat)})
+                                 "usage": usage(done, chat)})
 
         def stream(self, reqs, events, chat: bool, body: dict) -> None:
             self.send_response(200)
@@ -462,7 +372,7 @@ def _handler_for(server: Server):
             self.send_header("Connection", "close")  # the stream ends when the connection closes
             self.end_headers()
             self.close_connection = self.streaming = True
-            head = {"id": _new_id(chat), "object": "chat.completion.chunk" if chat else "text_completion",
+            head = {"id": new_id(chat), "object": "chat.completion.chunk" if chat else "text_completion",
                     "created": int(time.time()), "model": server.name}
 
             def send(choices, **extra):
@@ -487,24 +397,11 @@ def _handler_for(server: Server):
                     done[index] = payload
                     send([choice(index, "", payload.finish_reason)])
             if (body.get("stream_options") or {}).get("include_usage"):
-                send([], usage=_usage(done, chat))
+                send([], usage=usage(done, chat))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
 
     return Handler
-
-
-def _usage(done: dict[int, Completion], chat: bool) -> dict:
-    """OpenAI's usage block: a chat request has one prompt (its n choices share it), a completions request
-    may have several."""
-    prompt_tokens = done[0].prompt_tokens if chat else sum(c.prompt_tokens for c in done.values())
-    completion_tokens = sum(c.completion_tokens for c in done.values())
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _new_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
 
 
 def _loopback(host: str) -> bool:

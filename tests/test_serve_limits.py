@@ -15,8 +15,9 @@ import time
 import pytest
 from conftest import at_once, saved, tiny_llama
 
+from slmkit.api import Limits
 from slmkit.generate import SamplingParams, generate
-from slmkit.serve import Limits, Server
+from slmkit.serve import Server
 
 LONG = 4000  # tokens: seconds of work for the tiny model (within the default max_tokens cap)
 
