@@ -1,14 +1,18 @@
 """Serving under load: `slm serve` as users start it (a separate process), streaming clients over loopback.
 
     python benchmarks/serve.py [--model NAME_OR_PATH] [--engine torch|llamacpp] [--clients 1 4 16 64]
-                               [--new-tokens 64] [--requests 2] [--max-batch 16]
+                               [--new-tokens 64] [--requests 2] [--max-batch 16] [--repeat 3]
+                               [--server-path CHECKOUT --out FILE]
 
 For each concurrency level, that many client threads (the real `openai` client) each stream `--requests` chat
-completions one after another (EOS ignored, so every request makes exactly `--new-tokens` tokens). Per level:
-aggregate tokens/s, time to first token (p50, p99), failed requests with their first errors, and the ratio to
-single-stream throughput; for the run: the server process's peak resident memory (VmHWM) and the same after the
-load (VmRSS). Goals: zero failures at every level; at 16 clients, llama.cpp above the torch engine and median time
-to first token under 1 s; memory bounded at 64 clients (no more than at 16 plus the requests' KV).
+completions one after another (EOS ignored, so every request makes exactly `--new-tokens` tokens); the level runs
+`--repeat` times (this machine's speed drifts by ~10% from minute to minute). Per level: aggregate tokens/s
+(median and every run), time to first token (p50, p99 over all runs), failed requests with their first errors,
+and the ratio to single-stream throughput; for the run: the server process's peak resident memory (VmHWM) and the
+same after the load (VmRSS). `--server-path` runs `slm serve` from another checkout of slmkit (an earlier commit,
+`git worktree add`), so an earlier engine is measured by the same client in the same session.
+Goals: zero failures at every level; at 16 clients, llama.cpp above the torch engine and median time to first
+token under 1 s; memory bounded at 64 clients (no more than at 16 plus the requests' KV).
 Writes benchmarks/results/serve[-ENGINE].json.
 """
 
@@ -33,7 +37,19 @@ TOPICS = ["lighthouses", "volcanoes", "bees", "the moon", "bread", "rivers", "ch
           "maps", "salt", "clocks", "whales", "paper", "bridges"]
 
 
-def run_level(client: OpenAI, name: str, clients: int, requests: int, new_tokens: int) -> dict:
+def run_level(client: OpenAI, name: str, clients: int, requests: int, new_tokens: int, repeat: int = 1) -> dict:
+    runs = [run_once(client, name, clients, requests, new_tokens) for _ in range(repeat)]
+    firsts = sorted(t for run in runs for t in run["ttfts"] if t is not None)
+    failures = [e for run in runs for e in run["failures"]]
+    rates = [round(run["tokens"] / run["seconds"], 1) for run in runs]
+    return {"clients": clients, "requests": clients * requests, "tokens": runs[0]["tokens"], "repeats": repeat,
+            "tokens_per_s": round(statistics.median(rates), 1), "tokens_per_s_runs": rates,
+            "median_ttft_s": round(statistics.median(firsts), 3) if firsts else None,
+            "p99_ttft_s": round(firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))], 3) if firsts else None,
+            "failed": len(failures), "errors": failures[:3]}
+
+
+def run_once(client: OpenAI, name: str, clients: int, requests: int, new_tokens: int) -> dict:
     tokens, ttfts, failures = [0] * clients, [], []
     lock = threading.Lock()
 
@@ -64,13 +80,7 @@ def run_level(client: OpenAI, name: str, clients: int, requests: int, new_tokens
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
-    firsts = sorted(t for t in ttfts if t is not None)
-    return {"clients": clients, "requests": clients * requests, "tokens": sum(tokens), "seconds": round(elapsed, 2),
-            "tokens_per_s": round(sum(tokens) / elapsed, 1),
-            "median_ttft_s": round(statistics.median(firsts), 3) if firsts else None,
-            "p99_ttft_s": round(firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))], 3) if firsts else None,
-            "failed": len(failures), "errors": failures[:3]}
+    return {"tokens": sum(tokens), "seconds": time.perf_counter() - start, "ttfts": ttfts, "failures": failures}
 
 
 def memory_kib(pid: int) -> dict:
@@ -90,8 +100,12 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each level (tokens/s: their median)")
+    ap.add_argument("--server-path", type=Path, default=None, help="run slm serve from this slmkit checkout")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    if args.server_path and not args.out:
+        ap.error("--server-path needs --out (the result is not this checkout's engine)")
     suffix = "" if args.engine == "torch" else f"-{args.engine}"
     args.out = args.out or Path(__file__).parent / "results" / f"serve{suffix}.json"
 
@@ -100,8 +114,11 @@ def main():
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "slmkit.cli", "serve", "--engine", args.engine, "--port", str(port),
                "--max-batch", str(args.max_batch), "--served-name", "bench"]
+    env = {**os.environ, "COLUMNS": "300"}
+    if args.server_path:
+        env["PYTHONPATH"] = str(args.server_path.resolve())
     server = subprocess.Popen(command + (["--model", args.model] if args.model else []), stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "COLUMNS": "300"})
+                              text=True, env=env, cwd=args.server_path or None)
     try:
         while "serving" not in (line := server.stderr.readline()):
             if not line:
@@ -110,10 +127,10 @@ def main():
         run_level(client, "bench", 1, 1, 8)  # warm-up
         levels = []
         for n in args.clients:
-            level = run_level(client, "bench", n, args.requests, args.new_tokens)
+            level = run_level(client, "bench", n, args.requests, args.new_tokens, args.repeat)
             level["server_memory_kib"] = memory_kib(server.pid)
             levels.append(level)
-            print(f"{n:3d} clients: {level['tokens_per_s']:7.1f} tok/s, time to first token p50 "
+            print(f"{n:3d} clients: {level['tokens_per_s']:7.1f} tok/s {level['tokens_per_s_runs']}, first token p50 "
                   f"{level['median_ttft_s']} s p99 {level['p99_ttft_s']} s, {level['failed']} failed, "
                   f"server peak RSS {level['server_memory_kib']['VmHWM'] / 1024:.0f} MiB")
         t0 = time.perf_counter()
@@ -125,7 +142,10 @@ def main():
     single = levels[0]["tokens_per_s"] if args.clients[0] == 1 else None
     for level in levels:
         level["vs_single_stream"] = round(level["tokens_per_s"] / single, 2) if single else None
+    commit = subprocess.run(["git", "-C", str(args.server_path or Path(__file__).parent), "rev-parse", "--short",
+                             "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {"model": args.model or "smollm2-135m (embedded)", "engine": args.engine, "max_batch": args.max_batch,
+              "server_commit": commit, "repeats": args.repeat,
               "new_tokens": args.new_tokens, "requests_per_client": args.requests, "sigterm_stop_s": stop_s,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
               "levels": levels}

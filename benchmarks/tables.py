@@ -59,32 +59,37 @@ def limits_table() -> str:
 def load_table() -> str:
     runs = [("torch (`--dtype auto`)", "serve.json"), ("llama.cpp, continuous batching", "serve-llamacpp.json"),
             ("llama.cpp before (one request at a time)", "serve-llamacpp-serial.json")]
+    found = {file: json.loads((RESULTS / file).read_text()) for _, file in runs if (RESULTS / file).is_file()}
+    repeats = {data.get("repeats", 1) for data in found.values()}
     lines = ["`python benchmarks/serve.py --engine E` (a real `slm serve` process, the openai client streaming over "
-             "loopback, 64 tokens per request, 2 requests per client, max batch 16), all in one session:", "",
+             "loopback, 64 tokens per request, 2 requests per client, max batch 16), all in one session; tok/s is "
+             f"the median of {'/'.join(map(str, sorted(repeats)))} runs of each level (all runs in brackets). The "
+             "engine before this change ran from its own checkout (`--server-path`, commit in the JSON).", "",
              "| engine | clients | tok/s | vs 1 client | first token p50 / p99 (s) | failed | server peak RSS |",
              "|---|---|---|---|---|---|---|"]
     for name, file in runs:
-        path = RESULTS / file
-        if not path.is_file():
+        if file not in found:
             continue
-        data = json.loads(path.read_text())
+        data = found[file]
         for lv in data["levels"]:
             memory = lv.get("server_memory_kib", {}).get("VmHWM")
-            lines.append(f"| {name} | {lv['clients']} | {lv['tokens_per_s']} | {lv.get('vs_single_stream')}× | "
+            runs_ = lv.get("tokens_per_s_runs", [])
+            every = f" [{', '.join(map(str, runs_))}]" if len(runs_) > 1 else ""
+            lines.append(f"| {name} | {lv['clients']} | {lv['tokens_per_s']}{every} | {lv.get('vs_single_stream')}× | "
                          f"{lv['median_ttft_s']} / {lv.get('p99_ttft_s', '–')} | {lv['failed']} | "
                          f"{f'{memory / 1024:.0f} MiB' if memory else '–'} |")
         if data.get("sigterm_stop_s") is not None:
             lines.append(f"| {name}: SIGTERM after the load | | | | stopped in {data['sigterm_stop_s']} s | | |")
-    at16 = {}
-    for _, file in runs:
-        if (RESULTS / file).is_file():
-            levels = json.loads((RESULTS / file).read_text())["levels"]
-            at16[file] = next((lv["tokens_per_s"] for lv in levels if lv["clients"] == 16), None)
+    at16 = {file: next((lv for lv in data["levels"] if lv["clients"] == 16), None) for file, data in found.items()}
     if all(at16.get(f) for f in ("serve.json", "serve-llamacpp.json", "serve-llamacpp-serial.json")):
-        new, serial, torch = at16["serve-llamacpp.json"], at16["serve-llamacpp-serial.json"], at16["serve.json"]
-        lines += ["", f"At 16 clients, llama.cpp with continuous batching gives **{new / serial:.2f}×** the aggregate "
-                  f"tokens/s of llama.cpp one request at a time and **{new / torch:.2f}×** the torch engine's, in the "
-                  "same session."]
+        new, serial, torch = (at16[f] for f in ("serve-llamacpp.json", "serve-llamacpp-serial.json", "serve.json"))
+        worst = min(new.get("tokens_per_s_runs", [new["tokens_per_s"]])) / max(
+            serial.get("tokens_per_s_runs", [serial["tokens_per_s"]]))
+        ratio = new["tokens_per_s"] / serial["tokens_per_s"]
+        lines += ["", f"At 16 clients, llama.cpp with continuous batching gives **{ratio:.2f}×** "
+                  f"the aggregate tokens/s of llama.cpp one request at a time (its slowest run against the other's "
+                  f"fastest: {worst:.2f}×) and **{new['tokens_per_s'] / torch['tokens_per_s']:.2f}×** the torch "
+                  "engine's, in the same session."]
     return "\n".join(lines)
 
 

@@ -135,7 +135,12 @@ class BatchEngine:
             try:
                 admitted = self._admit(running, allow=lm is None or not self.encoder_decoder)
                 if admitted:
-                    fresh, tokens = self._prefill(admitted)
+                    # llama.cpp decodes the joining prompts in the running rows' next step (one call for both)
+                    beside = (lm, last) if running and hasattr(lm, "step_joining") else None
+                    fresh, tokens, logits = self._prefill(admitted, beside)
+                    if logits is not None:
+                        last = self._sample(logits, running)
+                        self._deliver(running, last)
                     if lm is None:
                         lm, last, running = fresh, tokens, admitted
                     else:
@@ -177,19 +182,21 @@ class BatchEngine:
             used += req.cells
         return admitted
 
-    def _prefill(self, reqs: list[Request]):
-        """A cache for newly admitted rows and their first tokens. The prompts not kept from an earlier prefill
-        run in one left-padded batch; the rows' kept caches are then merged into one new cache (the first is
-        copied, merge only reads the others)."""
+    def _prefill(self, reqs: list[Request], beside=None):
+        """A cache for newly admitted rows, their first tokens, and the logits of the running rows' next step when
+        `beside` (running cache, their last tokens) was decoded in the same call (else None). The prompts not
+        kept from an earlier prefill run in one left-padded batch; the rows' kept caches are then merged into one
+        new cache (the first is copied, merge only reads the others)."""
         import torch
 
+        stepped = None
         if self.encoder_decoder:
-            logits, lm = self._run_prompts([r.ids for r in reqs])
+            logits, lm, _ = self._run_prompts([r.ids for r in reqs])
         else:
             keys = [tuple(r.ids) for r in reqs]
             new = [k for k in dict.fromkeys(keys) if k not in self._prefixes]
             if new:
-                batch_logits, batch = self._run_prompts(new)
+                batch_logits, batch, stepped = self._run_prompts(new, beside)
                 for row, key in enumerate(new):
                     self._prefixes[key] = (batch.copy_rows([row]), batch_logits[row:row + 1])
             self.stats["prefills_reused"] += len(reqs) - len(new)
@@ -204,10 +211,11 @@ class BatchEngine:
         tokens = self._sample(logits, reqs)
         self._deliver(reqs, tokens)
         self.stats["requests"] += len(reqs)
-        return lm, tokens
+        return lm, tokens, stepped
 
-    def _run_prompts(self, prompts: list):
-        """One left-padded prefill of these prompts (token id sequences): (last logits, CachedLM)."""
+    def _run_prompts(self, prompts: list, beside=None):
+        """One left-padded prefill of these prompts (token id sequences): (last logits, CachedLM, the running
+        rows' logits when `beside` = (running cache, last tokens) stepped in the same call, else None)."""
         import torch
 
         rows = [list(p) for p in prompts]
@@ -215,7 +223,11 @@ class BatchEngine:
         ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         lm = self._cache(ids, mask)
-        return lm.prefill(ids)[:, -1], lm
+        if beside is None:
+            return lm.prefill(ids)[:, -1], lm, None
+        running, last = beside
+        stepped, first = running.step_joining(last[:, None], lm)
+        return first, lm, stepped
 
     def _sample(self, logits, reqs: list[Request]):
         """Greedy rows in one argmax; rows with their own sampling settings one by one."""

@@ -6,6 +6,11 @@ positions, so the rows of a continuous batch decode together, a finished sequenc
 `llama_memory_seq_rm`, and a prompt decoded once is shared by another sequence with `llama_memory_seq_cp`
 (best-of-N samples start from it without running it again).
 
+Prefix caching: the context remembers the tokens each live sequence holds, so a new prompt that begins like one
+of them (the chat template and system prompt every request of a server shares, a kept prefill of the batching
+engine) copies those cells and decodes only the rest. Prompts that arrive together share with each other too:
+the first of a group is decoded, the others copy its prefix and decode their own tails in a second call.
+
 `Sequences` gives this the interface of `generate.CachedLM` (prefill, step, select, copy_rows, merge), so the one
 continuous-batching engine (`batching.py`) and the one decode loop (`generate.decode_tokens`) run llama.cpp exactly
 as they run torch: same sampling, same stop handling. llama.cpp only computes logits.
@@ -21,6 +26,7 @@ from slmkit.errors import SlmError
 
 KV_CELLS = 32_768  # KV cache positions shared by the sequences of continuous batching (~0.75 GB for SmolLM2-135M)
 N_BATCH = 512  # tokens per llama_decode call; longer prefills are split
+MIN_SHARED = 8  # a common prefix shorter than this is decoded again rather than copied
 
 
 _LOG_CALLBACK = None  # kept referenced: llama.cpp calls it for as long as the process lives
@@ -63,6 +69,8 @@ class LlamaContext:
         self.n_seq, self.n_cells = n_seq, lc.llama_n_ctx(self.ctx)
         self.batch = lc.llama_batch_init(N_BATCH, 0, 1)
         self.free = list(range(n_seq - 1, -1, -1))  # sequence ids not in use
+        self.history: dict[int, list[int]] = {}  # live sequence id -> the tokens its cells hold, in order
+        self.decoded = 0  # tokens run through the model so far (prefix caching keeps this down)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):
@@ -82,18 +90,34 @@ class LlamaContext:
     def take(self) -> int:
         if not self.free:
             raise SlmError(f"llama.cpp context has no free sequence (all {self.n_seq} in use)")
-        return self.free.pop()
+        seq = self.free.pop()
+        self.history[seq] = []
+        return seq
 
     def release(self, seq: int) -> None:
         if self.ctx:
             self.lc.llama_memory_seq_rm(self.memory, seq, -1, -1)
+            self.history.pop(seq, None)
             self.free.append(seq)
 
-    def copy(self, seq: int) -> int:
-        """A new sequence sharing every cell of `seq` (no keys or values are copied)."""
-        twin = self.take()
-        self.lc.llama_memory_seq_cp(self.memory, seq, twin, -1, -1)
+    def copy(self, seq: int, into: int | None = None, length: int | None = None) -> int:
+        """A sequence (`into`, else a new one) sharing the cells of `seq`'s first `length` tokens (all by default);
+        no keys or values are copied."""
+        twin = self.take() if into is None else into
+        length = len(self.history[seq]) if length is None else length
+        self.lc.llama_memory_seq_cp(self.memory, seq, twin, 0, length)
+        self.history[twin] = self.history[seq][:length]
         return twin
+
+    def longest_prefix(self, tokens: list[int], limit: int, among=None) -> tuple[int | None, int]:
+        """The live sequence (of `among`, default all) whose tokens share the longest prefix with `tokens`, and
+        that prefix's length (at most `limit`)."""
+        best, best_n = None, 0
+        for seq in self.history if among is None else among:
+            n = common_prefix(self.history[seq], tokens, limit)
+            if n > best_n:
+                best, best_n = seq, n
+        return best, best_n
 
     # decoding ---------------------------------------------------------------------------------------------
 
@@ -120,13 +144,25 @@ class LlamaContext:
                 if output:
                     wanted.append(slot)
             status = lc.llama_decode(self.ctx, batch)
+            self.decoded += len(chunk) if status == 0 else 0
             if status != 0:
                 raise SlmError(f"llama.cpp could not decode ({'no free KV cells' if status == 1 else status}): "
                                f"{self.n_cells} cells shared by the running sequences")
             if wanted:
                 logits = ctypes.cast(lc.llama_get_logits(self.ctx), ctypes.POINTER(ctypes.c_float))
                 out[wanted] = np.ctypeslib.as_array(logits, shape=(len(wanted), self.n_vocab))
+        for seq, tokens, pos in rows:
+            self.history[seq][pos:] = tokens
         return torch.from_numpy(out).view(len(rows), keep, self.n_vocab)
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b[:limit], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Sequences:
@@ -145,11 +181,9 @@ class Sequences:
 
     def prefill(self, input_ids=None, keep: int = 1):
         """Decode the prompts given at construction (their padding dropped); the last `keep` positions' logits
-        (rows, keep, vocab)."""
-        for _ in self.prompts:
-            self.seqs.append(self.ctx.take())
-        self.lengths = [len(p) for p in self.prompts]
-        return self.ctx.decode(list(zip(self.seqs, self.prompts, [0] * len(self.seqs), strict=True)), keep)
+        (rows, keep, vocab). A prompt starts from a copy of the longest prefix it shares with a live sequence or
+        with a prompt of this group decoded first (see the module docstring)."""
+        return self._prefill_beside([], keep)[1]
 
     def step(self, ids, keep: int | None = None):
         """Append `ids` (rows, k) and return the last `keep` (default k) positions' logits (rows, keep, vocab)."""
@@ -157,6 +191,51 @@ class Sequences:
         logits = self.ctx.decode(list(zip(self.seqs, rows, self.lengths, strict=True)), keep or ids.shape[1])
         self.lengths = [n + len(r) for n, r in zip(self.lengths, rows, strict=True)]
         return logits
+
+    def step_joining(self, ids, joining: Sequences):
+        """`step(ids)` (one token per row) and `joining.prefill()` in one llama_decode call, so rows joining a
+        running batch do not hold it up for a call of their own: (rows' logits (rows, vocab), joining prompts'
+        last logits (prompts, vocab))."""
+        rows = [(seq, [token], n) for seq, token, n in zip(self.seqs, ids[:, -1].tolist(), self.lengths, strict=True)]
+        logits, first = joining._prefill_beside(rows, 1)
+        self.lengths = [n + 1 for n in self.lengths]
+        return logits[:, -1], first[:, -1]
+
+    def _prefill_beside(self, others: list, keep: int):
+        """Prefill this group's prompts, decoding its first round in the same call as `others` (rows of other
+        sequences): (others' logits, prompts' logits), each (rows, keep, vocab)."""
+        import torch
+
+        ctx = self.ctx
+        live = list(ctx.history)
+        self.seqs = [ctx.take() for _ in self.prompts]
+        self.lengths = [len(p) for p in self.prompts]
+        rounds: tuple[list, list] = ([], [])  # (row, source sequence, shared length) decoded in the first/second call
+        for row, prompt in enumerate(self.prompts):
+            limit = len(prompt) - keep  # the last `keep` positions are decoded to give their logits
+            source, shared = ctx.longest_prefix(prompt, limit, live)
+            first, first_shared = None, 0  # a prompt of this group decoded in the first call may share more
+            for other, _, _ in rounds[0]:
+                n = common_prefix(self.prompts[other], prompt, limit)
+                if n > max(shared, first_shared):
+                    first, first_shared = self.seqs[other], n
+            if first_shared >= MIN_SHARED:
+                rounds[1].append((row, first, first_shared))
+            else:
+                rounds[0].append((row, source, shared if shared >= MIN_SHARED else 0))
+        logits, others_logits = [None] * len(self.prompts), None
+        for number, group in enumerate(rounds):  # the first round is never empty: it carries `others`
+            for row, source, shared in group:
+                if shared:
+                    ctx.copy(source, into=self.seqs[row], length=shared)
+            if group:
+                beside = others if number == 0 else []
+                out = ctx.decode(beside + [(self.seqs[row], self.prompts[row][shared:], shared)
+                                           for row, _, shared in group], keep)
+                others_logits = out[:len(beside)] if number == 0 else others_logits
+                for (row, _, _), row_logits in zip(group, out[len(beside):], strict=True):
+                    logits[row] = row_logits
+        return others_logits, torch.stack(logits)
 
     def select(self, rows) -> None:
         rows = [int(r) for r in rows]

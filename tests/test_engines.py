@@ -2,6 +2,7 @@
 llama.cpp engine behind generate / chat / serve, engine choice, and the vLLM parameter mapping."""
 
 import json
+import os
 
 import pytest
 from conftest import at_once, saved
@@ -115,6 +116,50 @@ def test_auto_engine_choice(tiny_dir):
         open_model(None, "fast")
     with pytest.raises(SlmError, match="random-initialised spec"):
         open_model("tinyllama-nano", "llamacpp")
+
+
+def test_llamacpp_prompts_share_their_common_prefix(llama_smol):
+    """A prompt that begins like a live sequence, or like a prompt decoded beside it, copies those KV cells and
+    decodes only its own tail; its next-token logits are the ones it gets alone."""
+    import torch
+
+    from slmkit.llamacpp import MIN_SHARED, Sequences
+
+    engine = llama_smol.engine
+    engine.reserve(4, 1024)
+    ctx = engine.context
+
+    def chat(text):
+        return llama_smol.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                                        add_generation_prompt=True, return_dict=False)
+
+    prompts = [chat(f"Write a short essay about {topic}.") for topic in ("bees", "owls", "salt")]
+    shared = min(len(os.path.commonprefix([prompts[0], p])) for p in prompts[1:])
+    assert shared >= MIN_SHARED  # the chat template and the words before the topic
+
+    def prefill(group):
+        width = max(map(len, group))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        before = ctx.decoded
+        seqs = Sequences(ctx, ids, mask)
+        return seqs, seqs.prefill(ids)[:, -1], ctx.decoded - before
+
+    alone = []
+    for p in prompts:
+        seqs, logits, decoded = prefill([p])
+        assert decoded == len(p)  # nothing live to share with
+        alone.append(logits[0])
+        del seqs  # its cells are freed
+    assert ctx.history == {}
+    seqs, together, decoded = prefill(prompts)  # the first is decoded whole, the others copy its prefix
+    assert decoded == len(prompts[0]) + sum(len(p) - shared for p in prompts[1:])
+    assert torch.allclose(together, torch.stack(alone), atol=0.05)
+    later, again, decoded = prefill([prompts[1]])  # shares with the live sequences
+    assert decoded == 1  # the whole prompt is live: only its last token runs, for its logits
+    assert torch.allclose(again[0], alone[1], atol=0.05) and again[0].argmax() == alone[1].argmax()
+    del seqs, later
+    assert ctx.history == {}
 
 
 def test_server_on_the_llamacpp_engine(llama_smol):
