@@ -34,7 +34,7 @@ def timed_accuracy(fn, batches, repeats: int) -> tuple[float, float]:
 def main() -> None:
     import torch
 
-    from slmkit.methods.finetune import ClassificationData, load_classification, split_rows
+    from slmkit.data.sft import ClassificationData, load_classification, split_rows
     from slmkit.methods.length_adaptive import encoder_flops, load_length_config, pruned_forward
     from slmkit.models import load
 

@@ -9,8 +9,9 @@ import torch
 
 from slmkit.errors import SlmError
 from slmkit.methods import length_adaptive as lad
-from slmkit.methods.distill import distill, keep_layers, soft_cross_entropy
+from slmkit.methods.distill import distill
 from slmkit.methods.finetune import FinetuneArgs
+from slmkit.methods.kd import keep_layers, soft_cross_entropy
 
 
 @pytest.fixture(scope="module")

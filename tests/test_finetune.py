@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 
+from slmkit.data import sft
+from slmkit.data.sft import chat_example, completion_example, load_records
 from slmkit.errors import SlmError
-from slmkit.methods import finetune as ft
-from slmkit.methods.finetune import FinetuneArgs, chat_example, completion_example, finetune, load_records
+from slmkit.methods.finetune import FinetuneArgs, finetune
 from slmkit.models import load
 from slmkit.train import read_metrics
 
@@ -38,10 +39,10 @@ def test_completion_loss_mask(tokenizer):
 def test_seq2seq_examples_one_per_answer(tokenizer):
     msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": "Name a colour"}, {"role": "assistant", "content": "Blue."}]
-    (in1, out1), (in2, out2) = ft.seq2seq_examples(tokenizer, msgs)
+    (in1, out1), (in2, out2) = sft.seq2seq_examples(tokenizer, msgs)
     assert tokenizer.decode(in1) == "Hi there" and tokenizer.decode(out1) == "Hello!" + tokenizer.eos_token
     assert tokenizer.decode(in2) == "Hi there\nHello!\nName a colour" and tokenizer.decode(out2).startswith("Blue.")
-    [(i, o)] = ft.seq2seq_examples(tokenizer, ("Q: 2+2?", "4"))
+    [(i, o)] = sft.seq2seq_examples(tokenizer, ("Q: 2+2?", "4"))
     assert tokenizer.decode(i) == "Q: 2+2?" and tokenizer.decode(o) == "4" + tokenizer.eos_token
 
 
@@ -50,11 +51,11 @@ def test_group_by_length_keeps_a_seeded_epoch_and_cuts_padding(tokenizer):
 
     rng = random.Random(0)
     records = [("x " * rng.randint(1, 120), "y") for _ in range(300)]
-    plain = ft.SFTData(tokenizer, records, 256)
-    grouped = ft.SFTData(tokenizer, records, 256, group_by_length=True)
+    plain = sft.SFTData(tokenizer, records, 256)
+    grouped = sft.SFTData(tokenizer, records, 256, group_by_length=True)
     order = grouped.order(seed=3, epoch=0, batch_size=8)
     assert sorted(order.tolist()) == list(range(300))  # every example once per epoch
-    assert (order == ft.SFTData(tokenizer, records, 256, group_by_length=True).order(3, 0, 8)).all()
+    assert (order == sft.SFTData(tokenizer, records, 256, group_by_length=True).order(3, 0, 8)).all()
     assert not (order == grouped.order(3, 1, 8)).all()
 
     def padding(data):
@@ -123,7 +124,7 @@ def test_minilm_classifier_learns_chatterbot_topics(tmp_path):
 
 
 def test_classification_data_errors(tmp_path):
-    from slmkit.methods.finetune import load_classification
+    from slmkit.data.sft import load_classification
 
     f = tmp_path / "cls.jsonl"
     f.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
@@ -138,7 +139,8 @@ def test_answer_only_head_matches_the_full_model_loss(tiny_causal, tokenizer):
     """sft_objective computes logits only where answers are scored; the loss must equal HF's own."""
     import torch
 
-    from slmkit.methods.finetune import SFTData, sft_objective
+    from slmkit.data.sft import SFTData
+    from slmkit.methods.finetune import sft_objective
 
     records = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Answer " * i}]
                for i in range(1, 5)]
@@ -192,7 +194,7 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_saves_a_full_precision_model(t
 def test_split_rows_keeps_groups_together_and_plain_rows_in_the_old_order(tmp_path):
     import numpy as np
 
-    from slmkit.methods.finetune import load_classification, split_rows
+    from slmkit.data.sft import load_classification, split_rows
 
     plain = [{"text": f"t{i}", "label": str(i % 2)} for i in range(50)]
     train, val, test = split_rows(plain, 5, 10)
@@ -213,7 +215,7 @@ def test_split_rows_keeps_groups_together_and_plain_rows_in_the_old_order(tmp_pa
 def test_brown_genres_are_passages_labelled_by_coarse_genre():
     from collections import Counter
 
-    from slmkit.methods.finetune import load_classification
+    from slmkit.data.sft import load_classification
 
     rows = load_classification("brown-genres")
     labels = Counter(r["label"] for r in rows)

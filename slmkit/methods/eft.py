@@ -201,7 +201,7 @@ def answer_nll(models: EFTModels, records, betas: list[float], *, progress: bool
     One teacher-forced forward per model and example; every β reuses them."""
     import torch
 
-    from slmkit.methods.finetune import chat_example, completion_example
+    from slmkit.data.sft import chat_example, completion_example
     from slmkit.progress import Progress
 
     tok = models.small_ft.tokenizer
@@ -241,7 +241,7 @@ def eft_eval(large_base: str | None, small_ft: str, small_base: str, *, data: st
     records are the split `slm finetune` holds out with the same data, `val_fraction` and `seed`."""
     import json
 
-    from slmkit.methods.finetune import load_records, split
+    from slmkit.data.sft import load_records, split
 
     models = load_eft(large_base, small_ft, small_base, dtype=dtype)
     _, held_out = split(load_records(data), val_fraction, seed)

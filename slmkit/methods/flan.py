@@ -154,7 +154,7 @@ def make_items(task: Task, n: int, seed: int) -> list[Item]:
             items.append(Item(entry["question"].strip(), str(entry["answer"]), task, task.options,
                               rationale(entry) if rationale else None, {"dataset": ds, "entry": entry}))
         return items
-    from slmkit.methods.finetune import CLASSIFICATION, load_classification
+    from slmkit.data.sft import CLASSIFICATION, load_classification
 
     if task.source in CLASSIFICATION:
         rows = load_classification(task.source)

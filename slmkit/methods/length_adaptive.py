@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.methods.kd import soft_cross_entropy, use_eager_attention
 
 LENGTH_CONFIG = "length_config.json"
 
@@ -55,12 +56,6 @@ def encoder_parts(model):
         def head(seq):
             return model.classifier(seq)
     return base.embeddings, base.encoder.layer, head
-
-
-def use_eager_attention(model) -> None:
-    """Pruning reads attention probabilities, which only the eager implementation returns."""
-    if model.config._attn_implementation != "eager":
-        model.set_attn_implementation("eager")
 
 
 @dataclass
@@ -170,11 +165,6 @@ def check_lengths(lengths, n_layers: int, where: str) -> tuple[float, ...]:
 # --- LAD objectives (plug into slmkit.train.train) -------------------------------------------------------
 
 
-def default_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Student layer i (0-based) imitates teacher layer ceil((i + 1) * T / S) - 1: the last layers align."""
-    return [math.ceil((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)]
-
-
 def _masked_mse(a, b, mask):
     per_token = ((a.float() - b.float()) ** 2).mean(-1)
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
@@ -206,8 +196,6 @@ def task_objective(teacher, temperature: float, alpha: float, max_drop: float, s
     """LAD stage 2: soft labels from the teacher at temperature T (weight alpha) plus the gold label (weight
     1 - alpha), averaged over the sandwich of length configurations (full length only when evaluating)."""
     import torch
-
-    from slmkit.methods.distill import soft_cross_entropy
 
     def objective(model, batch, generator):
         with torch.no_grad():
@@ -361,7 +349,7 @@ def prune_search(
     (the split `slm distill` holds out), save the cheapest within `tolerance` accuracy points of unpruned as
     MODEL/length_config.json, plot the frontier to MODEL/frontier.png, and report the chosen configuration on
     the test split."""
-    from slmkit.methods.finetune import ClassificationData, load_classification, split_rows
+    from slmkit.data.sft import ClassificationData, load_classification, split_rows
     from slmkit.models import load
 
     loaded = load(model, dtype="fp32")

@@ -13,7 +13,7 @@ PET, with a handful of labelled examples and many unlabelled ones:
    a small auxiliary language-modelling loss on unlabelled text (weight `aux_weight`, 1e-4 as in PET);
 2. the ensemble (each member weighted by its accuracy on the labelled set before training) soft-labels the
    unlabelled set: softmax of the weighted mean logits at temperature T = 2;
-3. a final sequence classifier learns those soft labels (`slmkit.methods.distill.soft_cross_entropy`).
+3. a final sequence classifier learns those soft labels (`slmkit.methods.kd.soft_cross_entropy`).
 iPET repeats step 1 in generations: each member of generation g trains on the labels plus examples the
 ensemble of a random subset of the other generation-(g-1) members labelled, drawn with probability
 proportional to confidence and in the labelled set's label proportions, the set growing `growth`-fold per
@@ -33,18 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from slmkit.data.sft import ClassificationData, SFTData, load_classification, split_rows
 from slmkit.errors import SlmError
-from slmkit.methods.finetune import (
-    ClassificationData,
-    FinetuneArgs,
-    SFTData,
-    accuracy,
-    add_lora,
-    classification_objective,
-    classifier_from,
-    load_classification,
-    split_rows,
-)
+from slmkit.methods.finetune import FinetuneArgs, accuracy, add_lora, classification_objective, classifier_from
 from slmkit.train import train
 
 # --- pattern-verbalizer pairs ----------------------------------------------------------------------------
@@ -333,7 +324,7 @@ class SoftLabelData(ClassificationData):
 
 
 def soft_label_objective(temperature: float):
-    from slmkit.methods.distill import soft_cross_entropy
+    from slmkit.methods.kd import soft_cross_entropy
 
     def objective(model, batch, generator):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -143,8 +143,8 @@ def supericl(
     """
     from slmkit.client import open_lm
     from slmkit.data.quality import Embedder
+    from slmkit.data.sft import load_classification, split
     from slmkit.generate import SamplingParams
-    from slmkit.methods.finetune import load_classification, split
     from slmkit.progress import Progress
 
     if shots < 1:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from slmkit.data.sft import seq2seq_batch
 from slmkit.errors import SlmError
-from slmkit.methods.finetune import seq2seq_batch
 
 MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 SENTINELS = 64
