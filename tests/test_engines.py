@@ -197,9 +197,14 @@ def test_vllm_mapping_and_clear_errors():
 
     kwargs = vllm_sampling(SamplingParams(max_new_tokens=7, temperature=0.5, top_k=0, seed=2, ignore_eos=True))
     assert kwargs["max_tokens"] == 7 and kwargs["top_k"] == -1 and kwargs["seed"] == 2 and kwargs["ignore_eos"]
-    if not installed("vllm"):
-        with pytest.raises(SlmError, match="pip install 'slmkit\\[gpu\\]'"):
-            open_model(None, "vllm")
+    from slmkit.engines import cuda_available
+
+    # where vLLM cannot run, asking for it says why in one line (with vLLM and a GPU: benchmarks/vllm_check.py)
+    missing = "pip install 'slmkit\\[gpu\\]'" if not installed("vllm") else "needs a CUDA GPU"
+    if installed("vllm") and cuda_available():
+        pytest.skip("vLLM runs here: benchmarks/vllm_check.py verifies it")
+    with pytest.raises(SlmError, match=missing):
+        open_model(None, "vllm")
 
 
 def test_slm_export_command(tiny_dir, tmp_path):
@@ -212,6 +217,8 @@ def test_slm_export_command(tiny_dir, tmp_path):
     assert "GGUF (f16" in r.stdout and "parity vs PyTorch" in r.stdout
     report = json.loads((tmp_path / "t.parity.json").read_text())
     assert report["tokens"] == 8 and report["mean_abs_logit_delta"] < 0.05
-    if not installed("optimum"):
-        r = slm("export", str(tiny_dir), "--to", "onnx", "--out", str(tmp_path / "onnx"))
+    r = slm("export", str(tiny_dir), "--to", "onnx", "--out", str(tmp_path / "onnx"))
+    if installed("optimum"):  # an environment with optimum's exporter (transformers 4): a real ONNX file
+        assert r.returncode == 0 and list((tmp_path / "onnx").glob("*.onnx")), r.stderr
+    else:
         assert r.returncode == 1 and "pip install optimum-onnx" in r.stderr

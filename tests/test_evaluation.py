@@ -31,10 +31,31 @@ def test_int8_quantisation_keeps_perplexity():
 
 
 def test_lm_eval_runs_packaged_tasks(tiny_causal):
+    """lm-eval reads the packaged rows and labels: a model whose next-token distribution is uniform everywhere
+    gives every option the log-probability of its length, so on each spam question it picks the option with
+    fewer tokens (the first on a tie) and its accuracy is how often that option is the label; its greedy
+    answers are never a number."""
+    import copy
+
+    import torch
+
+    from slmkit.evaluate import _spam_rows
+
     pytest.importorskip("lm_eval")
-    result = lm_eval_tasks(tiny_causal, list(LOCAL_TASKS), limit=4, batch_size=4)
+    uniform = copy.copy(tiny_causal)
+    uniform.model = copy.deepcopy(tiny_causal.model)
+    with torch.no_grad():
+        uniform.model.model.norm.weight.zero_()  # the last hidden state is 0: every logit is 0
+    result = lm_eval_tasks(uniform, list(LOCAL_TASKS), limit=4, batch_size=4)
     assert set(result) == set(LOCAL_TASKS)
-    assert 0 <= result["slmkit_spam"]["acc"] <= 1 and 0 <= result["slmkit_arithmetic"]["exact_match"] <= 1
+    tok = tiny_causal.tokenizer
+    picks = []
+    for row in _spam_rows()[:4]:
+        context = f"Email: {row['text']}\nQuestion: Is this email spam?\nAnswer:"
+        lengths = [len(tok(context + " " + o).input_ids) for o in ("no", "yes")]
+        picks.append(int(lengths[1] < lengths[0]) == row["label"])
+    assert result["slmkit_spam"]["acc"] == sum(picks) / 4
+    assert result["slmkit_arithmetic"]["exact_match"] == 0.0
     assert result["slmkit_brown"]["word_perplexity"] > 100  # a random model
     with pytest.raises(SlmError, match="unknown lm-eval task 'no_such_task'"):
         lm_eval_tasks(tiny_causal, ["slmkit_spam", "no_such_task"], limit=2)
