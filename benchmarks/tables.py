@@ -73,8 +73,8 @@ def load_table() -> str:
         data = found[file]
         for lv in data["levels"]:
             memory = lv.get("server_memory_kib", {}).get("VmHWM")
-            runs_ = lv.get("tokens_per_s_runs", [])
-            every = f" [{', '.join(map(str, runs_))}]" if len(runs_) > 1 else ""
+            every_run = lv.get("tokens_per_s_runs", [])
+            every = f" [{', '.join(map(str, every_run))}]" if len(every_run) > 1 else ""
             lines.append(f"| {name} | {lv['clients']} | {lv['tokens_per_s']}{every} | {lv.get('vs_single_stream')}× | "
                          f"{lv['median_ttft_s']} / {lv.get('p99_ttft_s', '–')} | {lv['failed']} | "
                          f"{f'{memory / 1024:.0f} MiB' if memory else '–'} |")

@@ -109,16 +109,6 @@ class LlamaContext:
         self.history[twin] = self.history[seq][:length]
         return twin
 
-    def longest_prefix(self, tokens: list[int], limit: int, among=None) -> tuple[int | None, int]:
-        """The live sequence (of `among`, default all) whose tokens share the longest prefix with `tokens`, and
-        that prefix's length (at most `limit`)."""
-        best, best_n = None, 0
-        for seq in self.history if among is None else among:
-            n = common_prefix(self.history[seq], tokens, limit)
-            if n > best_n:
-                best, best_n = seq, n
-        return best, best_n
-
     # decoding ---------------------------------------------------------------------------------------------
 
     def decode(self, rows: list[tuple[int, list[int], int]], keep: int = 1):
@@ -144,10 +134,10 @@ class LlamaContext:
                 if output:
                     wanted.append(slot)
             status = lc.llama_decode(self.ctx, batch)
-            self.decoded += len(chunk) if status == 0 else 0
             if status != 0:
                 raise SlmError(f"llama.cpp could not decode ({'no free KV cells' if status == 1 else status}): "
                                f"{self.n_cells} cells shared by the running sequences")
+            self.decoded += len(chunk)
             if wanted:
                 logits = ctypes.cast(lc.llama_get_logits(self.ctx), ctypes.POINTER(ctypes.c_float))
                 out[wanted] = np.ctypeslib.as_array(logits, shape=(len(wanted), self.n_vocab))
@@ -156,13 +146,19 @@ class LlamaContext:
         return torch.from_numpy(out).view(len(rows), keep, self.n_vocab)
 
 
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    for x, y in zip(a, b[:limit], strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def longest_prefix(tokens: list[int], candidates: dict, limit: int) -> tuple[object, int]:
+    """The candidate (key -> token list) sharing the longest prefix with `tokens`, and that prefix's length (at most
+    `limit`); (None, 0) when none shares a token."""
+    best, best_n = None, 0
+    for key, seen in candidates.items():
+        n = 0
+        for x, y in zip(seen, tokens[:limit], strict=False):
+            if x != y:
+                break
+            n += 1
+        if n > best_n:
+            best, best_n = key, n
+    return best, best_n
 
 
 class Sequences:
@@ -207,34 +203,35 @@ class Sequences:
         import torch
 
         ctx = self.ctx
-        live = list(ctx.history)
+        live = dict(ctx.history)  # what the context holds before this group takes its sequences
         self.seqs = [ctx.take() for _ in self.prompts]
         self.lengths = [len(p) for p in self.prompts]
-        rounds: tuple[list, list] = ([], [])  # (row, source sequence, shared length) decoded in the first/second call
+        first, second = [], []  # (row, source sequence, shared length), decoded in the first / a second call
         for row, prompt in enumerate(self.prompts):
             limit = len(prompt) - keep  # the last `keep` positions are decoded to give their logits
-            source, shared = ctx.longest_prefix(prompt, limit, live)
-            first, first_shared = None, 0  # a prompt of this group decoded in the first call may share more
-            for other, _, _ in rounds[0]:
-                n = common_prefix(self.prompts[other], prompt, limit)
-                if n > max(shared, first_shared):
-                    first, first_shared = self.seqs[other], n
-            if first_shared >= MIN_SHARED:
-                rounds[1].append((row, first, first_shared))
+            source, shared = longest_prefix(prompt, live, limit)
+            # a prompt of this group decoded in the first call may share more
+            sibling, more = longest_prefix(prompt, {self.seqs[r]: self.prompts[r] for r, _, _ in first}, limit)
+            if more > shared and more >= MIN_SHARED:
+                second.append((row, sibling, more))
             else:
-                rounds[0].append((row, source, shared if shared >= MIN_SHARED else 0))
-        logits, others_logits = [None] * len(self.prompts), None
-        for number, group in enumerate(rounds):  # the first round is never empty: it carries `others`
+                first.append((row, source, shared if shared >= MIN_SHARED else 0))
+        logits = [None] * len(self.prompts)
+
+        def run(group: list, beside: list):
+            """Copy each row's shared prefix, decode the tails (after `beside`'s rows); `beside`'s logits."""
             for row, source, shared in group:
                 if shared:
                     ctx.copy(source, into=self.seqs[row], length=shared)
-            if group:
-                beside = others if number == 0 else []
-                out = ctx.decode(beside + [(self.seqs[row], self.prompts[row][shared:], shared)
-                                           for row, _, shared in group], keep)
-                others_logits = out[:len(beside)] if number == 0 else others_logits
-                for (row, _, _), row_logits in zip(group, out[len(beside):], strict=True):
-                    logits[row] = row_logits
+            out = ctx.decode(beside + [(self.seqs[row], self.prompts[row][shared:], shared)
+                                       for row, _, shared in group], keep)
+            for (row, _, _), row_logits in zip(group, out[len(beside):], strict=True):
+                logits[row] = row_logits
+            return out[:len(beside)]
+
+        others_logits = run(first, others)  # never empty: the group's first prompt is always here
+        if second:
+            run(second, [])
         return others_logits, torch.stack(logits)
 
     def select(self, rows) -> None:
