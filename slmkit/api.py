@@ -10,7 +10,6 @@ import uuid
 from dataclasses import dataclass, field
 
 from slmkit.data.records import RecordError
-from slmkit.engines import IMAGE_TOKEN, read_image
 from slmkit.errors import ApiError, SlmError
 from slmkit.generate import Completion, SamplingParams
 
@@ -84,6 +83,8 @@ def image_part(images: list | None):
     text and its picture is appended to `images` (None: the model takes no images)."""
 
     def convert(part: dict, where: str) -> str:
+        from slmkit.engines import IMAGE_TOKEN, read_image
+
         if part.get("type") != "image_url":
             raise RecordError(where, "a content part must be text or image_url", where)
         if images is None:

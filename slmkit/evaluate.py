@@ -257,3 +257,49 @@ def lm_eval_tasks(loaded, tasks: list[str], *, include: list[Path] | None = None
                           log_samples=False, bootstrap_iters=0)
     return {task: {k.split(",")[0]: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             for task, metrics in out["results"].items()}
+
+
+def evaluate_model(model: str | None = None, text: str | None = None, tokens: int = 16_384, seq_len: int = 512,
+                   tasks: list[str] | None = None, include: list[Path] | None = None, limit: int | None = None,
+                   num_fewshot: int | None = None, batch_size: int = 8, dtype: str = "fp32",
+                   progress: bool = True) -> dict:
+    """Evaluate a model: perplexity on text, and lm-evaluation-harness tasks through lm-eval's own HF model class
+    (packaged local tasks run with no dataset hub). Compare quantisations with --dtype int8 / bf16.
+
+    With neither `text` nor `tasks`, perplexity on the Brown corpus.
+
+    Args:
+        model: Zoo name, model directory, .gguf file or hub id (default: the embedded SmolLM2).
+        text: Perplexity on this text: a packaged corpus (brown, austen, python-docs...) or a .txt/.jsonl file.
+        tokens: Perplexity: tokens measured.
+        seq_len: Perplexity: window length in tokens.
+        tasks: lm-eval tasks (repeatable): slmkit_spam, slmkit_arithmetic, slmkit_brown, or yours via --include.
+        include: A directory of lm-eval task YAMLs (repeatable).
+        limit: lm-eval: at most this many examples per task.
+        num_fewshot: lm-eval: demonstrations per prompt.
+        batch_size: Sequences per forward pass.
+        dtype: auto (bf16 where the CPU has bf16 units), fp32, bf16, fp16, or int8 (torch engine: int8 weights,
+            bf16 activations).
+    """
+    from slmkit.models import load
+
+    if not text and not tasks:
+        text = "brown"
+    loaded = load(model, dtype=dtype)
+    result: dict = {"model": loaded.name, "dtype": dtype}
+    if text:
+        result["perplexity"] = perplexity(loaded, text, tokens, seq_len, min(batch_size, 4), progress=progress)
+    if tasks:
+        result["tasks"] = lm_eval_tasks(loaded, tasks, include=include, limit=limit, batch_size=batch_size,
+                                        num_fewshot=num_fewshot)
+    return result
+
+
+def report(r: dict, args: dict, out) -> None:
+    if "perplexity" in r:
+        p = r["perplexity"]
+        out.print(f"perplexity on {p['data']}: {p['perplexity']:.3f} ({p['tokens']:,} tokens, windows of "
+                  f"{args['seq_len']}, {r['dtype']})")
+    for task, metrics in r.get("tasks", {}).items():
+        out.print(f"{task}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in metrics.items()))

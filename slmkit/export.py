@@ -199,3 +199,41 @@ def to_onnx(source: str | None, out: Path) -> Path:
     except Exception as e:  # optimum raises ValueError/KeyError for unsupported architectures
         raise SlmError(f"optimum cannot export {name} to ONNX: {str(e).splitlines()[0]}") from e
     return Path(out)
+
+
+def export(model: str | None = None, to: str = "gguf", quant: str = "q8_0", out: Path | None = None,
+           check: bool = True, tokens: int = 64) -> dict:
+    """Ship a model: a GGUF that llama.cpp runs (llama.cpp's own converter and quantiser), or ONNX.
+
+    Args:
+        model: A run's model directory, any HF directory, a .gguf file or a packaged zoo model (default: the
+            embedded SmolLM2).
+        to: gguf (llama.cpp) or onnx (optimum).
+        quant: GGUF type: f32, f16, bf16, q8_0 (llama.cpp's converter), or a quant q4_k_m, q5_k_m, q6_k, q4_0...
+            (llama.cpp's quantiser).
+        out: Output file (GGUF) or directory (ONNX). Default: NAME-QUANT.gguf / NAME-onnx here.
+        check: GGUF: run it in llama.cpp beside the PyTorch model and report greedy agreement and next-token logit
+            differences (also written to NAME.parity.json).
+        tokens: Greedy tokens compared by the parity check.
+    """
+    if to == "onnx":
+        return {"format": "onnx", "out": str(to_onnx(model, out or Path(f"{Path(model or 'model').name}-onnx")))}
+    if to != "gguf":
+        raise SlmError(f"unknown export format '{to}' (gguf or onnx)")
+    target = to_gguf(model, out, quant)
+    result = {"format": "gguf", "quant": quant, "out": str(target), "bytes": target.stat().st_size}
+    if check:
+        result["parity"] = parity(model, target, tokens=tokens)
+        (target.parent / f"{target.stem}.parity.json").write_text(json.dumps(result["parity"], indent=2) + "\n")
+    return result
+
+
+def report(r: dict, args: dict, out) -> None:
+    if r["format"] == "onnx":
+        out.print(f"ONNX model -> {r['out']}")
+        return
+    out.print(f"GGUF ({r['quant']}, {r['bytes'] / 1e6:.1f} MB) -> {r['out']}")
+    if "parity" in r:
+        p = r["parity"]
+        out.print(f"parity vs PyTorch fp32 over {p['tokens']} greedy tokens: {p['agree']:.0%} of positions agree "
+                  f"(identical for the first {p['agree_prefix']}); mean |Δlogit| {p['mean_abs_logit_delta']:.4f}")

@@ -507,3 +507,15 @@ def generate(loaded, prompts: list[str | list[dict]], params: SamplingParams | N
         prompt_tokens = int(mask[row].sum())
         results.append(Completion(texts[row], tracker.text, prompt_tokens, len(tracker.ids), tracker.finished))
     return results
+
+
+def fit_history(loaded, history: list[dict], max_new_tokens: int, system: str | None) -> tuple[list[dict], int]:
+    """Drop the oldest exchanges until the conversation plus the reply fits the model's context; return the
+    conversation and how many exchanges were dropped."""
+    dropped = 0
+    while loaded.context_length and len(history) > 1:
+        text = format_prompt(loaded.tokenizer, history, system=system, chat=True)
+        if len(loaded.tokenizer(text, add_special_tokens=False).input_ids) + max_new_tokens <= loaded.context_length:
+            break
+        history, dropped = history[2:], dropped + 1
+    return history, dropped

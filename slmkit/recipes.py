@@ -1,8 +1,8 @@
 """YAML recipes: a workflow name plus its keyword arguments, checked against the workflow's signature.
 
-    workflow: pretrain          # a key of WORKFLOWS
+    workflow: pretrain          # the name of a workflow function in slmkit.workflows.WORKFLOWS
     model: tinyllama-nano       # keyword arguments of slmkit.methods.pretrain.pretrain
-    train:                      # fields of the workflow's argument dataclass (TrainArgs, FinetuneArgs)
+    train:                      # fields of the workflow's training dataclass (TrainArgs, FinetuneArgs)
       steps: 600
 
 `slm run RECIPE.yaml [--set train.steps=10 ...]` runs one. Unknown keys and wrong types are reported with
@@ -17,32 +17,7 @@ import typing
 from pathlib import Path
 
 from slmkit.errors import SlmError
-
-
-def workflows() -> dict:
-    from slmkit.domains.flame import flame_train
-    from slmkit.domains.llava_phi import llava_train
-    from slmkit.domains.slade import slade_train
-    from slmkit.methods.distill import distill
-    from slmkit.methods.eft import eft_eval
-    from slmkit.methods.finetune import FinetuneArgs, finetune
-    from slmkit.methods.flan import flan_eval, flan_train
-    from slmkit.methods.orca import orca_eval
-    from slmkit.methods.pet import pet
-    from slmkit.methods.pretrain import pretrain
-    from slmkit.methods.supericl import supericl
-    from slmkit.methods.tinygsm import gsm_data, gsm_eval, gsm_train, verify_train
-    from slmkit.methods.ul2r import ul2r
-    from slmkit.train import TrainArgs
-
-    # workflow name -> (function, its `train:` dataclass or None when it does not train)
-    return {"pretrain": (pretrain, TrainArgs), "finetune": (finetune, FinetuneArgs), "eft_eval": (eft_eval, None),
-            "supericl": (supericl, None), "flan_eval": (flan_eval, FinetuneArgs),
-            "flan_train": (flan_train, FinetuneArgs), "orca_eval": (orca_eval, FinetuneArgs), "ul2r": (ul2r, TrainArgs),
-            "gsm_data": (gsm_data, None), "gsm_train": (gsm_train, FinetuneArgs),
-            "verify_train": (verify_train, FinetuneArgs), "gsm_eval": (gsm_eval, None), "pet": (pet, FinetuneArgs),
-            "distill": (distill, FinetuneArgs), "flame_train": (flame_train, FinetuneArgs),
-            "slade_train": (slade_train, FinetuneArgs), "llava_train": (llava_train, FinetuneArgs)}
+from slmkit.workflows import HIDDEN, Workflow, by_recipe_name, train_group
 
 
 def _check_type(value, annotation, where: str):
@@ -68,15 +43,16 @@ def _check_type(value, annotation, where: str):
     raise SlmError(f"{where}: expected {annotation}, got {value!r}")
 
 
-def parse_recipe(recipe: dict, where: str):
-    """Validate a recipe dict; return (workflow function, keyword arguments)."""
-    table = workflows()
+def parse_recipe(recipe: dict, where: str) -> tuple[Workflow, dict]:
+    """Validate a recipe dict; return (the workflow, its keyword arguments)."""
+    table = by_recipe_name()
     name = recipe.get("workflow")
     if name not in table:
         raise SlmError(f"{where}: 'workflow' must be one of {', '.join(table)} (got {name!r})")
-    fn, args_cls = table[name]
-    hints = typing.get_type_hints(fn)
-    params = inspect.signature(fn).parameters
+    workflow = table[name]
+    args_cls = train_group(workflow)
+    hints = typing.get_type_hints(workflow.fn)
+    params = inspect.signature(workflow.fn).parameters
     kwargs = {}
     for key, value in recipe.items():
         if key in ("workflow", "description"):
@@ -92,10 +68,10 @@ def parse_recipe(recipe: dict, where: str):
             checked = {k: _check_type(v, field_hints[k], f"{where}: train.{k}") for k, v in value.items()}
             kwargs["train_args"] = args_cls(**checked).validate()
             continue
-        if key not in params or key in ("train_args", "progress"):
+        if key not in params or key in HIDDEN + workflow.internal:
             raise SlmError(f"{where}: '{key}' is not an argument of the {name} workflow")
         kwargs[key] = _check_type(value, hints[key], f"{where}: {key}")
-    return fn, kwargs
+    return workflow, kwargs
 
 
 def load_recipe(path: Path, overrides: list[str] | None = None):

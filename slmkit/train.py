@@ -30,6 +30,8 @@ from pathlib import Path
 
 from slmkit.errors import SlmError
 
+RUNS_DIR = Path("runs")  # where every workflow writes its run directories unless told otherwise
+
 
 @dataclass
 class TrainArgs:
@@ -67,6 +69,23 @@ class TrainArgs:
         if self.precision not in ("fp32", "bf16"):
             raise SlmError(f"precision must be fp32 or bf16 (got {self.precision})")
         return self
+
+
+@dataclass
+class FinetuneArgs(TrainArgs):
+    """TrainArgs with fine-tuning defaults (short, low learning rate, no weight decay)."""
+
+    steps: int = field(default=200, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=4, metadata={"help": "Examples per process per micro-batch."})
+    seq_len: int = field(default=512, metadata={"help": "Longest example in tokens (longer ones are cut)."})
+    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (LoRA; use ~2e-5 for full)."})
+    warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)."})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    eval_every: int = field(default=50, metadata={"help": "Steps between validation runs (0 = only at end)."})
+    save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0 = only at end)."})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "Batch examples of similar length together (less padding; the order stays seeded)."})
 
 
 # An objective maps (model, batch of token ids, step generator) to (loss, number of predicted tokens).

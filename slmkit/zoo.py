@@ -297,3 +297,21 @@ def human(n: float) -> str:
         if n >= div:
             return f"{n / div:.3g}{unit}"
     return str(int(n))
+
+
+def rich_table(rows: list[dict]):
+    """`table_rows` as the table `slm zoo` prints."""
+    from rich.table import Table
+
+    table = Table(title="slmkit model zoo: parameters counted from each config on the meta device; "
+                  "nano specs dimmed", title_justify="left")
+    for col in ("name", "arch", "layers", "width", "heads", "vocab", "ctx", "params", "paper", "Δ", "tokenizer"):
+        table.add_column(col, no_wrap=True,
+                         justify="right" if col in ("params", "paper", "Δ", "vocab", "ctx") else "left")
+    for r in rows:
+        delta = "" if r["delta"] is None else f"{r['delta'] * 100:+.1f}%"
+        name = f"[bold]{r['name']}[/]" + (" (default)" if r["default"] else "")
+        table.add_row(name, r["architecture"], str(r["layers"]), str(r["width"]), r["heads"], str(r["vocab"]),
+                      str(r["context"]), human(r["params"]), human(r["reference"]) if r["reference"] else "",
+                      delta, r["tokenizer"], style="dim" if r["nano"] else None)
+    return table

@@ -134,10 +134,12 @@ def test_shared_option_groups_take_per_command_defaults():
     the others keep the dataclass's."""
     import inspect
 
-    from slmkit.cli import llava_train_command, llava_vision_pretrain_command
+    from slmkit.cli.commands import workflow_command
     from slmkit.domains.llava_phi import CLIP_TRAIN
-    from slmkit.methods.finetune import FinetuneArgs
+    from slmkit.train import FinetuneArgs
+    from slmkit.workflows import by_command
 
-    clip = inspect.signature(llava_vision_pretrain_command).parameters
+    clip = inspect.signature(workflow_command(by_command()["llava vision-pretrain"], None)).parameters
     assert {k: clip[f"train_args__{k}"].default for k in CLIP_TRAIN} == CLIP_TRAIN
-    assert inspect.signature(llava_train_command).parameters["train_args__lr"].default == FinetuneArgs().lr
+    train = inspect.signature(workflow_command(by_command()["llava train"], None)).parameters
+    assert train["train_args__lr"].default == FinetuneArgs().lr

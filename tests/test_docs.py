@@ -53,7 +53,7 @@ def test_docs_show_only_commands_and_flags_that_exist():
             if words[0] in ("COMMAND",):  # a placeholder: `slm COMMAND --help`
                 command = None
                 break
-            sub = command.commands.get(words[0])
+            sub = command.get_command(None, words[0])
             if sub is None:
                 wrong.append(f"{doc}: `{' '.join(shown + words[:1])}` is not a command")
                 command = None

@@ -138,7 +138,7 @@ def test_flame_train_eval_and_commands_end_to_end(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["repairs"] == 8
     result = CliRunner().invoke(app, ["flame", "repair", "=SUM(A1:A3", "--model", str(model)])
     assert result.exit_code == 0 and "=SUM(A1:A3  ->" in result.output, result.output
-    hits = flame.search(str(model), "=VLOOKUP(", data, top=3)
+    hits = flame.search("=VLOOKUP(", str(model), data, top=3)
     assert len(hits) == 3 and hits[0][0] >= hits[1][0] >= hits[2][0]
     fresh = flame.flame_train(data, "flame-nano", pretrain_steps=0, run="f0", runs_dir=tmp_path,  # built fresh
                               train_args=replace(args, steps=2), retrieval_weight=1.0, progress=False)

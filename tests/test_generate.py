@@ -163,16 +163,16 @@ def test_packed_bf16_weights_match_plain_and_follow_updates():
 
 
 def test_chat_history_is_trimmed_to_fit_the_context(tiny_causal):
-    from slmkit.cli import fit_history
+    from slmkit.generate import fit_history
 
     history = []
     for i in range(6):
         history += [{"role": "user", "content": f"question {i} " + "word " * 10},
                     {"role": "assistant", "content": f"answer {i} " + "word " * 10}]
     history.append({"role": "user", "content": "last question"})
-    kept = fit_history(tiny_causal, history, max_new_tokens=16, system=None)  # the tiny model's context is 128
+    kept, dropped = fit_history(tiny_causal, history, max_new_tokens=16, system=None)  # the tiny model's context: 128
     assert kept[-1]["content"] == "last question" and kept[0]["role"] == "user"
-    assert 1 <= len(kept) < len(history)
+    assert 1 <= len(kept) < len(history) and len(kept) == len(history) - 2 * dropped
     text = format_prompt(tiny_causal.tokenizer, kept)
     assert len(tiny_causal.tokenizer(text, add_special_tokens=False).input_ids) + 16 <= 128
     generate(tiny_causal, [kept], SamplingParams(max_new_tokens=16))  # fits: no context error

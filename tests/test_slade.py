@@ -156,12 +156,12 @@ def test_train_eval_and_decompile_end_to_end(tmp_path):
     source = tmp_path / "f.c"
     source.write_text("int twice(int x)\n{\n    return 2 * x;\n}\n")
     (tmp_path / "f.s").write_text(slade.compile_asm(source.read_text(), "O3"))
-    raw = slade.decompile(str(model), tmp_path / "f.s", max_new_tokens=24, candidates=1, infer=False)
-    out = slade.decompile(str(model), tmp_path / "f.s", max_new_tokens=24, candidates=1)
+    raw = slade.decompile(tmp_path / "f.s", str(model), max_new_tokens=24, candidates=1, infer=False)
+    out = slade.decompile(tmp_path / "f.s", str(model), max_new_tokens=24, candidates=1)
     # type inference only adds declarations above the model's C (the function found by its .globl label)
     assert raw.strip() and out.endswith(raw) and all(line.strip() for line in out[:-len(raw)].splitlines())
     with pytest.raises(SlmError, match="not found"):
-        slade.decompile(str(model), tmp_path / "nope.s")
+        slade.decompile(tmp_path / "nope.s", str(model))
 
 
 @pytest.mark.parametrize("level", ["O0", "O3"])

@@ -84,10 +84,10 @@ def test_gsm_data_command_with_user_problems(tmp_path):
     user.write_text(json.dumps({"question": "6 times 7?", "answer": 41, "program": "def solution():\n    return 42"})
                     + "\n")
     with pytest.raises(SlmError, match="does not return its answer"):
-        g.gsm_data(out, procedural_count=5, user=user, test_size=0, progress=False)
+        g.gsm_data(out, procedural=5, user=user, test_size=0, progress=False)
     user.write_text('{"question": "no answer"}\n')
     with pytest.raises(SlmError, match=r"mine.jsonl:1: a problem needs"):
-        g.gsm_data(out, procedural_count=5, user=user, test_size=0, progress=False)
+        g.gsm_data(out, procedural=5, user=user, test_size=0, progress=False)
 
 
 def test_program_body_normalises_any_solution():
@@ -107,7 +107,7 @@ def test_generator_trains_and_samples_programs(tiny_causal, tmp_path, sandbox):
     copy.deepcopy(tiny_causal.model).save_pretrained(tmp_path / "tiny")
     tiny_causal.tokenizer.save_pretrained(tmp_path / "tiny")
     data = tmp_path / "gsm.jsonl"
-    g.gsm_data(data, procedural_count=48, test_size=0, progress=False)
+    g.gsm_data(data, procedural=48, test_size=0, progress=False)
     r = g.gsm_train(str(tmp_path / "tiny"), data, lora=False, run="gen", runs_dir=tmp_path,
                     train_args=FinetuneArgs(steps=12, batch_size=4, seq_len=256, lr=3e-3, eval_every=0, save_every=0,
                                             log_every=4), progress=False)
@@ -182,7 +182,7 @@ def test_verifier_trains_scores_and_drives_best_of_n(tiny_causal, tmp_path):
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForTokenClassification"] and len(config["id2label"]) == 1
 
-    e = g.gsm_eval(str(tmp_path / "gen"), str(run / "model"), test="heldout-templates", problems=3, ns=[1, 2],
+    e = g.gsm_eval(str(tmp_path / "gen"), str(run / "model"), test="heldout-templates", problems=3, n=[1, 2],
                    max_new_tokens=16, run="ev", runs_dir=tmp_path, progress=False)
     assert e["problems"] == 3 and set(e["majority"]) == {1, 2} and set(e["verifier"]) == {1, 2}
     assert (tmp_path / "ev" / "best_of_n.png").stat().st_size > 1000

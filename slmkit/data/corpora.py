@@ -232,3 +232,17 @@ def _hf_dataset(path: Path) -> Iterator[str]:
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     for i, row in enumerate(ds):
         yield record_text(row, f"{path}[{i}]")
+
+
+def list_corpora() -> list[dict]:
+    """The corpora packaged with slmkit (they need no download)."""
+    return [{"name": c.name, "contents": c.description, "source": c.origin} for c in CORPORA.values()]
+
+
+def report(rows: list[dict], args: dict, out) -> None:
+    from rich.table import Table
+
+    table = Table("name", "contents", "source on this machine")
+    for r in rows:
+        table.add_row(r["name"], r["contents"], r["source"])
+    out.print(table)

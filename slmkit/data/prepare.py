@@ -51,3 +51,22 @@ def prepare_corpus(data: str, tokenizer, *, val_fraction: float = 0.05, progress
     out = cache_dir() / "data" / f"{source_key(data)}-{tokenizer_fingerprint(tokenizer)}"
     return prepare(corpora.documents(data), tokenizer, out, val_fraction=val_fraction, source=data,
                    progress=progress)
+
+
+def prepare_data(data: str, tokenizer: str = "bpe:8192", val_fraction: float = 0.05) -> dict:
+    """Tokenise a corpus into a memory-mapped token cache with a train/validation split (by document).
+
+    Args:
+        data: A packaged corpus (`slm data list`), a .txt/.jsonl file or directory, or a saved HF datasets directory.
+        tokenizer: llama2, a model or tokenizer path, or bpe:N.
+        val_fraction: Fraction of documents held out for validation.
+    """
+    from slmkit.data.packing import PackedTokens
+
+    path = prepare_corpus(data, resolve_tokenizer(tokenizer, data), val_fraction=val_fraction)
+    return {"data": data, "cache": str(path), **PackedTokens.open(path, "train").meta}
+
+
+def report(r: dict, args: dict, out) -> None:
+    out.print(f"{r['data']}: {r['documents']} documents, {r['tokens']['train']:,} train / {r['tokens']['val']:,} "
+              f"validation tokens (vocab {r['vocab_size']}) -> {r['cache']}")

@@ -97,10 +97,20 @@ class QualityClassifier:
         return (embeddings @ self.weight + self.bias).sigmoid()
 
 
-def filter_corpus(data: str, out: Path, *, seed: Path | None = None, keep: float = 0.5,
+def filter_corpus(data: str, out: Path, *, seed_set: Path | None = None, keep: float = 0.5,
                   progress: bool = True) -> dict:
-    """Score every document of `data`, write the top `keep` fraction to `out` (JSONL: text, score, in the
-    original order) and a score histogram beside it; return a summary."""
+    """Phi-style "textbook quality" filter: a classifier on MiniLM sentence embeddings, trained on a small labelled seed
+    set, scores every document; the top fraction is written out (plus a score histogram).
+
+    Score every document of `data`, write the top `keep` fraction to `out` (JSONL: text, score, in the
+    original order) and a score histogram beside it; return a summary.
+
+    Args:
+        data: A packaged corpus (`slm data list`), a .txt/.jsonl file or directory, or a saved HF datasets directory.
+        out: JSONL of kept documents (text, score).
+        seed_set: Labelled seed set, JSONL {"text", "label": 0|1} (default: slmkit's textbook-quality seed).
+        keep: Fraction of documents to keep (the highest-scoring).
+    """
     import torch
 
     from slmkit.data.corpora import documents
@@ -110,7 +120,7 @@ def filter_corpus(data: str, out: Path, *, seed: Path | None = None, keep: float
     docs = [d for d in documents(data) if d.strip()]
     if not docs:
         raise SlmError(f"{data} holds no documents")
-    seed_texts, labels = read_seed(seed or DEFAULT_SEED)
+    seed_texts, labels = read_seed(seed_set or DEFAULT_SEED)
     embed = Embedder()
     classifier = QualityClassifier.fit(embed(seed_texts), labels)
     scores = torch.cat([classifier.score(embed(docs[i:i + 256])) for i in range(0, len(docs), 256)]).tolist()
@@ -147,3 +157,9 @@ def _histogram(scores, threshold, path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def report(s: dict, args: dict, out) -> None:
+    """Print what `slm data filter` reports."""
+    out.print(f"kept {s['kept']} of {s['documents']} documents (score >= {s['threshold']:.3f}) -> {s['out']}; "
+              f"histogram {s['plot']}")

@@ -9,6 +9,7 @@ OpenAI's `param`, a command prints it as one line.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,11 +124,27 @@ def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
 
 def read_stdin() -> str:
     """All of standard input as UTF-8 text."""
-    import sys
-
     data = sys.stdin.buffer.read()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise RecordError(f"stdin:{line}", f"not UTF-8 (byte 0x{data[e.start]:02x})") from None
+
+
+def read_prompts(prompt: str | None, input_file: Path | None) -> list[str | list[dict]]:
+    """Prompts from the argument, a JSONL file ({"prompt": ...} or {"messages": [...]}) or stdin."""
+    if input_file is not None:
+        if not input_file.is_file():
+            raise SlmError(f"input file not found: {input_file}")
+        prompts = [prompt_of(row, where) for where, row in read_jsonl(input_file)]
+        if not prompts:
+            raise SlmError(f"{input_file} holds no prompts")
+        return prompts
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            raise SlmError("give a prompt, --input FILE.jsonl, or pipe text on stdin")
+        prompt = read_stdin()
+    if not prompt.strip():
+        raise SlmError("the prompt is empty")
+    return [prompt]

@@ -46,8 +46,26 @@ def _normal(text: str) -> str:
 def synthesize(topics: str, out: Path, *, teacher: str | None = None, kinds: tuple[str, ...] = ("textbook", "exercise"),
                per_topic: int = 1, max_new_tokens: int = 256, temperature: float = 0.8, top_p: float = 0.95,
                seed: int = 0, batch_size: int = 8, near_duplicate: float = 0.92, progress: bool = True) -> dict:
-    """Ask `teacher` (a local model, default the embedded one, or an endpoint `http://host:port/v1#model`)
-    for texts; append the new, non-duplicate ones."""
+    """Phi-style synthetic data: a teacher writes textbook sections and exercises on your topics; exact and
+    near-duplicates (MiniLM cosine >= 0.92) are dropped. Re-running resumes.
+
+    Ask `teacher` (a local model, default the embedded one, or an endpoint `http://host:port/v1#model`)
+    for texts; append the new, non-duplicate ones.
+
+    Args:
+        topics: A file with one topic per line, or a comma-separated list.
+        out: JSONL to append to (text, topic, kind, sample).
+        teacher: Teacher: a model (zoo name, directory, .gguf; default the embedded one) or an endpoint
+            http://host:port/v1#model.
+        kinds: textbook and/or exercise.
+        per_topic: Samples per topic and kind.
+        max_new_tokens: Longest text in tokens.
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling: the smallest set of tokens whose probability reaches this.
+        seed: Sampling seed.
+        batch_size: Prompts the teacher answers together.
+        near_duplicate: A text whose MiniLM cosine similarity to a kept one reaches this is dropped.
+    """
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
@@ -99,3 +117,8 @@ def synthesize(topics: str, out: Path, *, teacher: str | None = None, kinds: tup
                 summary["written"] += 1
             bar.advance(task, len(batch))
     return summary
+
+
+def report(s: dict, args: dict, out) -> None:
+    """Print what `slm data synthesize` reports."""
+    out.print(f"wrote {s['written']} new texts ({s['duplicates']} duplicates dropped) -> {s['out']}")

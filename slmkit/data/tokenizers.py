@@ -90,3 +90,22 @@ def train_bpe(docs: Iterable[str], vocab_size: int, out_dir: Path | None = None,
     if out_dir is not None:
         fast.save_pretrained(out_dir)
     return fast
+
+
+def tokenizer_train(data: str, out: Path, vocab_size: int = 8192) -> dict:
+    """Train a GPT-2-style byte-level BPE (with <|endoftext|>, <pad>, <mask>) on a corpus.
+
+    Args:
+        data: A packaged corpus (`slm data list`), a .txt/.jsonl file or directory, or a saved HF datasets directory.
+        out: Directory for the tokenizer files.
+        vocab_size: Vocabulary size (GPT-2: 50257).
+    """
+    from slmkit.data import corpora
+
+    tok = train_bpe(corpora.documents(data), vocab_size, out)
+    sample = "def hello(name):\n    return f'Hello, {name}!'"
+    return {"out": str(out), "vocab_size": len(tok), "sample": sample, "sample_tokens": len(tok(sample).input_ids)}
+
+
+def report(r: dict, args: dict, out) -> None:
+    out.print(f"trained {r['vocab_size']} tokens -> {r['out']}; {r['sample']!r} is {r['sample_tokens']} tokens")

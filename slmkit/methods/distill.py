@@ -27,7 +27,7 @@ from slmkit.methods.length_adaptive import (
     search_lengths,
     task_objective,
 )
-from slmkit.train import train, write_atomic
+from slmkit.train import RUNS_DIR, train, write_atomic
 
 
 def _check_pair(teacher, student, hidden_weight: float, attention_weight: float, lm: bool) -> list[int]:
@@ -93,12 +93,15 @@ def distill(
     val_size: int = 300,
     test_size: int = 600,
     run: str = "distill",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
     train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Distil `teacher` into `student` (default: the teacher's own starting checkpoint) on `data`.
+    """Knowledge distillation of a classifier or LM into a smaller student; --length-adaptive runs LAD and reports
+    accuracy, FLOPs and CPU speed of both students under the chosen token-pruning configuration.
+
+    Distil `teacher` into `student` (default: the teacher's own starting checkpoint) on `data`.
 
     classify: `data` is {"text", "label"} JSONL or a packaged set; a teacher that is not yet a classifier is
     fine-tuned on the training split first (`teacher_steps`); the student may keep only `student_layers`.
@@ -107,7 +110,31 @@ def distill(
     and - with `baseline` - the same student distilled without LAD, both measured on the test split under
     the chosen configuration. lm: `data` is a text corpus (`slm data list`), the student a checkpoint or a
     zoo spec (built with the teacher's tokenizer).
-    Each stage keeps its model in the run directory; a rerun skips finished stages."""
+    Each stage keeps its model in the run directory; a rerun skips finished stages.
+
+    Args:
+        teacher: classify: a classifier directory, or a model fine-tuned on the data first (--teacher-steps); lm: a
+            causal LM.
+        student: Student checkpoint or zoo spec (default for classify: the teacher's checkpoint).
+        data: classify: {"text", "label"} JSONL or a packaged set; lm: a corpus (`slm data list`).
+        task: classify or lm.
+        student_layers: Keep only these layers of the student (repeatable, 0-based).
+        temperature: Soft-target temperature.
+        alpha: Weight of the soft targets (1 - alpha: gold labels).
+        hidden_weight: Weight of mapped hidden-state MSE (0 = off).
+        attention_weight: Weight of mapped attention-map MSE (0 = off).
+        teacher_steps: Steps to fine-tune a teacher that is not a classifier.
+        length_adaptive: Length-Adaptive Distillation: general + sandwich task distillation under token pruning, then
+            a length search.
+        general_steps: LAD stage-1 (general distillation) steps.
+        max_drop: LAD: largest per-layer token drop ratio (LengthDrop).
+        sandwich: LAD: random length configurations per step besides the full and smallest.
+        baseline: LAD: also distil the student without LAD, for comparison.
+        candidates: LAD: length configurations tried by the search.
+        tolerance: LAD: accuracy points the chosen configuration may lose.
+        val_size: classify: validation examples (the length search uses them).
+        test_size: classify: held-out test examples.
+    """
     args = (train_args or FinetuneArgs()).validate()
     if task not in ("classify", "lm"):
         raise SlmError(f"unknown task '{task}' (classify or lm)")
@@ -248,3 +275,36 @@ def _distill_lm(teacher: str, student: str | None, data: str, student_layers, te
     return {**summary, "teacher": teacher, "student": student, "run_dir": str(run_dir),
             "student_parameters": net.num_parameters(), "teacher_parameters": t.model.num_parameters(),
             "val_ppl": math.exp(min(summary["val_loss"], 50))}
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm distill` reports."""
+    task = args["task"]
+    length_adaptive = args["length_adaptive"]
+    out.print(f"teacher {r['teacher_parameters']:,} parameters, student {r['student_parameters']:,}")
+    if task == "lm":
+        out.print(f"student validation perplexity {r['val_ppl']:.2f}; model in {r['run_dir']}/model")
+        return
+    out.print(f"test accuracy: teacher {r['teacher_test_accuracy']:.3f}" +
+              (f", student {r['student_test_accuracy']:.3f}" if "student_test_accuracy" in r else ""))
+    if length_adaptive:
+        _report_lad(r, out)
+    out.print(f"results -> {r['run_dir']}/distill.json")
+
+
+def _report_lad(r: dict, out) -> None:
+    from rich.table import Table
+
+    table = Table("student", "unpruned acc", "pruned acc", "drop (points)", "FLOPs ratio", "CPU speedup",
+                  "mean drop, configs at <= 1/2 FLOPs", title=f"test split; chosen length configuration "
+                  f"{r['chosen_lengths']}")
+    for name in ("lad", "kd"):
+        if name in r:
+            m = r[name]
+            half = f"{m['mean_drop_points_at_half_flops']:.1f} ({m['configs_at_half_flops']} configs)" \
+                if "mean_drop_points_at_half_flops" in m else "-"
+            table.add_row("LAD" if name == "lad" else "KD without LAD", f"{m['full']['accuracy']:.3f}",
+                          f"{m['pruned']['accuracy']:.3f}", f"{m['accuracy_drop_points']:.1f}",
+                          f"{m['flops_ratio']:.2f}x", f"{m['speedup']:.2f}x", half)
+    out.print(table)
+    out.print(f"model (with length_config.json) -> {r['student_model']}; frontier -> {r['run_dir']}/frontier.png")

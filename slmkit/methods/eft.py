@@ -233,12 +233,30 @@ def answer_nll(models: EFTModels, records, betas: list[float], *, progress: bool
     return {name: total / count for name, total in totals.items()} | {"answer_tokens": count}
 
 
-def eft_eval(large_base: str | None, small_ft: str, small_base: str, *, data: str = "chatterbot-en",
+def eft_eval(small_ft: str, small_base: str, large_base: str | None = None, *, data: str = "chatterbot-en",
              val_fraction: float = 0.1, seed: int = 0, betas: tuple[float, ...] = (0, 0.25, 0.5, 0.75, 1, 1.5, 2),
              limit: int | None = None, out_dir: Path = Path("runs/eft-eval"), dtype: str = "fp32",
              progress: bool = True) -> dict:
-    """The EFT miniature proof: held-out answer NLL of the large base alone vs up-scaled at each β. The held-out
-    records are the split `slm finetune` holds out with the same data, `val_fraction` and `seed`."""
+    """EFT's miniature proof: held-out answer NLL of the large base alone, the small models alone, and the up-scaled
+    combination for each β (table, JSON and a plot).
+
+    The EFT miniature proof: held-out answer NLL of the large base alone vs up-scaled at each β. The held-out
+    records are the split `slm finetune` holds out with the same data, `val_fraction` and `seed`.
+
+    Args:
+        large_base: The large base (default: the embedded model).
+        small_ft: The small fine-tuned model.
+        small_base: The small model's base.
+        data: Chat or prompt/completion data; the split `slm finetune` holds out (same --val-fraction and --seed) is
+            scored.
+        val_fraction: Held-out fraction (as in `slm finetune`).
+        seed: Split seed (as in `slm finetune`).
+        betas: β values to sweep.
+        limit: Score at most this many held-out records.
+        out_dir: Where eft_eval.json and eft_beta.png go.
+        dtype: auto (bf16 where the CPU has bf16 units), fp32, bf16, fp16, or int8 (torch engine: int8 weights, bf16
+            activations).
+    """
     import json
 
     from slmkit.data.sft import load_records, split
@@ -277,3 +295,21 @@ def plot_betas(scores: dict, betas: list[float], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm eft-eval` reports."""
+    from rich.table import Table
+
+    data = args["data"]
+    out_dir = args["out_dir"]
+    table = Table("model", "held-out answer NLL / token", "perplexity",
+                  title=f"EFT on {r['held_out']} held-out {data} records ({r['nll']['answer_tokens']} answer tokens)")
+    rows = [(f"large base alone ({r['large_base']})", "large_base"),
+            (f"small fine-tuned ({r['small_ft']})", "small_ft"),
+            (f"small base ({r['small_base']})", "small_base")]
+    rows += [(f"EFT β={b:g}" + (" (best)" if b == r["best_beta"] else ""), f"eft_beta_{b:g}") for b in args["betas"]]
+    for label, key in rows:
+        table.add_row(label, f"{r['nll'][key]:.3f}", f"{math.exp(r['nll'][key]):.2f}")
+    out.print(table)
+    out.print(f"results -> {Path(out_dir) / 'eft_eval.json'}, plot -> {r['plot']}")

@@ -10,30 +10,12 @@ Fine-tuning is full, or LoRA adapters (`peft`) on every linear layer, merged int
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 from slmkit.data.sft import ClassificationData, SFTData, load_classification, load_records, split
 from slmkit.errors import SlmError
-from slmkit.train import TrainArgs, evaluate, train
-
-
-@dataclass
-class FinetuneArgs(TrainArgs):
-    """TrainArgs with fine-tuning defaults (short, low learning rate, no weight decay)."""
-
-    steps: int = field(default=200, metadata={"help": "Optimizer steps."})
-    batch_size: int = field(default=4, metadata={"help": "Examples per process per micro-batch."})
-    seq_len: int = field(default=512, metadata={"help": "Longest example in tokens (longer ones are cut)."})
-    lr: float = field(default=2e-4, metadata={"help": "Peak learning rate (LoRA; use ~2e-5 for full)."})
-    warmup_steps: int = field(default=10, metadata={"help": "Linear warm-up steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (matrices only)."})
-    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    eval_every: int = field(default=50, metadata={"help": "Steps between validation runs (0 = only at end)."})
-    save_every: int = field(default=100, metadata={"help": "Steps between checkpoints (0 = only at end)."})
-    group_by_length: bool = field(default=False, metadata={
-        "help": "Batch examples of similar length together (less padding; the order stays seeded)."})
-
+from slmkit.train import RUNS_DIR, FinetuneArgs, evaluate, train
 
 # --- data ------------------------------------------------------------------------------------------------
 
@@ -124,13 +106,15 @@ def finetune(
     lora_dropout: float = 0.05,
     qlora: bool = False,
     run: str = "finetune",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
     train_args: FinetuneArgs | None = None,
     progress: bool = True,
     objective=None,
 ) -> dict:
-    """Fine-tune a model and return the run summary with held-out scores before and after.
+    """Fine-tune: chat SFT with loss on answer tokens only (LoRA merged at the end), or a classifier head.
+
+    Fine-tune a model and return the run summary with held-out scores before and after.
 
     task `chat`: a causal LM (default: the embedded model) or an encoder-decoder (T5: the input is the prompt
     or the turns before each answer) on chat or prompt/completion data, loss on answers only; LoRA by default.
@@ -139,6 +123,20 @@ def finetune(
     `qlora`: the frozen base is loaded in 4-bit NF4 (bitsandbytes) and LoRA adapters train on top; the saved
     model merges the adapter into the full-precision base.
     `objective`: replaces the chat task's loss (`sft_objective`), e.g. FLAME's with its retrieval term.
+
+    Args:
+        data: chat: chatterbot-en or a .jsonl of {"messages": [...]} or {"prompt", "completion"}; classify:
+            chatterbot-topics or a .jsonl of {"text", "label"}.
+        task: chat (causal LM, answer-only loss) or classify (encoder + classification head; default model
+            all-minilm-l6-v2).
+        val_data: Held-out examples (default: a split of --data).
+        val_fraction: Fraction held out when --val-data is not given.
+        lora: LoRA adapters on all linear layers, or full fine-tuning (default: LoRA for chat, full for classify).
+        lora_dropout: Dropout on the LoRA adapters' input.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling alpha.
+        qlora: QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes) under the LoRA adapters; the saved model is
+            merged in full precision.
     """
     args = (train_args or FinetuneArgs()).validate()
     if task not in ("chat", "classify"):
@@ -203,3 +201,13 @@ def _chat_setup(model: str | None, train_records, val_records, args: FinetuneArg
     train_set = SFTData(tok, train_records, args.seq_len, enc_dec, args.group_by_length)
     val_set = SFTData(tok, val_records, args.seq_len, enc_dec)
     return loaded.model, tok, train_set, val_set, sft_objective
+
+
+def report(s: dict, args: dict, out) -> None:
+    """Print what `slm finetune` reports."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out.print(f"done: held-out loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f} "
+              f"({s['trainable_parameters']:,} trainable parameters); model in {s['run_dir']}/model")
+    if "val_accuracy" in s:
+        out.print(f"held-out accuracy {s['val_accuracy_before']:.3f} -> {s['val_accuracy']:.3f}")

@@ -24,8 +24,18 @@ from pathlib import Path
 from slmkit.data.corpora import write_jsonl
 from slmkit.data.records import read_jsonl
 from slmkit.errors import SlmError
+from slmkit.train import RUNS_DIR, FinetuneArgs
 
 PACKAGED_TASKS = Path(__file__).resolve().parents[1] / "data" / "flan" / "tasks.yaml"
+
+HELP = {  # the help of arguments several workflows here share (see slmkit.workflows)
+    "clusters": "Only these clusters (repeatable).",
+    "exclude": "Leave out these clusters (repeatable).",
+    "examples": "Examples in the mixture.",
+    "cap": "Per-task cap for examples-proportional mixing.",
+    "few_shot": "Fraction of examples rendered few-shot.",
+    "cot": "Fraction of rationale-bearing tasks' examples rendered as chain of thought (0 = no CoT).",
+}
 FORMATS = ("zero", "few", "cot")
 
 
@@ -319,7 +329,14 @@ def training_rows(rows: list[dict], chat: bool) -> list[dict]:
 def flan_build(out: Path, *, tasks_file: Path | None = None, clusters: list[str] | None = None,
                exclude: list[str] | None = None, examples: int = 3000, cap: int = 500, few_shot: float = 0.2,
                cot: float = 0.5, seed: int = 0) -> dict:
-    """Write an instruction mixture as prompt/completion JSONL (with task, cluster and format per row)."""
+    """Render tasks through their templates (zero-shot, few-shot, CoT, turned around, OPTIONS) into a mixture.
+
+    Write an instruction mixture as prompt/completion JSONL (with task, cluster and format per row).
+
+    Args:
+        out: The mixture, prompt/completion JSONL.
+        seed: Seed: the same seed writes the same mixture.
+    """
     collection = load_collection(tasks_file)
     rows = build_mixture(collection, clusters=clusters, exclude=exclude, examples=examples, cap=cap,
                          few_shot=few_shot, cot=cot, seed=seed)
@@ -342,15 +359,22 @@ def flan_train(
     cot: float = 0.5,
     lora: bool = True,
     run: str = "flan",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
     seed: int = 0,
-    train_args=None,
+    train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Instruction-tune a decoder-only or an encoder-decoder (T5) model on a FLAN mixture: `data` (from
+    """Instruction-tune a decoder-only model or a T5 (e.g. -m flan-t5-nano after `slm ul2r`/pretraining, or a Flan-T5
+    directory) on a FLAN mixture.
+
+    Instruction-tune a decoder-only or an encoder-decoder (T5) model on a FLAN mixture: `data` (from
     `slm flan build`), or one built here from the task collection (`clusters`/`exclude`, mixing options).
-    Chat models learn it through their chat template; the run's mixture is kept in the run directory."""
+    Chat models learn it through their chat template; the run's mixture is kept in the run directory.
+
+    Args:
+        data: A mixture from `slm flan build` (default: build one here from the options below).
+    """
     from slmkit.generate import is_chat_model
     from slmkit.methods.finetune import FinetuneArgs, finetune
     from slmkit.models import load
@@ -388,14 +412,24 @@ def flan_eval(
     rank: bool = False,
     lora: bool = True,
     run: str = "flan",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     seed: int = 0,
-    train_args=None,
+    train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """FLAN's held-out-cluster evaluation: zero-shot accuracy on the `held_out` cluster's tasks, then
+    """FLAN's held-out-cluster test: zero-shot accuracy on one cluster, instruction tuning on all the others, zero-shot
+    accuracy again.
+
+    FLAN's held-out-cluster evaluation: zero-shot accuracy on the `held_out` cluster's tasks, then
     instruction tuning on a mixture of all other clusters, then zero-shot accuracy again (`rank`: OPTIONS
-    tasks scored by rank classification instead of generation)."""
+    tasks scored by rank classification instead of generation).
+
+    Args:
+        held_out: The cluster to hold out (see `slm flan list`).
+        eval_per_task: Held-out examples per task.
+        rank: Score OPTIONS tasks by rank classification (the likeliest option) instead of reading the generated
+            answer.
+    """
     from slmkit.models import load
 
     collection = load_collection(tasks_file)
@@ -416,3 +450,40 @@ def flan_eval(
               "eval_per_task": eval_per_task, "before": before, "after": after, "val_loss": summary.get("val_loss")}
     (run_dir / "flan_eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def report_build(r: dict, args: dict, out) -> None:
+    """Print what `slm flan build` reports."""
+    out.print(f"wrote {r['examples']} examples of {r['tasks']} tasks ({r['formats']}) -> {r['out']}")
+
+
+def report_train(r: dict, args: dict, out) -> None:
+    """Print what `slm flan train` reports."""
+    out.print(f"trained on {r['mixture_examples']} examples ({r['formats']}); val loss {r['val_loss_before']:.3f} -> "
+              f"{r['val_loss']:.3f}; model -> {r['model_dir']}")
+
+
+def report_eval(r: dict, args: dict, out) -> None:
+    """Print what `slm flan eval` reports."""
+    from rich.table import Table
+
+    held_out = args["held_out"]
+    run = args["run"]
+    runs_dir = args["runs_dir"]
+    table = Table("held-out task", "zero-shot before", "after instruction tuning",
+                  title=f"FLAN: trained on {', '.join(r['trained_clusters'])}; held out: {held_out}")
+    for task, acc in r["before"]["tasks"].items():
+        table.add_row(task, f"{acc:.3f}", f"{r['after']['tasks'][task]:.3f}")
+    table.add_row("[bold]mean[/]", f"{r['before']['mean']:.3f}", f"[bold]{r['after']['mean']:.3f}[/]")
+    out.print(table)
+    out.print(f"results -> {Path(runs_dir) / run / 'flan_eval.json'}")
+
+
+def flan_list(tasks_file: Path | None = None) -> dict[str, list[str]]:
+    """Task clusters and their tasks."""
+    return dict(sorted(load_collection(tasks_file).clusters.items()))
+
+
+def report_list(clusters: dict[str, list[str]], args: dict, out) -> None:
+    for cluster, names in clusters.items():
+        out.print(f"[bold]{cluster}[/]: {', '.join(names)}")

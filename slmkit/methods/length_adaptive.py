@@ -345,10 +345,25 @@ def prune_search(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Score `candidates` length configurations of a classifier directory on the validation split of `data`
+    """Find token-pruning length configurations on the speed-accuracy frontier; save the chosen one with the model
+    (length_config.json, applied by `slm classify`).
+
+    Score `candidates` length configurations of a classifier directory on the validation split of `data`
     (the split `slm distill` holds out), save the cheapest within `tolerance` accuracy points of unpruned as
     MODEL/length_config.json, plot the frontier to MODEL/frontier.png, and report the chosen configuration on
-    the test split."""
+    the test split.
+
+    Args:
+        model: A sequence-classifier directory (e.g. runs/NAME/lad/model).
+        data: The data the model was distilled on (its validation split is searched).
+        candidates: Length configurations to try.
+        max_drop: Largest per-layer drop ratio of the trained range.
+        tolerance: Accuracy points the chosen configuration may lose.
+        val_size: Validation examples (as in `slm distill`).
+        test_size: Test examples (as in `slm distill`).
+        seq_len: Tokens per input.
+        seed: Seed of the sampled configurations.
+    """
     from slmkit.data.sft import ClassificationData, load_classification, split_rows
     from slmkit.models import load
 
@@ -372,11 +387,24 @@ def prune_search(
             "speedup": full["seconds"] / pruned["seconds"]}
 
 
-def classify(model: str, texts: list[str], lengths: list[float] | None = None, seq_len: int = 512) -> list[dict]:
-    """Label texts with a sequence classifier, under its saved length configuration (or `lengths`)."""
+def classify(model: str, texts: list[str], lengths: tuple[float, ...] | None = None, seq_len: int = 512) -> list[dict]:
+    """Label texts with a classifier, under its token-pruning length configuration when it has one.
+
+    Args:
+        model: A sequence-classifier directory.
+        texts: Texts to label ('-' reads one text per line from stdin).
+        lengths: Token-pruning fractions per layer, e.g. 1,0.6,0.4,0.3 (default: the model's length_config.json, if
+            any).
+        seq_len: Longest input in tokens (longer texts are cut).
+    """
     import torch
 
     from slmkit.models import load
+
+    if list(texts) == ["-"]:
+        from slmkit.data.records import read_stdin
+
+        texts = [line for line in read_stdin().splitlines() if line.strip()]
 
     loaded = load(model, dtype="fp32")
     if loaded.task != "classifier":
@@ -395,6 +423,24 @@ def classify(model: str, texts: list[str], lengths: list[float] | None = None, s
                 else net(**batch).logits[0]
             probs = torch.softmax(logits.float(), -1)
             best = int(probs.argmax())
-            out.append({"label": net.config.id2label[best], "probability": float(probs[best]),
+            out.append({"text": text, "label": net.config.id2label[best], "probability": float(probs[best]),
                         "lengths": list(lengths) if lengths else None})
     return out
+
+
+def report_labels(rows: list[dict], args: dict, out) -> None:
+    for r in rows:
+        out.print(f"{r['label']}\t{r['probability']:.3f}\t{r['text'][:80]!r}")
+
+
+def report_search(r: dict, args: dict, out) -> None:
+    """Print what `slm prune-search` reports."""
+    from rich.table import Table
+
+    table = Table("lengths per layer", "val accuracy", "FLOPs (M)", title="frontier (validation)")
+    for p in r["frontier"]:
+        table.add_row(str(p["lengths"] or "unpruned"), f"{p['accuracy']:.3f}", f"{p['flops'] / 1e6:,.0f}")
+    out.print(table)
+    out.print(f"chosen {r['chosen']}: test accuracy {r['test_full']['accuracy']:.3f} -> "
+              f"{r['test_pruned']['accuracy']:.3f}, {r['flops_ratio']:.2f}x fewer FLOPs, {r['speedup']:.2f}x faster; "
+              f"saved to {r['model']}/length_config.json")

@@ -24,6 +24,7 @@ from pathlib import Path
 from slmkit.data.corpora import write_jsonl
 from slmkit.errors import SlmError
 from slmkit.methods.flan import Collection, Item, is_correct, load_collection, make_items, render
+from slmkit.train import RUNS_DIR, FinetuneArgs
 
 FINAL = "End with a last line of the form: The answer is <answer>."
 STRATEGIES = {
@@ -41,6 +42,16 @@ GENERIC_SYSTEM = "You are a careful assistant. Read the question closely and ans
 ORCA_TASKS = Path(__file__).resolve().parents[1] / "data" / "orca" / "tasks.yaml"
 TRAIN_SEED, EVAL_SEED = 17, 99991  # item seeds of training and held-out items (as in flan.py)
 DEFAULT_TASKS = ("syllogism", "isomorphic_strings", "letter_counting", "number_sequence", "sum_small")
+HELP = {  # the help of arguments several workflows here share (see slmkit.workflows)
+    "teacher": "Teacher: a model (zoo name, directory, .gguf; default the embedded one) or an endpoint "
+               "http://host:port/v1#model.",
+    "tasks": "Tasks (repeatable; names from `slm flan list` or slmkit/data/orca/tasks.yaml). Default: "
+             f"{', '.join(DEFAULT_TASKS)}.",
+    "per_task": "Training items per task the teacher answers.",
+    "probe": "Items per task on which every strategy is tried to pick one.",
+    "attempts": "Answers tried per item until one is accepted (greedy, then sampled).",
+    "max_new_tokens": "Longest answer in tokens (explanations need room).",
+}
 
 
 def question(item: Item, collection: Collection) -> str:
@@ -110,10 +121,19 @@ def orca_data(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Explanation-tuning data: per task, the teacher's accuracy under each strategy on `probe` items picks
+    """The teacher answers every task under each strategy's system prompt; the most accurate strategy per task is kept,
+    and its scorer-accepted answers are written under the generic system prompt (prompt erasure).
+
+    Explanation-tuning data: per task, the teacher's accuracy under each strategy on `probe` items picks
     the strategy; then the teacher answers `per_task` training items under it (greedy first, then up to
     `attempts - 1` samples at temperature 0.7 for items still unanswered) and answers the scorer accepts are
-    written with the generic system prompt. Also writes OUT's `.strategies.json` (accuracy table, choices)."""
+    written with the generic system prompt. Also writes OUT's `.strategies.json` (accuracy table, choices).
+
+    Args:
+        out: The training data, chat JSONL (with task, strategy).
+        strategies: Strategies to try (repeatable; default all).
+        seed: Item and sampling seed.
+    """
     from slmkit.client import open_lm
     from slmkit.generate import SamplingParams
 
@@ -157,13 +177,19 @@ def orca_train(
     model: str | None = None,
     lora: bool = True,
     run: str = "orca",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
-    train_args=None,
+    train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train a student on Orca data (from `orca_data`): chat turns under the generic system prompt, loss on
-    the answers only."""
+    """Train a student on Orca data: the generic system prompt, loss on the answers only (ChatML).
+
+    Train a student on Orca data (from `orca_data`): chat turns under the generic system prompt, loss on
+    the answers only.
+
+    Args:
+        data: Orca data from `slm orca data`.
+    """
     from slmkit.methods.finetune import FinetuneArgs, finetune
 
     if not Path(data).is_file():
@@ -239,16 +265,23 @@ def orca_eval(
     max_new_tokens: int = 320,
     lora: bool = True,
     run: str = "orca",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     seed: int = 0,
-    train_args=None,
+    train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """The miniature proof. Two students from the same model, trained the same way on data from the same
+    """The Orca proof: a student trained with prompt erasure on the best strategy's answers vs one trained on the
+    teacher's direct answers, on held-out items.
+
+    The miniature proof. Two students from the same model, trained the same way on data from the same
     teacher, filtered by the same scorer: `erasure` on the answers of each task's best strategy (Orca), `direct`
     on the teacher's direct answers (the direct-answer strategy for every task). Greedy accuracy of the
     untuned model and both students on held-out items of the same tasks, all under the generic system prompt,
-    and of the teacher under each task's chosen strategy prompt for reference."""
+    and of the teacher under each task's chosen strategy prompt for reference.
+
+    Args:
+        eval_per_task: Held-out items per task.
+    """
     from slmkit.client import open_lm
     from slmkit.methods.finetune import FinetuneArgs
 
@@ -282,3 +315,40 @@ def orca_eval(
               "held_out_per_task": {t: len(v) for t, v in held_out.items()}, "accuracy": scores, "steps": args.steps}
     (run_dir / "orca_eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def report_data(r: dict, args: dict, out) -> None:
+    """Print what `slm orca data` reports."""
+    from rich.table import Table
+
+    per_task = args["per_task"]
+    probe = args["probe"]
+    table = Table("task", *next(iter(r["strategy_accuracy"].values())), "chosen", "kept",
+                  title=f"teacher {r['teacher']}: accuracy per strategy on {probe} probe items")
+    for t, acc in r["strategy_accuracy"].items():
+        table.add_row(t, *(f"{a:.2f}" for a in acc.values()), r["chosen"][t], f"{r['kept_per_task'][t]}/{per_task}")
+    out.print(table)
+    out.print(f"wrote {r['examples']} examples -> {r['out']}")
+
+
+def report_train(r: dict, args: dict, out) -> None:
+    """Print what `slm orca train` reports."""
+    out.print(f"val loss {r['val_loss_before']:.3f} -> {r['val_loss']:.3f}; model -> {Path(r['run_dir']) / 'model'}")
+
+
+def report_eval(r: dict, args: dict, out) -> None:
+    """Print what `slm orca eval` reports."""
+    from rich.table import Table
+
+    run = args["run"]
+    runs_dir = args["runs_dir"]
+    acc = r["accuracy"]
+    table = Table("task", "strategy", "untuned", "direct student", "erasure student", "teacher + strategy",
+                  title=f"Orca: held-out accuracy under the generic system prompt (teacher {r['teacher']})")
+    for t in r["tasks"]:
+        table.add_row(t, r["chosen"][t], *(f"{acc[k]['tasks'][t]:.3f}" for k in
+                                          ("untuned", "direct", "erasure", "teacher_with_strategy")))
+    table.add_row("[bold]mean[/]", "", *(f"{acc[k]['mean']:.3f}" for k in
+                                       ("untuned", "direct", "erasure", "teacher_with_strategy")))
+    out.print(table)
+    out.print(f"results -> {Path(runs_dir) / run / 'orca_eval.json'}")

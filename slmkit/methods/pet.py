@@ -36,7 +36,7 @@ import numpy as np
 from slmkit.data.sft import ClassificationData, SFTData, load_classification, split_rows
 from slmkit.errors import SlmError
 from slmkit.methods.finetune import FinetuneArgs, accuracy, add_lora, classification_objective, classifier_from
-from slmkit.train import train
+from slmkit.train import RUNS_DIR, train
 
 # --- pattern-verbalizer pairs ----------------------------------------------------------------------------
 
@@ -391,17 +391,37 @@ def pet(
     final_steps: int = 0,
     baseline: bool = True,
     run: str = "pet",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """PET (and with `ipet` > 0, iPET for that many generations) from `train_size` labelled examples of `data`
+    """PET / iPET: cloze patterns + verbalizers learn from a few labels; the pattern models' ensemble labels unlabelled
+    text for a final classifier. Reports test accuracy against plain fine-tuning, per seed.
+
+    PET (and with `ipet` > 0, iPET for that many generations) from `train_size` labelled examples of `data`
     ({"text", "label"} JSONL or a packaged set), against plain fine-tuning of the same model, per seed.
 
     `model` is a causal LM (default: the embedded model; each label word is scored as the next word) or a masked
     LM (scored at its mask token). `pvps` is a YAML file of patterns and a verbalizer (packaged for
     spam-assassin). Every stage keeps its result in the run directory: a rerun skips what is done, and
-    an interrupted stage continues from its last checkpoint."""
+    an interrupted stage continues from its last checkpoint.
+
+    Args:
+        data: Labelled {"text", "label"} JSONL or a packaged set (spam-assassin, chatterbot-topics).
+        pvps: YAML with `verbalizer:` (label: word) and `patterns:` (templates with {text} and {mask}); packaged for
+            spam-assassin.
+        train_size: Labelled examples.
+        unlabeled_size: Unlabelled examples (labels hidden).
+        test_size: Held-out test examples.
+        seeds: Seeds for the labelled draw and training (repeatable; default 0; replaces --seed).
+        ipet: iPET generations after PET (0 = PET only).
+        growth: iPET: training-set growth factor per generation.
+        others: iPET: the fraction of the other pattern models whose ensemble labels each model's next set.
+        aux_weight: Weight of the auxiliary LM loss on unlabelled text.
+        temperature: Soft-label temperature for the final classifier.
+        final_steps: Steps for the final classifier (0 = --steps).
+        baseline: Also fine-tune the same model plainly on the labels.
+    """
     from dataclasses import replace
 
     args = (train_args or FinetuneArgs()).validate()
@@ -482,3 +502,17 @@ def plot_pet(summary: dict, out: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm pet` reports."""
+    from rich.table import Table
+
+    run = args["run"]
+    runs_dir = args["runs_dir"]
+    table = Table("method", "mean", "std", *[f"seed {s}" for s in r["seeds"]],
+                  title=f"{r['data']}: {r['train_size']} labels, test accuracy")
+    for m in r["mean"]:
+        table.add_row(m, f"{r['mean'][m]:.3f}", f"{r['std'][m]:.3f}", *[f"{s[m]:.3f}" for s in r["per_seed"]])
+    out.print(table)
+    out.print(f"results -> {Path(runs_dir) / run / 'pet.json'}, plot -> {Path(runs_dir) / run / 'pet.png'}")

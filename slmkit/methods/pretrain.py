@@ -12,11 +12,12 @@ vocabulary size, or a checkpoint to continue), a tokenizer, a corpus; tokenise o
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.train import TrainArgs, train
+from slmkit.train import RUNS_DIR, TrainArgs, train
 
 
 def causal_lm_objective(model, batch, generator):
@@ -100,17 +101,26 @@ def pretrain(
     tokenizer: str | None = None,
     objective: str | None = None,
     run: str = "pretrain",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
     train_args: TrainArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Pretrain a zoo spec from scratch (or continue a checkpoint) on a corpus; returns the run summary.
+    """Pretrain a causal LM (TinyLlama/LiteLlama/Phi recipe), a masked LM (RoBERTa recipe) or an encoder-decoder (T5
+    span corruption, e.g. -m flan-t5-nano) on a corpus.
+
+    Pretrain a zoo spec from scratch (or continue a checkpoint) on a corpus; returns the run summary.
 
     `tokenizer`: `llama2`, a model/tokenizer path, or `bpe:N` to train an N-token byte-level BPE on the
     corpus (cached). Default: the model's own tokenizer for checkpoints, `bpe:8192` for zoo specs.
     `objective`: `clm`, `mlm` or `span` (default from the model: masked-LM specs get `mlm`, encoder-decoders
     T5's span corruption: 15% of tokens in spans of mean length 3, each replaced by a sentinel).
+
+    Args:
+        model: A zoo spec to build fresh (e.g. tinyllama-nano, roberta-nano) or a checkpoint to continue.
+        data: Corpus name, .txt/.jsonl file or directory.
+        tokenizer: llama2, a model/tokenizer path, or bpe:N (trained on the data). Default: bpe:8192 for a fresh spec.
+        objective: clm (causal LM), mlm (RoBERTa masking) or span (T5 span corruption); default from the model.
     """
     from slmkit import zoo
     from slmkit.data.packing import PackedTokens, unigram_perplexity
@@ -146,3 +156,12 @@ def pretrain(
     summary.update(run_dir=str(Path(runs_dir) / run), parameters=net.num_parameters(),
                    val_ppl=math.exp(min(summary["val_loss"], 50)))
     return summary
+
+
+def report(s: dict, args: dict, out) -> None:
+    """Print what `slm pretrain` reports."""
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch, one process reports
+        return
+    baseline = f" (unigram baseline {s['unigram_ppl']:.1f})" if "unigram_ppl" in s else ""
+    out.print(f"done: validation loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.1f}{baseline}; "
+              f"model in {s['run_dir']}/model, curves in {s['run_dir']}/loss.png")

@@ -134,12 +134,30 @@ def supericl(
     out_dir: Path = Path("runs/supericl"),
     progress: bool = True,
 ) -> dict:
-    """Accuracy of the plug-in alone, ICL alone and SuperICL on held-out labelled data.
+    """SuperICL: a small fine-tuned classifier's predictions and confidences go into the large model's in-context
+    demonstrations; reports plug-in alone, ICL alone and SuperICL accuracy on held-out data.
+
+    Accuracy of the plug-in alone, ICL alone and SuperICL on held-out labelled data.
 
     `data`: labelled {"text", "label"} JSONL or a packaged set; `test_data` is the held-out set (default: a
     `test_fraction` split of `data`, by seed). `plugin`: a trained classifier directory; without it one is
     fine-tuned from `plugin_base` on the training split. `large`: local model or endpoint (default: the
     embedded model). `explain`: when SuperICL overrides the plug-in, ask the large model why.
+
+    Args:
+        data: Labelled {"text", "label"} JSONL or a packaged set.
+        test_data: Held-out labelled set (default: a split of --data).
+        test_fraction: Held-out fraction when --test-data is not given.
+        plugin: A trained classifier directory (default: fine-tune --plugin-base on the training split).
+        plugin_base: Encoder to fine-tune as the plug-in.
+        plugin_steps: Plug-in fine-tuning steps.
+        large: The large model: local (default: the embedded model) or an endpoint http://host:port/v1#model.
+        shots: Demonstrations per prompt.
+        retrieval: knn (MiniLM nearest neighbours) or random demonstrations.
+        explain: Ask the large model to explain when it overrides the plug-in.
+        limit: Evaluate at most this many held-out examples.
+        seed: Split, sampling and training seed.
+        out_dir: Where supericl.json and predictions.jsonl go.
     """
     from slmkit.client import open_lm
     from slmkit.data.quality import Embedder
@@ -200,3 +218,16 @@ def supericl(
     write_jsonl(records, out_dir / "predictions.jsonl")
     (out_dir / "supericl.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm supericl` reports."""
+    shots = args["shots"]
+    retrieval = args["retrieval"]
+    out_dir = args["out_dir"]
+    acc = r["accuracy"]
+    out.print(f"{r['test_examples']} held-out examples, {shots} {retrieval} demonstrations, large model {r['large']}")
+    for name, label in (("plugin", "plug-in alone"), ("icl", "ICL alone"), ("supericl", "SuperICL")):
+        out.print(f"  {label:14s} {acc[name]:.3f}")
+    out.print(f"  SuperICL overrode the plug-in {r['overrides']} times ({r['overrides_correct']} correctly); "
+              f"results -> {Path(out_dir) / 'supericl.json'}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from slmkit.data.sft import seq2seq_batch
 from slmkit.errors import SlmError
+from slmkit.train import RUNS_DIR, TrainArgs
 
 MODE_TOKENS = {"R": "[NLU]", "X": "[NLG]", "S": "[S2S]"}
 SENTINELS = 64
@@ -232,14 +233,28 @@ def ul2r(
     pretrain_tokens: int | None = None,
     eval_windows: int = 64,
     run: str = "ul2r",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
-    train_args=None,
+    train_args: TrainArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Continue training `model` (a checkpoint) with the UL2 mixture of denoisers for `budget` x its
+    """UL2R: continued training with UL2's mixture of denoisers (prefix-LM for decoder-only models, span corruption for
+    T5); reports infilling loss and left-to-right perplexity before and after.
+
+    Continue training `model` (a checkpoint) with the UL2 mixture of denoisers for `budget` x its
     pretraining tokens (read from its run, or `pretrain_tokens`); `train_args.steps` overrides the budget.
-    Returns infilling loss and left-to-right perplexity before and after."""
+    Returns infilling loss and left-to-right perplexity before and after.
+
+    Args:
+        model: The pretrained checkpoint to continue (e.g. runs/NAME/model from `slm pretrain`).
+        data: Corpus name, .txt/.jsonl file or directory.
+        denoisers: KIND:MEAN_SPAN:RATE:WEIGHT,... with KIND R (regular), X (extreme) or S (sequential/prefix-LM).
+        budget: Extra compute as a fraction of the pretraining tokens (read from the run's metrics, or
+            --pretrain-tokens); --steps overrides.
+        pretrain_tokens: Tokens the model was pretrained on.
+        eval_windows: Validation windows measured before and after.
+        resume: Continue runs/NAME from its latest checkpoint.
+    """
     import torch
 
     from slmkit.data.packing import PackedTokens
@@ -279,3 +294,15 @@ def ul2r(
         result["l2r_ppl_change"] = after["l2r_ppl"] / before["l2r_ppl"] - 1
     (Path(runs_dir) / run / "ul2r.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm ul2r` reports."""
+    b, a = r["before"], r["after"]
+    extra = f" ({r['extra_compute']:.1%} of pretraining)" if r["extra_compute"] else ""
+    out.print(f"UL2R: {r['steps']} steps, {r['extra_tokens']:,} tokens{extra}")
+    out.print(f"  infilling loss        {b['infilling_loss']:.3f} -> {a['infilling_loss']:.3f} (hidden text tokens "
+              f"only: {b['infilling_text_loss']:.3f} -> {a['infilling_text_loss']:.3f})")
+    if "l2r_ppl" in b:
+        out.print(f"  left-to-right ppl     {b['l2r_ppl']:.2f} -> {a['l2r_ppl']:.2f} ({r['l2r_ppl_change']:+.1%})")
+    out.print(f"results -> {Path(r['run_dir']) / 'ul2r.json'}")

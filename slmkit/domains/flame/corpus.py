@@ -42,11 +42,22 @@ def formula_corpus(count: int, seed: int = 0, max_depth: int = 3, progress: bool
 
 def flame_data(out: Path, count: int = 20000, seed: int = 0, test_fraction: float = 0.05, vocab_size: int = 4096,
                progress: bool = True) -> dict:
-    """Write the FLAME corpus: formulas.jsonl (train/test; every formula has its own sketch, so test shapes are
+    """Generate the formula corpus (checked with openpyxl and `formulas`, deduplicated by sketch), last-mile repair
+    pairs by corruption kind, and a formula-aware BPE tokenizer.
+
+    Write the FLAME corpus: formulas.jsonl (train/test; every formula has its own sketch, so test shapes are
     unseen in training), repair.jsonl (broken -> fixed, with the corruption kind), pretrain.jsonl (damaged ->
     whole formula, `PRETRAIN_VARIANTS` per training formula, one objective each), tasks.jsonl (the repair and
     completion fine-tuning pairs) and tokenizer/ (a byte-level BPE over the training formulas with
-    formula-aware pre-tokenisation; FLAME uses ~16K at real size), all deterministic from `seed`."""
+    formula-aware pre-tokenisation; FLAME uses ~16K at real size), all deterministic from `seed`.
+
+    Args:
+        out: Output directory.
+        count: Formulas (one per sketch).
+        seed: Seed: the same seed writes the same corpus.
+        test_fraction: Fraction of formulas held out for testing.
+        vocab_size: BPE vocabulary of the formula tokenizer.
+    """
     from slmkit.data.tokenizers import train_bpe
     from slmkit.train import write_atomic
 
@@ -83,3 +94,9 @@ def completion_prefix(formula: str, rng: random.Random) -> str:
     """The first 30-70% of a formula's pieces (what a user has typed so far)."""
     pieces = re.findall(FORMULA_PIECES, formula)
     return "".join(pieces[:max(2, round(len(pieces) * rng.uniform(0.3, 0.7)))])
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm flame data` reports."""
+    kinds = ", ".join(f"{k} {v}" for k, v in r["kinds"].items())
+    out.print(f"{r['formulas']} formulas ({r['test']} test), {r['repairs']} repair pairs ({kinds}) -> {r['out']}")

@@ -14,6 +14,9 @@ from slmkit.domains.flame.formulas import check_formula, equivalent
 from slmkit.domains.flame.noise import COMPLETE, REPAIR, TASK_PROMPTS
 from slmkit.errors import SlmError
 from slmkit.methods.finetune import FinetuneArgs
+from slmkit.train import RUNS_DIR
+
+TRAINED = "runs/flame/tune/model"  # where `slm flame train` leaves the fine-tuned model
 
 
 def normalise(formula: str) -> str:
@@ -76,16 +79,27 @@ def flame_train(
     model: str = "flame-nano",
     pretrain_steps: int = 600,
     run: str = "flame",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
     train_args: FinetuneArgs | None = None,
     retrieval_weight: float = 0.0,
     progress: bool = True,
 ) -> dict:
-    """Pretrain `model` (a zoo spec, built with DATA's formula tokenizer, or a checkpoint) on DATA/pretrain.jsonl
+    """Pretrain a FLAME model on formulas (tail masking, random noise, span masking, user-inspired noise: each asks for
+    the whole formula), then fine-tune it for repair and completion (and retrieval).
+
+    Pretrain `model` (a zoo spec, built with DATA's formula tokenizer, or a checkpoint) on DATA/pretrain.jsonl
     - FLAME's objectives, each asking for the whole formula back from a damaged one (`pretrain_steps`; 0
     skips) - then fine-tune it on DATA/tasks.jsonl (repair and completion; with `retrieval_weight` > 0, plus
-    the contrastive retrieval term). Returns both stages' summaries; the model is RUNS_DIR/RUN/tune/model."""
+    the contrastive retrieval term). Returns both stages' summaries; the model is RUNS_DIR/RUN/tune/model.
+
+    Args:
+        data: Directory written by `slm flame data`.
+        model: FLAME zoo spec (flame-nano, flame-60m) or a checkpoint.
+        pretrain_steps: Pretraining steps on FLAME's objectives: the whole formula back from a damaged one (0 = skip).
+        retrieval_weight: Weight of the contrastive retrieval term in fine-tuning (each input nearer its own formula
+            than the batch's others; 0 = off).
+    """
     from dataclasses import replace
 
     from transformers import AutoTokenizer
@@ -130,16 +144,37 @@ def _generate(loaded, prompts: list[str], batch_size: int, max_new_tokens: int =
     return [t.strip() for t in LocalLM(loaded, batch_size).generate(prompts, params, chat=False)]
 
 
-def repair(model: str, formulas_: list[str], batch_size: int = 16) -> list[str]:
+def repair(broken: list[str], model: str = TRAINED, batch_size: int = 16) -> list[str]:
+    """Fix broken formulas (last-mile repair).
+
+    Args:
+        broken: Broken formulas.
+        model: A trained FLAME model directory.
+        batch_size: Formulas decoded together.
+    """
     from slmkit.models import load
 
-    return _generate(load(model, dtype="fp32"), [REPAIR + f for f in formulas_], batch_size)
+    return _generate(load(model, dtype="fp32"), [REPAIR + f for f in broken], batch_size)
 
 
-def complete(model: str, prefixes: list[str], batch_size: int = 16) -> list[str]:
+def complete(prefixes: list[str], model: str = TRAINED, batch_size: int = 16) -> list[str]:
+    """Complete formulas from what was typed so far.
+
+    Args:
+        prefixes: Formula beginnings.
+        model: A trained FLAME model directory.
+        batch_size: Formulas decoded together.
+    """
     from slmkit.models import load
 
     return _generate(load(model, dtype="fp32"), [COMPLETE + p for p in prefixes], batch_size)
+
+
+def report_pairs(outputs: list[str], args: dict, out) -> None:
+    """Each input beside what the model made of it."""
+    inputs = args.get("broken") or args["prefixes"]
+    for x, y in zip(inputs, outputs, strict=True):
+        out.print(f"{x}  ->  {y}", highlight=False)
 
 
 def embed(loaded, texts: list[str], batch_size: int = 64):
@@ -161,13 +196,25 @@ def nearest(loaded, queries: list[str], collection: list[str], top: int):
     return (embed(loaded, queries) @ embed(loaded, collection).T).topk(min(top, len(collection)))
 
 
-def search(model: str, query: str, data: Path = Path("data/flame"), top: int = 5) -> list[tuple[float, str]]:
-    """The formulas of DATA's collection closest to `query` (a partial formula or words)."""
+def search(query: str, model: str = TRAINED, data: Path = Path("data/flame"), top: int = 5) -> list[tuple[float, str]]:
+    """Retrieve the formulas of a collection closest to a query (mean-pooled encoder embeddings).
+
+    Args:
+        query: A partial formula or words.
+        model: A trained FLAME model directory.
+        data: The formula collection (`slm flame data`).
+        top: Results.
+    """
     from slmkit.models import load
 
     collection = [r["formula"] for r in _read(Path(data) / "formulas.jsonl")]
     scores, best = nearest(load(model, dtype="fp32"), [query], collection, top)
     return [(float(v), collection[i]) for v, i in zip(scores[0].tolist(), best[0].tolist(), strict=True)]
+
+
+def report_search(hits: list[tuple[float, str]], args: dict, out) -> None:
+    for score, formula in hits:
+        out.print(f"{score:.3f}  {formula}", highlight=False)
 
 
 def _equivalence(tests: list[dict], fixed: list[str]) -> dict:
@@ -202,12 +249,22 @@ def token_accuracy(loaded, pairs: list[tuple[str, str]], batch_size: int = 32) -
     return right / max(total, 1)
 
 
-def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, batch_size: int = 16,
-               out: Path | None = None) -> dict:
-    """Held-out last-mile repair (exact match after normalisation, per corruption kind, against copying the
+def flame_eval(model: str = TRAINED, data: Path = Path("data/flame"), limit: int = 300,
+               batch_size: int = 16, out: Path | None = None) -> dict:
+    """Held-out repair exact match per corruption kind against copying the input, parse rate, completion.
+
+    Held-out last-mile repair (exact match after normalisation, per corruption kind, against copying the
     input; teacher-forced token accuracy), the parse rate of repaired formulas, evaluation-equivalence on
     random sheets, and completion exact match on held-out formulas; retrieval recall: how often `search` with a
-    held-out formula's prefix puts that formula first / in the top 5 of the whole collection."""
+    held-out formula's prefix puts that formula first / in the top 5 of the whole collection.
+
+    Args:
+        model: A trained FLAME model directory.
+        data: Directory written by `slm flame data`.
+        limit: Held-out repair pairs / formulas to score.
+        batch_size: Inputs decoded together.
+        out: Where the results JSON goes (default: MODEL/flame_eval.json).
+    """
     from slmkit.models import load
 
     data = Path(data)
@@ -249,6 +306,32 @@ def flame_eval(model: str, data: Path = Path("data/flame"), limit: int = 300, ba
               "retrieval_at_5": sum(k is not None for k in found) / max(len(found), 1),
               "examples": [{"broken": t["broken"], "model": y, "fixed": t["fixed"]} for t, y in
                            list(zip(tests, fixed, strict=True))[:10]]}
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(out) if out else Path(model) / "flame_eval.json"
+    from slmkit.train import write_atomic
+
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def report_train(s: dict, args: dict, out) -> None:
+    """Print what `slm flame train` reports."""
+    out.print(f"done: fine-tuning validation loss {s['tune']['val_loss']:.4f}; model in {s['tune']['run_dir']}/model")
+
+
+def report_eval(r: dict, args: dict, out) -> None:
+    """Print what `slm flame eval` reports."""
+    from rich.table import Table
+
+    model = args["model"]
+    table = Table("corruption", "count", "model", "copy input", title=f"last-mile repair, {r['repairs']} held-out "
+                  f"pairs (parse rate {r['broken_parse_rate']:.2f} -> {r['parse_rate']:.2f})")
+    for kind, k in sorted(r["per_kind"].items()):
+        table.add_row(kind, str(k["count"]), f"{k['model']:.3f}", f"{k['copy']:.3f}")
+    table.add_row("all", str(r["repairs"]), f"{r['repair_exact']:.3f}", f"{r['copy_exact']:.3f}")
+    out.print(table)
+    out.print(f"evaluation-equivalent on random sheets: {r['equivalence']:.3f} (copy input "
+              f"{r['copy_equivalence']:.3f}) over {r['equivalence_pairs']} pairs `formulas` can evaluate")
+    out.print(f"repair token accuracy (teacher-forced) {r['repair_token_accuracy']:.3f}")
+    out.print(f"completion exact match {r['completion_exact']:.3f} on {r['completions']} held-out formulas")
+    out.print(f"retrieval by prefix among {r['collection']} formulas: first {r['retrieval_at_1']:.3f}, top 5 "
+              f"{r['retrieval_at_5']:.3f}; -> {args['out'] or Path(model) / 'flame_eval.json'}")

@@ -14,6 +14,8 @@ from slmkit.domains.llava_phi.scenes import GRID, IMAGE_TOKEN, scene_of
 from slmkit.domains.llava_phi.train import read_conversations
 from slmkit.errors import SlmError
 
+TRAINED = "runs/llava/stage2/model"  # where the stage-2 recipe leaves the model
+
 
 def normalise_answer(text: str) -> str:
     words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
@@ -56,12 +58,22 @@ def question_prior(path: Path) -> dict[str, str]:
     return {q: c.most_common(1)[0][0] for q, c in answers.items()}
 
 
-def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, batch_size: int = 16,
-               out: Path | None = None, progress: bool = True) -> dict:
-    """Accuracy on held-out visual questions (DATA/test.jsonl) by question type, with the image and without it
+def llava_eval(model: str = TRAINED, data: Path = Path("data/llava"), limit: int = 600,
+               batch_size: int = 16, out: Path | None = None, progress: bool = True) -> dict:
+    """Held-out visual question accuracy by type, with the image and from the text alone.
+
+    Accuracy on held-out visual questions (DATA/test.jsonl) by question type, with the image and without it
     (the same model answering from the text alone: the baseline the image must beat), and the question prior
     (each question's most frequent training answer). An answer is right when its normalised first words are
-    the expected answer; each type also lists its most frequent mistakes (expected, answered, times)."""
+    the expected answer; each type also lists its most frequent mistakes (expected, answered, times).
+
+    Args:
+        model: A LLaVA-ϕ checkpoint.
+        data: Directory written by `slm llava data` (or a LLaVA-format JSONL file).
+        limit: Held-out questions to answer.
+        batch_size: Questions answered together.
+        out: Where the results JSON goes (default: MODEL/llava_eval.json).
+    """
     from collections import Counter
 
     from PIL import Image
@@ -112,23 +124,34 @@ def llava_eval(model: str, data: Path = Path("data/llava"), limit: int = 600, ba
                                "mistakes": [[want, got, k] for (want, got), k in t["mistakes"].most_common(5)]}
                            for k, t in sorted(per_type.items())},
               "examples": examples}
-    if out:
-        from slmkit.train import write_atomic
+    out = Path(out) if out else Path(model) / "llava_eval.json"
+    from slmkit.train import write_atomic
 
-        write_atomic(Path(out), json.dumps(result, indent=2) + "\n")
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     return result
 
 
 # --- what the tower sees ---------------------------------------------------------------------------------
 
 
-def probe_tower(model: str, data: Path = Path("data/llava"), images: int = 1600, held_out: float = 0.25,
-                steps: int = 300, progress: bool = True) -> dict:
-    """Linear probes on the features a LLaVA-ϕ checkpoint's projector reads (its tower's `vision_feature_layer`
+def probe_tower(model: str = TRAINED, data: Path = Path("data/llava"), images: int = 1600,
+                held_out: float = 0.25, steps: int = 300, progress: bool = True) -> dict:
+    """Linear probes on the tower features the projector reads: each grid cell's shape and colour, and the number of
+    shapes - does the tower see what the questions ask, before the language model learns to say it?
+
+    Linear probes on the features a LLaVA-ϕ checkpoint's projector reads (its tower's `vision_feature_layer`
     patches): from the mean patch feature of each 3x3 grid cell, the shape and the colour in that cell (or none;
     shape also scored on small and large shapes apart), and from all cells together the number of shapes;
     trained on stage-1 images, scored on held-out ones beside the majority answer. High probe accuracy with low
-    question accuracy means the language model, not the tower, is what has not learned yet."""
+    question accuracy means the language model, not the tower, is what has not learned yet.
+
+    Args:
+        model: A LLaVA-ϕ checkpoint.
+        data: Directory written by `slm llava data` (or a LLaVA-format JSONL file).
+        images: Stage-1 images to probe.
+        held_out: Fraction of the images the probes are scored on.
+        steps: Training steps of each linear probe.
+    """
     import torch
     from PIL import Image
 
@@ -195,3 +218,32 @@ def probe_tower(model: str, data: Path = Path("data/llava"), images: int = 1600,
             "shape_per_cell_small": probe(flat, shapes, small),  # the same probe, scored on small shapes only
             "shape_per_cell_large": probe(flat, shapes, occupied & ~small),
             "count": probe(x.reshape(len(rows), -1), [str(len(s)) for s in scenes])}
+
+
+def report_eval(r: dict, args: dict, out) -> None:
+    """Print what `slm llava eval` reports."""
+    from rich.table import Table
+
+    model = args["model"]
+    table = Table("question type", "count", "with image", "text only", "question prior", "top mistakes (with image)",
+                  title="LLaVA-ϕ on held-out questions")
+    for kind, t in r["per_type"].items():
+        mistakes = ", ".join(f"{want}→{got or '∅'} ×{k}" for want, got, k in t["mistakes"][:2])
+        table.add_row(kind, str(t["count"]), f"{t['image']:.3f}", f"{t['text_only']:.3f}", f"{t['prior']:.3f}",
+                      mistakes)
+    table.add_row("all", str(r["questions"]), f"{r['accuracy']:.3f}", f"{r['text_only_accuracy']:.3f}",
+                  f"{r['prior_accuracy']:.3f}", "")
+    out.print(table)
+    out.print(f"-> {args['out'] or Path(model) / 'llava_eval.json'}")
+
+
+def report_probe(r: dict, args: dict, out) -> None:
+    """Print what `slm llava probe` reports."""
+    from rich.table import Table
+
+    model = args["model"]
+    table = Table("probe", "held-out accuracy", "majority answer", title=f"What {model}'s tower features hold "
+                  f"({r['held_out']} held-out images)")
+    for name in ("shape_per_cell", "shape_per_cell_small", "shape_per_cell_large", "colour_per_cell", "count"):
+        table.add_row(name.replace("_", " "), f"{r[name]['accuracy']:.3f}", f"{r[name]['majority']:.3f}")
+    out.print(table)

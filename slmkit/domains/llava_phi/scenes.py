@@ -110,9 +110,21 @@ def questions(things: list[Thing], word: str | None, rng: random.Random) -> list
 
 def llava_data(out: Path, count: int = 4000, seed: int = 0, test_fraction: float = 0.1, image_size: int = 64,
                turns: int = 4, progress: bool = True) -> dict:
-    """Write OUT/images/*.png and, in LLaVA's JSON-lines format, stage1.jsonl (caption conversations),
+    """Draw scenes (shapes, colours, sizes, positions, counts, words) with captions (stage 1), question-answer
+    conversations (stage 2) and typed held-out questions, in LLaVA's format.
+
+    Write OUT/images/*.png and, in LLaVA's JSON-lines format, stage1.jsonl (caption conversations),
     stage2.jsonl (2 to `turns` question-answer turns per image) and test.jsonl (held-out images, one typed
-    question each: {"image", "type", "question", "answer"})."""
+    question each: {"image", "type", "question", "answer"}).
+
+    Args:
+        out: Output directory.
+        count: Images to draw.
+        seed: Seed: the same seed draws the same images.
+        test_fraction: Fraction of images held out for evaluation.
+        image_size: Image side in pixels.
+        turns: At most this many question-answer turns per stage-2 conversation (more supervision per image).
+    """
     from slmkit.progress import Progress
     from slmkit.train import write_atomic
 
@@ -184,3 +196,10 @@ def read_conversations(path: Path) -> list[dict]:
             raise SlmError(f"{where}: the conversation must hold exactly one {IMAGE_TOKEN} placeholder")
         rows.append({"image": str(image), "messages": messages})
     return rows
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm llava data` reports."""
+    types = ", ".join(f"{k} {v}" for k, v in sorted(r["test_types"].items()))
+    out.print(f"{r['images']} images: {r['stage1']} captions, {r['stage2']} conversations, {r['test']} held-out "
+              f"questions ({types}) -> {r['out']}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from slmkit.data.sft import SFTData
 from slmkit.domains.llava_phi.scenes import _THING, COLOURS, SHAPES, read_conversations
 from slmkit.methods.finetune import FinetuneArgs
+from slmkit.train import RUNS_DIR
 
 
 class CaptionImages(SFTData):
@@ -82,14 +83,25 @@ CLIP_TRAIN = dict(lr=1e-3, warmup_steps=50, weight_decay=0.1)  # the nano CLIP's
 
 
 def vision_pretrain(data: Path = Path("data/llava"), image_size: int = 64, vocab_size: int = 1000,
-                    run: str = "llava-clip", runs_dir: Path = Path("runs"), resume: bool = False,
+                    run: str = "llava-clip", runs_dir: Path = RUNS_DIR, resume: bool = False,
                     train_args: FinetuneArgs | None = None, hard_negatives: bool = True,
                     progress: bool = True) -> dict:
-    """Train the zoo's nano CLIP vision tower (with a small text tower and a BPE trained on the captions) with
+    """Train a nano CLIP (vision tower + small text tower) contrastively on the captions, for users without CLIP
+    weights; then `slm llava assemble --vision RUNS_DIR/RUN/model`.
+
+    Train the zoo's nano CLIP vision tower (with a small text tower and a BPE trained on the captions) with
     CLIP's contrastive objective on DATA/stage1.jsonl, for users without CLIP weights. The CLIP checkpoint is
     RUNS_DIR/RUN/model; give it to `slm llava assemble --vision`. `hard_negatives` (default) adds NegCLIP's
     hard negative captions to training (`hard_negative`), which teaches the tower to tell shapes apart (a
-    linear shape probe 0.750 -> 0.795, README); the held-out loss stays plain CLIP's, comparable across runs."""
+    linear shape probe 0.750 -> 0.795, README); the held-out loss stays plain CLIP's, comparable across runs.
+
+    Args:
+        data: Directory written by `slm llava data` (or a LLaVA-format JSONL file).
+        image_size: Image side in pixels.
+        vocab_size: BPE vocabulary of the caption tokenizer.
+        hard_negatives: Also train against NegCLIP hard negatives: each caption with one thing's shape, colour or size
+            changed.
+    """
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
     from slmkit import zoo
@@ -125,3 +137,8 @@ def vision_pretrain(data: Path = Path("data/llava"), image_size: int = 64, vocab
     images.save_pretrained(Path(runs_dir) / run / "model")
     summary.update(val_loss_before=before, run_dir=str(Path(runs_dir) / run))
     return summary
+
+
+def report(s: dict, args: dict, out) -> None:
+    """Print what `slm llava vision-pretrain` reports."""
+    out.print(f"done: contrastive loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f}; CLIP in {s['run_dir']}/model")

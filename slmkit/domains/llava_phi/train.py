@@ -11,6 +11,7 @@ from slmkit.domains.llava_phi.model import load_llava
 from slmkit.domains.llava_phi.scenes import IMAGE_TOKEN, read_conversations
 from slmkit.errors import SlmError
 from slmkit.methods.finetune import FinetuneArgs, sft_objective
+from slmkit.train import RUNS_DIR
 
 
 class LlavaData(SFTData):
@@ -66,13 +67,24 @@ STAGE_LR = {1: 1e-3, 2: 2e-5}  # LLaVA's: the projector alone, then projector + 
 
 
 def llava_train(model: str, data: Path = Path("data/llava"), stage: int = 1, lora: bool = False,
-                train_vision: bool = False, run: str = "llava", runs_dir: Path = Path("runs"), resume: bool = False,
+                train_vision: bool = False, run: str = "llava", runs_dir: Path = RUNS_DIR, resume: bool = False,
                 train_args: FinetuneArgs | None = None, progress: bool = True) -> dict:
-    """Train a LLaVA-ϕ checkpoint (from `slm llava assemble`, or stage 1's output) on DATA (a directory from
+    """Train LLaVA-ϕ stage 1 or 2 (default learning rates 1e-3 and 2e-5); loss on answers only.
+
+    Train a LLaVA-ϕ checkpoint (from `slm llava assemble`, or stage 1's output) on DATA (a directory from
     `slm llava data`, whose stageN.jsonl is used, or a LLaVA-format JSONL file). Stage 1 trains the projector
     on captions, stage 2 the projector and the language model (or LoRA adapters on it with `lora`) on
     visual instructions, and with `train_vision` the vision tower as well; the default learning rate is the
-    stage's (1e-3, 2e-5). The model is RUNS_DIR/RUN/stageN/model."""
+    stage's (1e-3, 2e-5). The model is RUNS_DIR/RUN/stageN/model.
+
+    Args:
+        model: A LLaVA-ϕ checkpoint (assembled, or stage 1's output).
+        data: Directory written by `slm llava data` (or a LLaVA-format JSONL file).
+        stage: 1: projector on captions; 2: projector + LM on instructions.
+        lora: Stage 2 with LoRA adapters on the LM instead of full tuning.
+        train_vision: Stage 2 also trains the vision tower (for a tower trained here on little data; LLaVA keeps a
+            CLIP frozen).
+    """
     from dataclasses import replace
 
     from slmkit.data.sft import split
@@ -116,3 +128,9 @@ def llava_train(model: str, data: Path = Path("data/llava"), stage: int = 1, lor
     summary.update(val_loss_before=before, trainable_parameters=trainable,
                    run_dir=str(Path(runs_dir) / run / f"stage{stage}"))
     return summary
+
+
+def report(s: dict, args: dict, out) -> None:
+    """Print what `slm llava train` reports."""
+    out.print(f"done: held-out loss {s['val_loss_before']:.4f} -> {s['val_loss']:.4f}; model in "
+              f"{s['run_dir']}/model")

@@ -51,12 +51,28 @@ def _example(args) -> list[dict] | None:
 def slade_data(out: Path, count: int = 6000, seed: int = 0, test_fraction: float = 0.05, vocab_size: int = 4096,
                max_tokens: int = 384, arches: list[str] | None = None, c_files: list[Path] | None = None,
                number_pieces: bool = False, progress: bool = True) -> dict:
-    """Write the SLaDe corpus to OUT: pairs.jsonl (normalised assembly at -O0 and -O3 -> C with declarations;
+    """Generate C functions, compile them with gcc at -O0 and -O3, pair normalised assembly with C (plus the
+    declarations each function needs), write IO harnesses for held-out functions and train the tokenizer.
+
+    Write the SLaDe corpus to OUT: pairs.jsonl (normalised assembly at -O0 and -O3 -> C with declarations;
     held-out functions carry their IO harness), tasks.jsonl (prompt/completion training pairs within
     `max_tokens`) and tokenizer/ (a BPE over assembly and C). `arches`: x86_64 (default) and/or aarch64
     (Debian's cross gcc). `c_files`: the user's C files, each holding one function after its declarations,
     added to the training pairs. `number_pieces`: constants are pieces of their own in the tokenizer
-    (`SLADE_SPLIT_NUMBERS`), not parts of whole-line tokens."""
+    (`SLADE_SPLIT_NUMBERS`), not parts of whole-line tokens.
+
+    Args:
+        out: Output directory.
+        count: Generated C functions (each compiled at -O0 and -O3).
+        seed: Seed: the same seed writes the same corpus.
+        test_fraction: Fraction of functions held out (with IO tests).
+        vocab_size: BPE vocabulary over assembly and C.
+        max_tokens: Longest assembly / C side of a training pair, in tokens.
+        arches: x86_64 (default) and/or aarch64 (needs Debian's gcc-aarch64-linux-gnu); repeatable.
+        c_files: Your own C file (declarations, then one function) to add to training; repeatable.
+        number_pieces: Constants as tokenizer pieces of their own (copyable from assembly to C) instead of parts of
+            whole-line tokens.
+    """
     from slmkit.data.tokenizers import train_bpe
     from slmkit.train import write_atomic
 
@@ -130,3 +146,10 @@ def user_pairs(path: Path, arches: list[str] | None = None) -> list[dict]:
     return [{"asm": normalise_asm(compile_asm(source, level, arch), names[-1], arch),
              "c": strip_includes(source).strip() + "\n", "arch": arch, "level": level, "function": names[-1],
              "split": "train"} for arch in arches or ["x86_64"] for level in LEVELS]
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm slade data` reports."""
+    max_tokens = args["max_tokens"]
+    out.print(f"{r['functions']} functions, {r['train_pairs']} training pairs (longer than {max_tokens} tokens "
+              f"dropped: {r['dropped_long']}), held out: {r['test']} -> {r['out']}")

@@ -16,13 +16,23 @@ from slmkit.domains.slade.types import compile_errors, infer_declarations
 from slmkit.errors import SlmError
 from slmkit.methods.finetune import FinetuneArgs
 from slmkit.progress import Progress
+from slmkit.train import RUNS_DIR
+
+TRAINED = "runs/slade/train/model"  # where `slm slade train` leaves the model
 
 
 def slade_train(data: Path = Path("data/slade"), model: str = "slade-nano", run: str = "slade",
-                runs_dir: Path = Path("runs"), resume: bool = False, train_args: FinetuneArgs | None = None,
+                runs_dir: Path = RUNS_DIR, resume: bool = False, train_args: FinetuneArgs | None = None,
                 progress: bool = True) -> dict:
-    """Train MODEL (a zoo spec, built fresh with DATA's tokenizer, or a checkpoint to continue from) to map
-    DATA/tasks.jsonl's assembly to C. The model is RUNS_DIR/RUN/model."""
+    """Train an encoder-decoder to translate assembly into C.
+
+    Train MODEL (a zoo spec, built fresh with DATA's tokenizer, or a checkpoint to continue from) to map
+    DATA/tasks.jsonl's assembly to C. The model is RUNS_DIR/RUN/model.
+
+    Args:
+        data: Directory written by `slm slade data`.
+        model: SLaDe zoo spec (slade-nano, slade-200m) or a checkpoint to continue from.
+    """
     from slmkit.methods.finetune import finetune
     from slmkit.methods.pretrain import initialise
 
@@ -99,12 +109,24 @@ def choose(candidates: list[str], function: str, asm: str, levels: list[str], ar
     return best | {"greedy": scored[0]["source"], "compiling": [x["source"] for x in scored if x["compiles"]]}
 
 
-def decompile(model: str, asm_file: Path, function: str | None = None, infer: bool = True,
+def decompile(asm_file: Path, model: str = TRAINED, function: str | None = None, infer: bool = True,
               max_new_tokens: int = 384, arch: str = "x86_64", candidates: int = 8,
               level: str | None = None) -> str:
-    """Decompile FUNCTION (default: the first global function) of a gcc assembly file (`gcc -S`; x86_64, or
-    aarch64 for a model trained on it): of `candidates` decodings, the one that compiles back nearest the input
-    (at LEVEL, e.g. O3; by default the nearer of -O0 and -O3)."""
+    """Decompile one function of an assembly file into C that compiles on its own: of `candidates` decodings,
+    the one gcc compiles back nearest the input.
+
+    Args:
+        asm_file: Assembly from `gcc -S` (x86_64, or aarch64 for a model trained on it).
+        model: A trained SLaDe model directory.
+        function: Function to decompile (default: the first global one).
+        infer: Add the declarations gcc finds missing.
+        max_new_tokens: Longest C in tokens.
+        arch: Architecture of the assembly: x86_64 or aarch64.
+        candidates: Decodings (greedy, then samples); the one gcc compiles back nearest the input assembly is
+            kept.
+        level: Optimisation level the assembly was compiled at (O0, O3, ...), for comparing candidates; default:
+            the nearer of O0 and O3.
+    """
     from slmkit.models import load
 
     if candidates < 1:
@@ -124,6 +146,10 @@ def decompile(model: str, asm_file: Path, function: str | None = None, infer: bo
     levels = [level.lstrip("-")] if level else ["O0", "O3"]
     picked = choose(decoded, function, normalised, levels, arch, infer)
     return picked["source"] if infer else picked["prediction"]
+
+
+def report_decompile(source: str, args: dict, out) -> None:
+    out.print(source, highlight=False, markup=False)
 
 
 def restore_name(source: str, function: str) -> str:
@@ -173,14 +199,30 @@ def io_checks(sandbox, harness_source: str, reference: str, predictions: list[st
     return out
 
 
-def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, batch_size: int = 8,
-               max_new_tokens: int = 384, candidates: int = 1, unsandboxed: bool = False, out: Path | None = None,
-               progress: bool = True) -> dict:
-    """Decompile held-out functions at each level and report IO accuracy (prediction + inferred declarations,
+def slade_eval(model: str = TRAINED, data: Path = Path("data/slade"), limit: int = 200,
+               batch_size: int = 8, max_new_tokens: int = 384, candidates: int = 1, unsandboxed: bool = False,
+               out: Path | None = None, progress: bool = True) -> dict:
+    """IO accuracy, compile rate (with and without type inference) and edit similarity at -O0 and -O3; with --candidates
+    N, also the greedy decoding's IO accuracy beside the chosen candidate's, and how often any of the N passes the tests
+    (pass@N: the most that choosing among them could reach).
+
+    Decompile held-out functions at each level and report IO accuracy (prediction + inferred declarations,
     compiled, run on the IO tests in the sandbox, output equal to the original's), compile rate with and
     without type inference, and edit similarity to the original source. With `candidates` > 1 the prediction
     is the candidate that compiles back nearest the input assembly (`choose`), and the greedy decoding's IO
-    accuracy is reported beside it."""
+    accuracy is reported beside it.
+
+    Args:
+        model: A trained SLaDe model directory.
+        data: Directory written by `slm slade data`.
+        limit: Held-out functions per optimisation level.
+        batch_size: Functions decoded together.
+        max_new_tokens: Longest C in tokens.
+        candidates: Decodings per function (greedy, then samples); the one gcc compiles back nearest the input
+            assembly is kept.
+        unsandboxed: Run compiled predictions without bubblewrap (resource limits only).
+        out: Where the results JSON goes (default: MODEL/slade_eval.json).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
     from slmkit.data.records import read_jsonl
@@ -244,8 +286,31 @@ def slade_eval(model: str, data: Path = Path("data/slade"), limit: int = 200, ba
                 level["io_accuracy_greedy"] = stats["io_greedy"] / n
                 level["io_accuracy_any"] = stats["io_any"] / n
             result["levels"][group] = level | {"examples": examples}
-    if out:
-        from slmkit.train import write_atomic
+    out = Path(out) if out else Path(model) / "slade_eval.json"
+    from slmkit.train import write_atomic
 
-        write_atomic(Path(out), json.dumps(result, indent=2) + "\n")
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def report_train(s: dict, args: dict, out) -> None:
+    """Print what `slm slade train` reports."""
+    out.print(f"done: validation loss {s['val_loss']:.4f}; model in {s['run_dir']}/model")
+
+
+def report_eval(r: dict, args: dict, out) -> None:
+    """Print what `slm slade eval` reports."""
+    from rich.table import Table
+
+    model = args["model"]
+    candidates = args["candidates"]
+    greedy = ["IO accuracy (greedy)", f"any of {candidates}"] if candidates > 1 else []
+    table = Table("target", "functions", "IO accuracy", *greedy, "compiles", "compiles w/o inference",
+                  "edit similarity", title=f"SLaDe on held-out functions ({candidates} candidate(s) each)")
+    for level, m in r["levels"].items():
+        table.add_row(level, str(m["functions"]), f"{m['io_accuracy']:.3f}",
+                      *[f"{m[k]:.3f}" for k in ("io_accuracy_greedy", "io_accuracy_any") if greedy],
+                      f"{m['compile_rate']:.3f}",
+                      f"{m['compile_rate_without_inference']:.3f}", f"{m['edit_similarity']:.3f}")
+    out.print(table)
+    out.print(f"-> {args['out'] or Path(model) / 'slade_eval.json'}")

@@ -25,7 +25,7 @@ from .data import (  # noqa: F401
     training_problems,
 )
 from .evaluate import best_of_n, gsm_eval, plot_best_of_n  # noqa: F401
-from .generator import STOP, Sample, gsm_train, majority, program_body, program_prompt, solve, training_rows  # noqa: F401
+from .generator import STOP, Sample, gsm_solve, gsm_train, majority, program_body, program_prompt, solve, training_rows  # noqa: F401
 from .problems import (  # noqa: F401
     EVENTS,
     GOODS,

@@ -19,7 +19,9 @@ from slmkit.methods.tinygsm.problems import (
     gsm_symbolic,
     ngrams,
     overlap,
-    procedural,
+)
+from slmkit.methods.tinygsm.problems import (
+    procedural as procedural_problems,
 )
 
 TEACHER_PROMPT = ("Write a Python function named solution() that solves the math word problem below. Put the "
@@ -69,7 +71,7 @@ def matches(value, answer) -> bool:
 
 def gsm_data(
     out: Path,
-    procedural_count: int = 2000,
+    procedural: int = 2000,
     teacher: str | None = None,
     teacher_problems: int = 0,
     samples: int = 1,
@@ -79,21 +81,37 @@ def gsm_data(
     unsandboxed: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Training data (JSONL: question, program, answer, source): `procedural_count` procedural problems with
+    """Write TinyGSM-style training data; programs are executed in the sandbox and must return their answer; problems
+    overlapping the gsm_symbolic test set are dropped.
+
+    Training data (JSONL: question, program, answer, source): `procedural` procedural problems with
     their constructed programs; with `teacher` (a local model or an endpoint), its programs for
     `teacher_problems` further procedural problems, kept when the sandboxed result matches; with `user`, a
     JSONL of {question, answer[, program]} (programs checked, missing ones asked of the teacher). Every
     kept program is executed once in the sandbox. Reports the 8-gram overlap with the first `test_size`
-    gsm_symbolic test problems (must be 0) and drops any overlapping training problem."""
+    gsm_symbolic test problems (must be 0) and drops any overlapping training problem.
+
+    Args:
+        out: Training data JSONL (question, program, answer, source).
+        procedural: Procedural problems (programs follow from construction).
+        teacher: A model (zoo name, directory, .gguf) or an endpoint http://host:port/v1#model that writes programs
+            (default: none).
+        teacher_problems: Further problems whose programs the teacher writes (kept when the program returns the
+            answer).
+        samples: Teacher attempts per problem (greedy, then sampled).
+        user: Your problems: JSONL of question, answer[, program].
+        test_size: gsm_symbolic test problems checked for overlap.
+        seed: Seed of the procedural problems.
+    """
     from slmkit.progress import Progress
     from slmkit.sandbox import Limits, Sandbox
 
     rows = [{"question": p.question, "program": p.program, "answer": p.answer, "source": f"procedural:{p.template}"}
-            for p in procedural(procedural_count, seed)]
+            for p in procedural_problems(procedural, seed)]
     pending = []  # problems whose program must come from the teacher
     if teacher and teacher_problems:
         pending += [{"question": p.question, "answer": p.answer, "source": f"teacher:{p.template}"}
-                    for p in procedural(teacher_problems, seed + 1)]
+                    for p in procedural_problems(teacher_problems, seed + 1)]
     if user:
         for r in read_user_problems(Path(user)):
             if r["program"]:
@@ -102,7 +120,7 @@ def gsm_data(
                 pending.append({"question": r["question"], "answer": r["answer"], "source": "user+teacher"})
             else:
                 raise SlmError(f"{user}: problems without a \"program\" need --teacher to write one")
-    stats = {"procedural": procedural_count, "teacher_asked": len(pending), "teacher_kept": 0}
+    stats = {"procedural": procedural, "teacher_asked": len(pending), "teacher_kept": 0}
     with Sandbox(2, Limits(timeout=2.0), unsandboxed=unsandboxed) as sandbox:
         if pending:
             from slmkit.client import open_lm
@@ -158,7 +176,7 @@ def test_problems(test: str, count: int) -> list[dict]:
     if test not in _HELD:
         raise SlmError(f"unknown test set '{test}' ({', '.join(TEST_SETS)})")
     return [{"question": p.question, "answer": p.answer, "template": p.template}
-            for p in procedural(count, seed=999_983, templates=list(_HELD[test]))]
+            for p in procedural_problems(count, seed=999_983, templates=list(_HELD[test]))]
 
 
 def training_problems(data: str, count: int) -> list[dict]:
@@ -167,7 +185,14 @@ def training_problems(data: str, count: int) -> list[dict]:
     if data == "long-stories":
         held = set(HELD_OUT_LONG_STORIES)
         return [{"question": p.question, "answer": p.answer} for p in
-                procedural(count, seed=1, templates=[t for t in LONG_STORY_TEMPLATES if t not in held])]
+                procedural_problems(count, seed=1, templates=[t for t in LONG_STORY_TEMPLATES if t not in held])]
     if not Path(data).is_file():
         raise SlmError(f"TinyGSM data not found: {data} (write it with `slm gsm data`, or use long-stories)")
     return [row for _, row in read_jsonl(Path(data))][:count]
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm gsm data` reports."""
+    out.print(f"wrote {r['examples']} problems ({r['templates']} procedural templates; teacher kept "
+              f"{r['teacher_kept']}/{r['teacher_asked']}); test overlap {r['test_overlap_after']} "
+              f"(dropped {r['dropped_for_test_overlap']}) -> {r['out']}")

@@ -12,6 +12,7 @@ from slmkit.data.records import read_jsonl
 from slmkit.methods.tinygsm.data import matches, test_problems
 from slmkit.methods.tinygsm.generator import Sample, majority, solve
 from slmkit.methods.tinygsm.verifier import verifier_scores
+from slmkit.train import RUNS_DIR
 
 
 def best_of_n(problems: list[dict], solved: list[list[Sample]], scores: list[list[float]] | None,
@@ -62,22 +63,36 @@ def gsm_eval(
     verifier: str | None = None,
     test: str = "gsm_symbolic",
     problems: int = 100,
-    ns: list[int] | None = None,
+    n: list[int] | None = None,
     temperature: float = 0.7,
     max_new_tokens: int = 256,
     run: str = "gsm-eval",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     seed: int = 0,
     unsandboxed: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Sample max(ns) programs per test problem, execute them, and report pass@1, majority vote and (with a
+    """pass@1, majority vote and verifier best-of-N on held-out problems, with a plot of accuracy against N.
+
+    Sample max(n) programs per test problem, execute them, and report pass@1, majority vote and (with a
     verifier) verifier best-of-N for each N, with a plot. Samples are kept in the run directory: a rerun with
-    another verifier reuses them."""
+    another verifier reuses them.
+
+    Args:
+        generator: The generator (runs/NAME/model).
+        verifier: The verifier (runs/NAME/model from verify-train).
+        test: gsm_symbolic (GSM8K-style), heldout-stories (unseen chains of events) or heldout-templates (unseen
+            hand-written templates).
+        problems: Test problems.
+        n: N values for best-of-N (repeatable; default 1 4 16 48).
+        temperature: Sampling temperature.
+        max_new_tokens: Longest program in tokens.
+        seed: Sampling seed.
+    """
     from slmkit.models import load
     from slmkit.sandbox import Sandbox
 
-    ns = sorted(ns or [1, 4, 16, 48])
+    ns = sorted(n or [1, 4, 16, 48])
     run_dir = Path(runs_dir) / run
     run_dir.mkdir(parents=True, exist_ok=True)
     items = test_problems(test, problems)
@@ -107,3 +122,18 @@ def gsm_eval(
     (run_dir / "gsm_eval.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_best_of_n(result, run_dir / "best_of_n.png", f"{test}: {len(items)} problems")
     return result
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm gsm eval` reports."""
+    from rich.table import Table
+
+    test = args["test"]
+    run = args["run"]
+    runs_dir = args["runs_dir"]
+    table = Table("N", "majority vote", "verifier best-of-N", title=f"{test}: {r['problems']} problems, pass@1 "
+                  f"{r['pass@1']:.3f}")
+    for k in r["majority"]:
+        table.add_row(str(k), f"{r['majority'][k]:.3f}", f"{r['verifier'][k]:.3f}" if r["verifier"] else "-")
+    out.print(table)
+    out.print(f"results -> {Path(runs_dir) / run / 'gsm_eval.json'}, plot -> {Path(runs_dir) / run / 'best_of_n.png'}")

@@ -13,6 +13,7 @@ from pathlib import Path
 from slmkit.data.corpora import write_jsonl
 from slmkit.data.records import read_jsonl
 from slmkit.errors import SlmError
+from slmkit.train import RUNS_DIR, FinetuneArgs
 
 
 def program_prompt(question: str) -> str:
@@ -50,13 +51,19 @@ def gsm_train(
     data: Path = Path("gsm.jsonl"),
     lora: bool = True,
     run: str = "gsm",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
-    train_args=None,
+    train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Fine-tune the generator on `slm gsm data` output: given the header and docstring, write the body (loss
-    on the body only; plain text, no chat template)."""
+    """Fine-tune the generator: given `def solution():` and the question as its docstring, write the body.
+
+    Fine-tune the generator on `slm gsm data` output: given the header and docstring, write the body (loss
+    on the body only; plain text, no chat template).
+
+    Args:
+        data: Data from `slm gsm data`.
+    """
     from slmkit.methods.finetune import FinetuneArgs, finetune
 
     if not Path(data).is_file():
@@ -80,7 +87,7 @@ class Sample:
             return None
 
 
-def solve(loaded, questions: list[str], sandbox, *, samples: int = 1, temperature: float = 0.7,
+def solve(loaded, questions: list[str], sandbox, *, samples: int = 4, temperature: float = 0.7,
           max_new_tokens: int = 256, batch_size: int = 16, seed: int = 0, progress: bool = True,
           partial: Path | None = None) -> list[list[Sample]]:
     """`samples` programs per question (greedy when samples == 1 and temperature == 0), executed in the
@@ -154,3 +161,35 @@ def majority(samples: list[Sample]) -> float | None:
     if not answers:
         return None
     return max(dict.fromkeys(answers), key=answers.count)
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm gsm train` reports."""
+    out.print(f"val loss {r['val_loss_before']:.3f} -> {r['val_loss']:.3f}; model -> {Path(r['run_dir']) / 'model'}")
+
+
+def gsm_solve(question: list[str], model: str | None = None, samples: int = 4, temperature: float = 0.7,
+              unsandboxed: bool = False) -> list[list[Sample]]:
+    """Sample programs for each problem, run them in the sandbox, and answer by majority vote.
+
+    Args:
+        question: Word problems (one or more).
+        model: A generator (runs/NAME/model from `slm gsm train`; default: the embedded model).
+        samples: Programs sampled per problem.
+        temperature: Sampling temperature (0 = greedy, with --samples 1).
+    """
+    from slmkit.models import load
+    from slmkit.sandbox import Sandbox
+
+    loaded = load(model)
+    with Sandbox(2, unsandboxed=unsandboxed) as sandbox:
+        return solve(loaded, question, sandbox, samples=samples, temperature=temperature)
+
+
+def report_solve(solved: list[list[Sample]], args: dict, out) -> None:
+    for question, samples in zip(args["question"], solved, strict=True):
+        out.rule(question[:100])
+        for s in samples:
+            out.print(s.program.rstrip(), markup=False, highlight=False)
+            out.print(f"[dim]-> {s.status}: {s.value}[/]")
+        out.print(f"[bold]majority answer: {majority(samples)}[/]")

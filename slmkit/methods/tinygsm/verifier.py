@@ -12,6 +12,7 @@ from slmkit.data.sft import SFTData, completion_example
 from slmkit.errors import SlmError
 from slmkit.methods.tinygsm.data import matches, training_problems
 from slmkit.methods.tinygsm.generator import program_prompt, solve
+from slmkit.train import RUNS_DIR, FinetuneArgs
 
 
 class VerifierData(SFTData):
@@ -119,19 +120,34 @@ def verify_train(
     layers: int | None = None,
     train_layers: int | None = None,
     run: str = "gsm-verifier",
-    runs_dir: Path = Path("runs"),
+    runs_dir: Path = RUNS_DIR,
     resume: bool = False,
     seed: int = 0,
     unsandboxed: bool = False,
-    train_args=None,
+    train_args: FinetuneArgs | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train a verifier: the `generator` samples `samples` solutions to `problems` training problems (of a
+    """Train a verifier: the generator's own solutions, labelled by execution, teach a value head to predict correctness
+    at every token.
+
+    Train a verifier: the `generator` samples `samples` solutions to `problems` training problems (of a
     `slm gsm data` file, or the `long-stories` split), each is labelled by execution, and a value model
     initialised from `base` (default: the generator) learns to predict correctness at every solution token.
     `layers` keeps only the base's first layers (a cheaper verifier from an LM's lower half); `train_layers`
     fine-tunes only the top layers, the final norm and the head (the rest frozen, so no backward pass runs
-    through them). The samples are kept in the run directory and reused."""
+    through them). The samples are kept in the run directory and reused.
+
+    Args:
+        generator: The trained generator (runs/NAME/model from `slm gsm train`).
+        data: Training problems: a file from `slm gsm data`, or long-stories (four-event stories whose templates the
+            test set does not use).
+        base: The verifier's starting LM (default: the generator).
+        problems: Training problems to sample solutions for.
+        samples: Solutions sampled per problem.
+        temperature: Sampling temperature.
+        layers: Keep only the base LM's first N layers (a cheaper verifier).
+        train_layers: Fine-tune only the top N layers, final norm and head; the rest stay frozen.
+    """
     from slmkit.data.sft import split_rows
     from slmkit.methods.finetune import FinetuneArgs, add_lora
     from slmkit.methods.kd import keep_layers, layers_of
@@ -186,3 +202,10 @@ def verify_train(
     return {**summary, "trainable_parameters": trainable, "val_loss_before": before, "val_auc": auc,
             "samples": len(labelled), "correct_fraction": positives / len(labelled),
             "model_dir": str(run_dir / "model")}
+
+
+def report(r: dict, args: dict, out) -> None:
+    """Print what `slm gsm verify-train` reports."""
+    auc = "-" if r["val_auc"] is None else f"{r['val_auc']:.3f}"
+    out.print(f"{r['samples']} solutions ({r['correct_fraction']:.1%} correct); val loss {r['val_loss_before']:.3f} -> "
+              f"{r['val_loss']:.3f}, ranking AUC of last-token scores {auc}; verifier -> {r['model_dir']}")
