@@ -60,6 +60,7 @@ GROUPS = {
 M = "slmkit.methods."
 D = "slmkit.domains."
 WORKFLOWS = [
+    Workflow("zoo", "slmkit.zoo:zoo", "slmkit.zoo:report", arguments=("name",)),
     # building and adapting
     Workflow("pretrain", M + "pretrain:pretrain", M + "pretrain:report"),
     Workflow("finetune", M + "finetune:finetune", M + "finetune:report", internal=("objective",)),

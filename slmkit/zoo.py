@@ -315,3 +315,28 @@ def rich_table(rows: list[dict]):
                       str(r["context"]), human(r["params"]), human(r["reference"]) if r["reference"] else "",
                       delta, r["tokenizer"], style="dim" if r["nano"] else None)
     return table
+
+
+def zoo(name: str | None = None, init: Path | None = None, seed: int = 0) -> dict:
+    """List the model families: real-size specs, nano specs (dim rows) and the embedded default.
+
+    Args:
+        name: Show one spec (and its config).
+        init: Write a randomly initialised HF checkpoint of NAME to this directory.
+        seed: Seed for --init.
+    """
+    if init is not None:
+        if name is None:
+            raise SlmError("--init needs a NAME, e.g. `slm zoo tinyllama-nano --init runs/tiny`")
+        return {"name": get(name).name, "checkpoint": str(init_checkpoint(name, init, seed=seed))}
+    rows = table_rows([get(name).name] if name else None)
+    return {"rows": rows, "config": get(name).build_config().to_dict() if name else None}
+
+
+def report(r: dict, args: dict, out) -> None:
+    if "checkpoint" in r:
+        out.print(f"wrote a random {r['name']} checkpoint to {r['checkpoint']}")
+        return
+    out.print(rich_table(r["rows"]))
+    if r["config"]:
+        out.print_json(data=r["config"])

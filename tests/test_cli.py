@@ -81,7 +81,7 @@ def test_chat_through_a_pipe_with_reset(smol):
 def test_zoo_table_and_init(tmp_path):
     r = slm("zoo", "--json")
     assert r.returncode == 0
-    rows = {row["name"]: row for row in map(json.loads, r.stdout.splitlines())}
+    rows = {row["name"]: row for row in json.loads(r.stdout)["rows"]}
     assert rows["tinyllama-1.1b"]["params"] == 1100048384 and rows["phi-nano"]["nano"]
     r = slm("zoo")
     for name in ("tinyllama-1.1b", "litellama-460m", "phi-2", "roberta-large", "flan-t5-large", "flame-60m",

@@ -135,7 +135,7 @@ def test_packed_bf16_weights_match_plain_and_follow_updates():
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slmkit.generate import pack_linear_weights
+    from slmkit.cpu_packing import pack_linear_weights
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -30,7 +30,8 @@ def dataclass_options(cls, name: str, **defaults):
             default = defaults.get(f.name, f.default)
             has_default = default is not dataclasses.MISSING
             annotation = hints[f.name] if has_default else hints[f.name] | None
-            option = typer.Option("--" + f.name.replace("_", "-"), help=f.metadata.get("help", ""))
+            flags = f.metadata.get("flags", ("--" + f.name.replace("_", "-"),))
+            option = typer.Option(*flags, help=f.metadata.get("help", ""))
             extra.append(inspect.Parameter(f"{name}__{f.name}", inspect.Parameter.KEYWORD_ONLY,
                                            default=default if has_default else None,
                                            annotation=Annotated[annotation, option]))

@@ -1,8 +1,9 @@
-"""The commands that talk to a model as it runs: generate, chat, EFT decoding, serve, the zoo, the quickstart.
+"""The commands that talk to a model as it runs: generate, chat, EFT decoding, serve, the quickstart.
 They stream to the terminal or serve HTTP, so they are written by hand rather than derived from a workflow."""
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -15,63 +16,36 @@ from slmkit.data.records import read_prompts
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
 
-
-@app.command()
-def zoo(
-    name: Annotated[str | None, typer.Argument(help="Show one spec (and its config).")] = None,
-    init: Annotated[Path | None, typer.Option(help="Write a randomly initialised HF checkpoint of NAME "
-                                                 "to this directory.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for --init.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON lines.")] = False,
-):
-    """List the model families: real-size specs, nano specs (dim rows) and the embedded default."""
-    from slmkit import zoo as z
-
-    if init is not None:
-        if name is None:
-            raise SlmError("--init needs a NAME, e.g. `slm zoo tinyllama-nano --init runs/tiny`")
-        path = z.init_checkpoint(name, init, seed=seed)
-        out.print(f"wrote a random {z.get(name).name} checkpoint to {path}")
-        return
-    names = [z.get(name).name] if name else None
-    rows = z.table_rows(names)
-    if as_json:
-        for r in rows:
-            sys.stdout.write(json.dumps(r) + "\n")
-        return
-    out.print(z.rich_table(rows))
-    if name:
-        out.print_json(z.get(name).build_config().to_json_string())
-
-
 # --- generate / chat -------------------------------------------------------------------------------------
 
 
 PromptArg = Annotated[str | None, typer.Argument(help="The prompt; '-' or none reads stdin.")]
-InputOpt = Annotated[Path | None, typer.Option("--input", "-i", help="JSONL file of prompts ({\"prompt\": ...} "
-                                              "or {\"messages\": [...]}), run in batches.")]
-BatchOpt = Annotated[int, typer.Option(help="Prompts decoded together from --input.")]
-SystemOpt = Annotated[str | None, typer.Option(help="System prompt for chat models "
-                                               "(default: \"You are a helpful assistant.\").")]
-ChatOpt = Annotated[bool | None, typer.Option("--chat/--no-chat", help="Apply the chat template "
-                                              "(default: when the model has one).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")]
 BetaOpt = Annotated[float, typer.Option(help="EFT strength: 1 = up-scaling, >1 amplifies the fine-tuning, "
                                         "0 = the large base alone.")]
 SpeculativeOpt = Annotated[int, typer.Option(help="EFT speculative decoding: the small fine-tuned model drafts this "
                                              "many tokens per round (greedy, one prompt; 0 = off).")]
 
 
+@dataclass
+class PromptArgs:
+    """Where prompts come from and how replies are printed: the options `generate` and `eft` share."""
+
+    input: Path | None = field(default=None, metadata={"flags": ("--input", "-i"), "help": "JSONL file of prompts "
+                               "({\"prompt\": ...} or {\"messages\": [...]}), run in batches."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts decoded together from --input."})
+    system: str | None = field(default=None, metadata={
+        "help": "System prompt for chat models (default: \"You are a helpful assistant.\")."})
+    chat: bool | None = field(default=None, metadata={"flags": ("--chat/--no-chat",), "help": "Apply the chat "
+                              "template (default: when the model has one)."})
+    json: bool = field(default=False, metadata={"help": "One JSON object per prompt on stdout."})
+
+
 @app.command()
+@dataclass_options(PromptArgs, "io")
 @dataclass_options(SamplingParams, "sampling")
 def generate(
     prompt: PromptArg = None,
     model: ModelOpt = None,
-    input: InputOpt = None,
-    batch_size: BatchOpt = 8,
-    system: SystemOpt = None,
-    chat: ChatOpt = None,
-    as_json: JsonOpt = False,
     dtype: DtypeOpt = "auto",
     engine: EngineOpt = "auto",
     eft_ft: Annotated[str | None, typer.Option(help="Emulated fine-tuning: a small fine-tuned model whose "
@@ -79,31 +53,32 @@ def generate(
     eft_base: Annotated[str | None, typer.Option(help="EFT: the small fine-tuned model's base.")] = None,
     beta: BetaOpt = 1.0,
     speculative: SpeculativeOpt = 0,
+    io: PromptArgs = None,
     sampling: SamplingParams = None,
 ):
     """Generate text: streamed to the terminal, or as JSON lines for scripts."""
     if (eft_ft is None) != (eft_base is None):
         raise SlmError("EFT needs both --eft-ft and --eft-base")
     if eft_ft is not None:
-        return run_eft(prompt, model, eft_ft, eft_base, beta, speculative, input, batch_size, system, chat, as_json,
-                       dtype, sampling)
+        return run_eft(prompt, model, eft_ft, eft_base, beta, speculative, dtype, io, sampling)
     from slmkit.engines import open_model
 
-    prompts = read_prompts(prompt, input)
+    prompts = read_prompts(prompt, io.input)
     sampling.validate()
-    print_generations(open_model(model, engine, dtype=dtype), prompts, sampling, batch_size, system, chat, as_json)
+    print_generations(open_model(model, engine, dtype=dtype), prompts, sampling, io)
 
 
-def print_generations(loaded, prompts, sampling, batch_size, system, chat, as_json, decode=None):
+def print_generations(loaded, prompts, sampling, io: PromptArgs, decode=None, batch_size: int | None = None):
     from slmkit import generate as g
 
-    if len(prompts) == 1 and not as_json:
-        stream_to_terminal(loaded, prompts[0], sampling, system=system, chat=chat, decode=decode)
+    if len(prompts) == 1 and not io.json:
+        stream_to_terminal(loaded, prompts[0], sampling, system=io.system, chat=io.chat, decode=decode)
         return
+    batch_size = batch_size or io.batch_size
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        for c in g.generate(loaded, batch, sampling, system=system, chat=chat, decode=decode):
-            if as_json:
+        for c in g.generate(loaded, batch, sampling, system=io.system, chat=io.chat, decode=decode):
+            if io.json:
                 sys.stdout.write(json.dumps({"prompt": c.prompt, "text": c.text, "prompt_tokens": c.prompt_tokens,
                                              "completion_tokens": c.completion_tokens,
                                              "finish_reason": c.finish_reason}) + "\n")
@@ -113,18 +88,18 @@ def print_generations(loaded, prompts, sampling, batch_size, system, chat, as_js
                 out.print(c.text, markup=False, highlight=False)
 
 
-def run_eft(prompt, large, small_ft, small_base, beta, speculative, input, batch_size, system, chat, as_json, dtype,
-            sampling):
+def run_eft(prompt, large, small_ft, small_base, beta, speculative, dtype, io: PromptArgs, sampling):
     from slmkit.methods import eft
 
-    prompts = read_prompts(prompt, input)
+    prompts = read_prompts(prompt, io.input)
     sampling.validate()
     models = eft.load_eft(large, small_ft, small_base, dtype=dtype)
-    print_generations(models.small_ft, prompts, sampling, 1 if speculative else batch_size, system, chat, as_json,
-                      decode=eft.decoder(models, beta, speculative))
+    print_generations(models.small_ft, prompts, sampling, io, decode=eft.decoder(models, beta, speculative),
+                      batch_size=1 if speculative else None)
 
 
 @app.command("eft")
+@dataclass_options(PromptArgs, "io")
 @dataclass_options(SamplingParams, "sampling")
 def eft_command(
     prompt: PromptArg = None,
@@ -135,19 +110,14 @@ def eft_command(
                                               "down-scaling give a small base here and a large pair above.")] = None,
     beta: BetaOpt = 1.0,
     speculative: SpeculativeOpt = 0,
-    input: InputOpt = None,
-    batch_size: BatchOpt = 8,
-    system: SystemOpt = None,
-    chat: ChatOpt = None,
-    as_json: JsonOpt = False,
     dtype: DtypeOpt = "auto",
+    io: PromptArgs = None,
     sampling: SamplingParams = None,
 ):
     """Emulated fine-tuning / LM up-scaling: sample from log p_large + β·(log p_small_ft − log p_small_base)
     per token. No training; the three models must share a vocabulary (checked). Local models only: an endpoint
     does not return the full next-token distribution EFT needs."""
-    run_eft(prompt, large, small_ft, small_base, beta, speculative, input, batch_size, system, chat, as_json, dtype,
-            sampling)
+    run_eft(prompt, large, small_ft, small_base, beta, speculative, dtype, io, sampling)
 
 
 def stream_to_terminal(loaded, prompt, sampling, *, system=None, chat=None, interruptible=False, decode=None,
