@@ -18,6 +18,7 @@ import hmac
 import ipaddress
 import json
 import queue
+import re
 import select
 import signal
 import socket
@@ -26,6 +27,7 @@ import threading
 import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from slmkit.api import Limits, image_part, new_id, number, sampling_from, usage
 from slmkit.batching import engine_for
@@ -82,7 +84,7 @@ class Server:
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "slmkit"}]}
+                                            "owned_by": "slmkit", "slmkit": {"images": takes_images(self.loaded)}}]}
 
     def health(self) -> dict:
         return {"status": "stopping" if self.stopping.is_set() else "ok", "engine": self.engine_name,
@@ -235,7 +237,7 @@ def _handler_for(server: Server):
                 server.active += 1
             self.body_read = self.streaming = False
             try:
-                if not server.authorized(self.headers.get("Authorization")):
+                if not server.authorized(self.headers.get("Authorization")) and not self.is_page():
                     raise ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
                 work()
             except ApiError as e:
@@ -261,7 +263,24 @@ def _handler_for(server: Server):
             except OSError:
                 self.close_connection = True
 
+        def is_page(self) -> bool:  # the playground's files hold no secrets: they load without the API key
+            return self.command == "GET" and (self.path.split("?")[0] == "/" or self.path.startswith("/web/"))
+
+        def send_file(self, path: Path) -> None:
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", WEB_TYPES[path.suffix])
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in WEB_HEADERS.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
         def get(self):
+            if self.path.split("?")[0] == "/":
+                return self.send_file(WEB / "index.html")
+            if self.path.startswith("/web/"):
+                return self.send_file(web_file(self.path))
             path = self.path.split("?")[0].rstrip("/")
             if path == "/v1/models":
                 return self.send_json(200, server.models())
@@ -402,6 +421,26 @@ def _handler_for(server: Server):
             self.wfile.flush()
 
     return Handler
+
+
+WEB = Path(__file__).parent / "web"  # the playground: static files, no build step
+WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8"}
+WEB_HEADERS = {  # model output is rendered as text or markdown; even so, the page may run only its own scripts
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: "
+                               "blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+def web_file(url_path: str) -> Path:
+    """The packaged web file a /web/... path names; anything else (other directories, other kinds) is a 404."""
+    name = url_path.split("?")[0].removeprefix("/web/")
+    path = (WEB / name).resolve()
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)?\.[a-z]+", name) or ".." in name or \
+            not path.is_relative_to(WEB.resolve()) or path.suffix not in WEB_TYPES or not path.is_file():
+        raise ApiError(404, f"unknown path {url_path[:100]}")
+    return path
 
 
 def _loopback(host: str) -> bool:

@@ -1,0 +1,205 @@
+"""The playground `slm serve` shows at `/`, used as a person would: headless Chromium from Debian's packages,
+driven by Selenium through Debian's chromedriver (nothing is downloaded), against a real server on the
+embedded model."""
+
+import http.client
+import json
+import shutil
+import time
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
+
+from slmkit.serve import Server
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+if not (CHROMIUM and CHROMEDRIVER):  # the README's test command installs both; a missing one is a failure
+    raise RuntimeError("the web tests need Debian's chromium and chromium-driver (apt-get install chromium "
+                       "chromium-driver)")
+
+
+@pytest.fixture(scope="module")
+def server(smol):
+    srv = Server(smol, port=0, max_batch=4).start()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                 "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, server):
+    browser.get(server.url.removesuffix("/v1") + "/")
+    browser.execute_script("localStorage.clear()")
+    browser.get(server.url.removesuffix("/v1") + "/")
+    WebDriverWait(browser, 30).until(lambda d: server.name in d.find_element(By.ID, "model").text)
+
+
+def set_field(browser, field_id, value):
+    browser.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                           "e.dispatchEvent(new Event('change'));", field_id, str(value))
+
+
+def ask(browser, text):
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.ID, "send").click()
+
+
+def messages(browser):
+    return browser.find_elements(By.CSS_SELECTOR, "#messages .message")
+
+
+def idle(browser):
+    return not browser.find_element(By.ID, "stop-button").is_displayed()
+
+
+def test_a_question_gets_a_streamed_answer(browser, server):
+    open_page(browser, server)
+    assert not browser.find_element(By.ID, "attach-label").is_displayed()  # a text model takes no pictures
+    assert idle(browser)  # Stop shows only while a reply streams
+    set_field(browser, "temperature", 0)
+    set_field(browser, "max_tokens", 40)
+    ask(browser, "What is the capital of France?")
+    lengths = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        shown = messages(browser)
+        if len(shown) == 2:
+            lengths.append(len(shown[1].find_element(By.CSS_SELECTOR, ".body").text))
+        if idle(browser) and len(shown) == 2 and shown[1].find_elements(By.CSS_SELECTOR, ".stats"):
+            break
+        time.sleep(0.05)
+    answer = messages(browser)[1]
+    assert "Paris" in answer.find_element(By.CSS_SELECTOR, ".body").text
+    growing = sorted(set(n for n in lengths if n))
+    assert len(growing) >= 3, f"the answer appeared at once, not streamed: {growing}"  # text arrived in pieces
+    stats = answer.find_element(By.CSS_SELECTOR, ".stats").text
+    assert "tok/s" in stats and "prompt +" in stats
+    saved = browser.execute_script("return JSON.parse(localStorage.getItem('slmkit.conversations'))")
+    assert saved[0]["messages"][0]["content"] == "What is the capital of France?"  # kept in the browser
+    assert "Paris" in saved[0]["messages"][1]["content"] and saved[0]["messages"][1]["stats"] == stats
+
+
+def test_stop_halts_and_regenerate_replaces(browser, server):
+    open_page(browser, server)
+    set_field(browser, "temperature", 0)
+    set_field(browser, "max_tokens", 400)
+    ask(browser, "Write a long story about a lighthouse keeper.")
+    WebDriverWait(browser, 60).until(lambda d: len(messages(d)) == 2 and
+                                     len(messages(d)[1].find_element(By.CSS_SELECTOR, ".body").text) > 20)
+    browser.find_element(By.ID, "stop-button").click()
+    WebDriverWait(browser, 10).until(idle)
+    stopped = messages(browser)[1]
+    assert stopped.find_element(By.CSS_SELECTOR, ".stats").text == "stopped"
+    text = stopped.find_element(By.CSS_SELECTOR, ".body").text
+    time.sleep(1.0)
+    assert messages(browser)[1].find_element(By.CSS_SELECTOR, ".body").text == text  # nothing more arrives
+    WebDriverWait(browser, 10).until(lambda d: server.active == 0 and server.engine.waiting.qsize() == 0)
+
+    set_field(browser, "max_tokens", 12)
+    set_field(browser, "temperature", 1.0)
+    set_field(browser, "seed", 5)
+    regenerate = [b for b in messages(browser)[1].find_elements(By.TAG_NAME, "button") if b.text == "Regenerate"]
+    regenerate[0].click()
+    WebDriverWait(browser, 60).until(lambda d: idle(d) and d.find_elements(By.CSS_SELECTOR, "#messages .stats"))
+    shown = messages(browser)
+    assert len(shown) == 2  # replaced, not added
+    new = shown[1].find_element(By.CSS_SELECTOR, ".body").text
+    assert new and new != text and "tok/s" in shown[1].find_element(By.CSS_SELECTOR, ".stats").text
+
+
+def test_edit_a_past_message_resends_from_there(browser, server):
+    open_page(browser, server)
+    set_field(browser, "temperature", 0)
+    set_field(browser, "max_tokens", 24)
+    ask(browser, "What is the capital of Italy?")
+    WebDriverWait(browser, 60).until(lambda d: idle(d) and len(messages(d)) == 2)
+    [b for b in messages(browser)[0].find_elements(By.TAG_NAME, "button") if b.text == "Edit"][0].click()
+    area = messages(browser)[0].find_element(By.TAG_NAME, "textarea")
+    area.clear()
+    area.send_keys("What is the capital of France?")
+    [b for b in messages(browser)[0].find_elements(By.TAG_NAME, "button") if b.text == "Save and send"][0].click()
+    WebDriverWait(browser, 60).until(lambda d: idle(d) and d.find_elements(By.CSS_SELECTOR, "#messages .stats"))
+    shown = messages(browser)
+    assert len(shown) == 2 and "France" in shown[0].text and "Paris" in shown[1].text
+
+
+def test_a_reply_with_html_renders_inert(browser, server, tmp_path):
+    """A conversation (imported, as a model could have written it) whose reply holds a script, an image with
+    onerror and markdown: the markdown renders, the HTML shows as text and runs nothing."""
+    open_page(browser, server)
+    hostile = ('**bold** and `code`\n\n<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+               '\n\n[link](javascript:window.pwned=3)')
+    conversation = {"id": "c1", "title": "hostile", "messages": [{"role": "user", "content": "hi <b>there</b>"},
+                                                                   {"role": "assistant", "content": hostile}]}
+    path = tmp_path / "conversations.json"
+    path.write_text(json.dumps([conversation, {"id": "bad"}]))
+    browser.find_element(By.ID, "import").send_keys(str(path))
+    WebDriverWait(browser, 10).until(lambda d: len(messages(d)) == 2)
+    assert "imported 1 conversation(s), skipped 1" in browser.find_element(By.ID, "status").text
+    reply = messages(browser)[1].find_element(By.CSS_SELECTOR, ".body")
+    assert reply.find_element(By.TAG_NAME, "strong").text == "bold"
+    assert not reply.find_elements(By.TAG_NAME, "img") and not reply.find_elements(By.TAG_NAME, "script")
+    assert '<img src=x onerror="window.pwned=1">' in reply.text and "<script>" in reply.text
+    for link in reply.find_elements(By.TAG_NAME, "a"):
+        assert not link.get_attribute("href").startswith("javascript:")
+    assert messages(browser)[0].find_elements(By.TAG_NAME, "b") == []  # user text is text too
+    time.sleep(0.5)
+    assert browser.execute_script("return window.pwned === undefined")
+
+
+def test_server_errors_show_as_messages(browser, server):
+    open_page(browser, server)
+    set_field(browser, "max_tokens", 10 ** 9)
+    ask(browser, "Hello")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#messages .message.error"))
+    error = browser.find_element(By.CSS_SELECTOR, "#messages .message.error").text
+    assert error.startswith("400: ") and "max_tokens" in error
+
+
+def test_the_page_asks_for_the_api_key(browser, smol):
+    srv = Server(smol, port=0, max_batch=2, api_key="s3cret").start()
+    try:
+        browser.get(srv.url.removesuffix("/v1") + "/")
+        WebDriverWait(browser, 20).until(lambda d: d.switch_to.alert)
+        alert = browser.switch_to.alert
+        alert.send_keys("s3cret")
+        alert.accept()
+        WebDriverWait(browser, 20).until(lambda d: srv.name in d.find_element(By.ID, "model").text)
+    finally:
+        srv.close()
+
+
+def raw_get(server, path):
+    host, port = server.url.removeprefix("http://").removesuffix("/v1").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    return r.status, dict(r.getheaders()), r.read()
+
+
+def test_static_files_are_served_safely(server):
+    status, headers, body = raw_get(server, "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "script-src 'self'" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
+    status, headers, body = raw_get(server, "/web/vendor/markdown-it.min.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript") and b"markdownit" in body
+    for path in ("/web/../serve.py", "/web/%2e%2e/serve.py", "/web/vendor/../../serve.py", "/web/nope.js",
+                 "/web/", "/web/vendor/LICENSE.markdown-it/x", "/web//etc/passwd", "/web/\x00.js"):
+        status, _, body = raw_get(server, path.replace("\x00", "%00"))
+        assert status == 404 and json.loads(body)["error"]["message"].startswith("unknown path"), path
