@@ -11,6 +11,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from slmkit.serve import Server
@@ -68,6 +69,25 @@ def idle(browser):
     return not browser.find_element(By.ID, "stop-button").is_displayed()
 
 
+def shown(browser) -> dict:
+    """The conversation as the page shows it, read in one script call: a streaming reply replaces its element
+    on every piece, so reading elements one by one can hold a stale one."""
+    return browser.execute_script("""
+        const messages = [...document.querySelectorAll('#messages .message')];
+        return {texts: messages.map(m => (m.querySelector('.body') || m).textContent),
+                stats: messages.map(m => { const s = m.querySelector('.stats'); return s ? s.textContent : null; }),
+                busy: !document.getElementById('stop-button').hidden};""")
+
+
+def wait(browser, condition, seconds=60) -> dict:
+    """Wait until the page satisfies `condition`; return what it shows then."""
+    def check(driver):
+        page = shown(driver)
+        return page if condition(page) else False
+
+    return WebDriverWait(browser, seconds).until(check)
+
+
 def test_a_question_gets_a_streamed_answer(browser, server):
     open_page(browser, server)
     assert not browser.find_element(By.ID, "attach-label").is_displayed()  # a text model takes no pictures
@@ -78,10 +98,10 @@ def test_a_question_gets_a_streamed_answer(browser, server):
     lengths = []
     deadline = time.time() + 120
     while time.time() < deadline:
-        shown = messages(browser)
-        if len(shown) == 2:
-            lengths.append(len(shown[1].find_element(By.CSS_SELECTOR, ".body").text))
-        if idle(browser) and len(shown) == 2 and shown[1].find_elements(By.CSS_SELECTOR, ".stats"):
+        page = shown(browser)
+        if len(page["texts"]) == 2:
+            lengths.append(len(page["texts"][1]))
+        if not page["busy"] and len(page["texts"]) == 2 and page["stats"][1]:
             break
         time.sleep(0.05)
     answer = messages(browser)[1]
@@ -100,8 +120,7 @@ def test_stop_halts_and_regenerate_replaces(browser, server):
     set_field(browser, "temperature", 0)
     set_field(browser, "max_tokens", 400)
     ask(browser, "Write a long story about a lighthouse keeper.")
-    WebDriverWait(browser, 60).until(lambda d: len(messages(d)) == 2 and
-                                     len(messages(d)[1].find_element(By.CSS_SELECTOR, ".body").text) > 20)
+    wait(browser, lambda page: len(page["texts"]) == 2 and len(page["texts"][1]) > 20)
     browser.find_element(By.ID, "stop-button").click()
     WebDriverWait(browser, 10).until(idle)
     stopped = messages(browser)[1]
@@ -116,11 +135,10 @@ def test_stop_halts_and_regenerate_replaces(browser, server):
     set_field(browser, "seed", 5)
     regenerate = [b for b in messages(browser)[1].find_elements(By.TAG_NAME, "button") if b.text == "Regenerate"]
     regenerate[0].click()
-    WebDriverWait(browser, 60).until(lambda d: idle(d) and d.find_elements(By.CSS_SELECTOR, "#messages .stats"))
-    shown = messages(browser)
-    assert len(shown) == 2  # replaced, not added
-    new = shown[1].find_element(By.CSS_SELECTOR, ".body").text
-    assert new and new != text and "tok/s" in shown[1].find_element(By.CSS_SELECTOR, ".stats").text
+    page = wait(browser, lambda page: not page["busy"] and len(page["texts"]) == 2 and page["stats"][1]
+                and "tok/s" in page["stats"][1])
+    assert len(page["texts"]) == 2  # replaced, not added
+    assert page["texts"][1].strip() and page["texts"][1].strip() != text
 
 
 def test_edit_a_past_message_resends_from_there(browser, server):
@@ -128,15 +146,14 @@ def test_edit_a_past_message_resends_from_there(browser, server):
     set_field(browser, "temperature", 0)
     set_field(browser, "max_tokens", 24)
     ask(browser, "What is the capital of Italy?")
-    WebDriverWait(browser, 60).until(lambda d: idle(d) and len(messages(d)) == 2)
+    wait(browser, lambda page: not page["busy"] and len(page["texts"]) == 2 and page["stats"][1])
     [b for b in messages(browser)[0].find_elements(By.TAG_NAME, "button") if b.text == "Edit"][0].click()
     area = messages(browser)[0].find_element(By.TAG_NAME, "textarea")
     area.clear()
     area.send_keys("What is the capital of France?")
     [b for b in messages(browser)[0].find_elements(By.TAG_NAME, "button") if b.text == "Save and send"][0].click()
-    WebDriverWait(browser, 60).until(lambda d: idle(d) and d.find_elements(By.CSS_SELECTOR, "#messages .stats"))
-    shown = messages(browser)
-    assert len(shown) == 2 and "France" in shown[0].text and "Paris" in shown[1].text
+    page = wait(browser, lambda page: not page["busy"] and len(page["texts"]) == 2 and page["stats"][1])
+    assert "France" in page["texts"][0] and "Paris" in page["texts"][1]
 
 
 def test_a_reply_with_html_renders_inert(browser, server, tmp_path):
@@ -176,8 +193,7 @@ def test_the_page_asks_for_the_api_key(browser, smol):
     srv = Server(smol, port=0, max_batch=2, api_key="s3cret").start()
     try:
         browser.get(srv.url.removesuffix("/v1") + "/")
-        WebDriverWait(browser, 20).until(lambda d: d.switch_to.alert)
-        alert = browser.switch_to.alert
+        alert = WebDriverWait(browser, 20).until(expected_conditions.alert_is_present())
         alert.send_keys("s3cret")
         alert.accept()
         WebDriverWait(browser, 20).until(lambda d: srv.name in d.find_element(By.ID, "model").text)
