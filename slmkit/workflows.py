@@ -187,7 +187,12 @@ def summary(workflow: Workflow) -> str:
     body = source[re.search(rf"^def {name}\(", source, flags=re.M).end():]
     docstring = body[body.index('"""') + 3:]
     docstring = docstring[:docstring.index('"""')]
-    return " ".join(inspect.cleandoc(docstring).split("\n\n")[0].split())
+    return paragraphs(inspect.cleandoc(docstring))[0]
+
+
+def paragraphs(text: str) -> list[str]:
+    """A docstring's paragraphs, each on one line (the terminal wraps them)."""
+    return [" ".join(paragraph.split()) for paragraph in text.split("\n\n")]
 
 
 @dataclass
@@ -206,9 +211,10 @@ def parameters(workflow: Workflow) -> list[Parameter]:
     hints = typing.get_type_hints(fn)
     _, helps = split_docstring(fn)
     module_help = getattr(inspect.getmodule(fn), "HELP", {})  # arguments several workflows of a module share
+    trains = train_group(workflow) is not None
     params = []
     for p in inspect.signature(fn).parameters.values():
-        if p.name in HIDDEN + workflow.internal or (p.name == "seed" and train_group(workflow) is not None):
+        if p.name in HIDDEN + workflow.internal or (p.name == "seed" and trains):
             continue  # the training group's --seed is the workflow's seed
         flags = workflow.flags.get(p.name) or SHARED.get(p.name, ("--" + p.name.replace("_", "-"),))[0]
         flags = (flags,) if isinstance(flags, str) else flags

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from slmkit.errors import SlmError
-from slmkit.workflows import Workflow, parameters, resolve, run, split_docstring, train_group
+from slmkit.workflows import Workflow, paragraphs, parameters, resolve, run, split_docstring, train_group
 
 
 def dataclass_options(cls, name: str, **defaults):
@@ -100,8 +100,7 @@ def workflow_command(workflow: Workflow, console):
             sys.stdout.write(json.dumps(result, default=_plain) + "\n")
 
     command.__signature__ = inspect.Signature(signature)
-    description = split_docstring(workflow.fn)[0]  # paragraphs, each one line for the terminal to wrap
-    command.__doc__ = "\n\n".join(" ".join(paragraph.split()) for paragraph in description.split("\n\n"))
+    command.__doc__ = "\n\n".join(paragraphs(split_docstring(workflow.fn)[0]))
     command.__name__ = workflow.recipe_name
     group = train_group(workflow)
     if group is not None:
