@@ -18,7 +18,6 @@ import hmac
 import ipaddress
 import json
 import queue
-import re
 import select
 import signal
 import socket
@@ -29,11 +28,13 @@ from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from slmkit import pages
 from slmkit.api import Limits, image_part, new_id, number, sampling_from, usage
 from slmkit.batching import engine_for
 from slmkit.data.records import RecordError, check_messages
 from slmkit.errors import ApiError, SlmError
 from slmkit.generate import Completion, format_prompt, is_chat_model, takes_images
+from slmkit.train import RUNS_DIR
 
 
 class ClientGone(Exception):
@@ -45,10 +46,12 @@ class Server:
     blocks until a signal (the CLI)."""
 
     def __init__(self, loaded, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
-                 served_name: str | None = None, api_key: str | None = None, limits: Limits | None = None):
-        self.loaded, self.api_key, self.limits = loaded, api_key, limits or Limits()
-        self.name = served_name or loaded.name
-        self.engine = engine_for(loaded, max_batch=max_batch, max_queue=self.limits.max_queue)
+                 served_name: str | None = None, api_key: str | None = None, limits: Limits | None = None,
+                 runs_dir: Path = RUNS_DIR):
+        """`loaded=None` serves only the pages and runs (`slm dashboard`): no model, no engine."""
+        self.loaded, self.api_key, self.limits, self.runs_dir = loaded, api_key, limits or Limits(), Path(runs_dir)
+        self.name = served_name or (loaded.name if loaded else None)
+        self.engine = engine_for(loaded, max_batch=max_batch, max_queue=self.limits.max_queue) if loaded else None
         self.stopping = threading.Event()
         self.active = 0  # requests being answered
         self._lock = threading.Lock()
@@ -75,7 +78,8 @@ class Server:
         while self.active and time.monotonic() < deadline:
             time.sleep(0.05)
         self.httpd.server_close()
-        self.engine.close(timeout=max(0.5, deadline - time.monotonic()))
+        if self.engine:
+            self.engine.close(timeout=max(0.5, deadline - time.monotonic()))
 
     def log(self, message: str) -> None:
         print(f"slmkit serve: {message}", file=sys.stderr, flush=True)
@@ -84,11 +88,14 @@ class Server:
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "slmkit", "slmkit": {"images": takes_images(self.loaded)}}]}
+                                            "owned_by": "slmkit", "slmkit": {"images": takes_images(self.loaded)}}]
+                if self.loaded else []}
 
     def health(self) -> dict:
-        return {"status": "stopping" if self.stopping.is_set() else "ok", "engine": self.engine_name,
-                "waiting": self.engine.waiting.qsize(), "active_requests": self.active, **self.engine.stats}
+        status = {"status": "stopping" if self.stopping.is_set() else "ok", "active_requests": self.active}
+        if not self.engine:
+            return {**status, "engine": None}
+        return {**status, "engine": self.engine_name, "waiting": self.engine.waiting.qsize(), **self.engine.stats}
 
     @property
     def engine_name(self) -> str:
@@ -263,24 +270,22 @@ def _handler_for(server: Server):
             except OSError:
                 self.close_connection = True
 
-        def is_page(self) -> bool:  # the playground's files hold no secrets: they load without the API key
-            return self.command == "GET" and (self.path.split("?")[0] == "/" or self.path.startswith("/web/"))
+        def is_page(self) -> bool:  # the pages' files hold no secrets: they load without the API key
+            return self.command == "GET" and pages.is_page(self.path)
 
-        def send_file(self, path: Path) -> None:
-            data = path.read_bytes()
+        def send_page(self, data: bytes, content_type: str) -> None:
             self.send_response(200)
-            self.send_header("Content-Type", WEB_TYPES[path.suffix])
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
-            for key, value in WEB_HEADERS.items():
+            for key, value in pages.HEADERS.items():
                 self.send_header(key, value)
             self.end_headers()
             self.wfile.write(data)
 
         def get(self):
-            if self.path.split("?")[0] == "/":
-                return self.send_file(WEB / "index.html")
-            if self.path.startswith("/web/"):
-                return self.send_file(web_file(self.path))
+            page = pages.respond(self.path, server.runs_dir, model=server.loaded is not None)
+            if page is not None:
+                return self.send_page(*page)
             path = self.path.split("?")[0].rstrip("/")
             if path == "/v1/models":
                 return self.send_json(200, server.models())
@@ -323,6 +328,8 @@ def _handler_for(server: Server):
                 raise ApiError(404, f"unknown path {self.path[:100]}")
             if server.stopping.is_set():
                 raise ApiError(503, "the server is shutting down", headers={"Retry-After": "1"})
+            if server.engine is None:
+                raise ApiError(404, "this server has no model (slm dashboard); start one with slm serve")
             chat = path == "/v1/chat/completions"
             body = self.read_body()
             reqs, events = server.start_request(body, chat)
@@ -423,26 +430,6 @@ def _handler_for(server: Server):
     return Handler
 
 
-WEB = Path(__file__).parent / "web"  # the playground: static files, no build step
-WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-             ".css": "text/css; charset=utf-8"}
-WEB_HEADERS = {  # model output is rendered as text or markdown; even so, the page may run only its own scripts
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: "
-                               "blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-                               "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
-
-
-def web_file(url_path: str) -> Path:
-    """The packaged web file a /web/... path names; anything else (other directories, other kinds) is a 404."""
-    name = url_path.split("?")[0].removeprefix("/web/")
-    path = (WEB / name).resolve()
-    if not re.fullmatch(r"[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)?\.[a-z]+", name) or ".." in name or \
-            not path.is_relative_to(WEB.resolve()) or path.suffix not in WEB_TYPES or not path.is_file():
-        raise ApiError(404, f"unknown path {url_path[:100]}")
-    return path
-
-
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -454,9 +441,11 @@ def _loopback(host: str) -> bool:
 
 def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
           served_name: str | None = None, api_key: str | None = None, limits: Limits | None = None,
-          dtype: str = "auto", engine: str = "auto", on_ready=None) -> None:
-    """Load a model on `engine` (see `engines.open_model`) and serve it until SIGTERM or SIGINT (Ctrl-C), which
-    stop it within seconds. `on_ready(server)` runs once it listens."""
+          dtype: str = "auto", engine: str = "auto", runs_dir: Path = RUNS_DIR, dashboard: bool = False,
+          on_ready=None) -> None:
+    """Load a model on `engine` (see `engines.open_model`) and serve it, with the pages (the runs dashboard reads
+    `runs_dir`), until SIGTERM or SIGINT (Ctrl-C), which stop it within seconds. `dashboard=True` serves the pages
+    and runs without a model (`slm dashboard`). `on_ready(server)` runs once it listens."""
     from slmkit.engines import open_model
 
     stop, loading = threading.Event(), [True]
@@ -471,18 +460,18 @@ def serve(model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT) if main}
     server = None
     try:
-        loaded = open_model(model, engine, dtype=dtype)
+        loaded = None if dashboard else open_model(model, engine, dtype=dtype)
         try:
             server = Server(loaded, host=host, port=port, max_batch=max_batch, served_name=served_name,
-                            api_key=api_key, limits=limits)
+                            api_key=api_key, limits=limits, runs_dir=runs_dir)
         except OSError as e:
             raise SlmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
         loading[0] = False
         if stop.is_set():
             raise KeyboardInterrupt
         if not api_key and not _loopback(host):
-            server.log(f"warning: listening on {host} without an API key: anyone who reaches this port can use the "
-                       "model (set --api-key or SLMKIT_API_KEY)")
+            server.log(f"warning: listening on {host} without an API key: anyone who reaches this port can "
+                       f"{'read the runs' if dashboard else 'use the model'} (set --api-key or SLMKIT_API_KEY)")
         server.start()
         if on_ready:
             on_ready(server)

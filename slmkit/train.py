@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slmkit.errors import SlmError
+from slmkit.runs import StageStatus
 
 RUNS_DIR = Path("runs")  # where every workflow writes its run directories unless told otherwise
 
@@ -286,63 +287,73 @@ def train(model, tokenizer, train_data, val_data, objective: Objective, args: Tr
         log({"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
         return loss
 
-    bar = _progress(progress and main)
-    task = bar.add_task("train", total=args.steps, completed=start, loss=float("nan"), tps=float("nan"))
-    t0, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
-    with bar:
-        for step in range(start, args.steps):
-            for micro in range(args.grad_accum):
-                batch = to_device(train_data.train_batch(step * args.grad_accum + micro, args.batch_size,
-                                                         args.seq_len, args.seed, rank, world), accelerator.device)
-                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + micro * 31 + rank)
-                sync = micro == args.grad_accum - 1
-                with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
-                    with accelerator.autocast():
-                        loss, _ = objective(model, batch, gen)
-                    accelerator.backward(loss / args.grad_accum)
-                loss_sum += float(loss.detach()) / args.grad_accum
-                window_tokens += count_tokens(batch) * world
-            if args.clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            if done % args.log_every == 0 or done == args.steps:
-                n = (done - 1) % args.log_every + 1
-                elapsed = time.perf_counter() - t0
-                row = {"step": done, "loss": loss_sum / n, "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": window_tokens / elapsed, "tokens": total_tokens + window_tokens}
-                total_tokens += window_tokens
-                log(row)
-                bar.update(task, loss=row["loss"], tps=row["tokens_per_s"])
-                t0, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
-            bar.update(task, completed=done)
-            if args.eval_every and done % args.eval_every == 0 and done != args.steps:
-                run_eval(done)
-            if args.save_every and done % args.save_every == 0 and done != args.steps:
-                accelerator.wait_for_everyone()
-                if main:
-                    save_checkpoint(run_dir, done, accelerator.unwrap_model(model), tokenizer, optimizer,
-                                    scheduler, args, total_tokens + window_tokens)
-    summary["val_loss"] = run_eval(args.steps)
-    accelerator.wait_for_everyone()
-    if main:
-        unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(run_dir, args.steps, unwrapped, tokenizer, optimizer, scheduler, args,
-                        total_tokens + window_tokens)
-        from slmkit.models import save_pretrained_atomic
+    status = StageStatus(run_dir, total=args.steps, start=start) if main else None
+    try:
+        bar = _progress(progress and main)
+        task = bar.add_task("train", total=args.steps, completed=start, loss=float("nan"), tps=float("nan"))
+        t0, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
+        with bar:
+            for step in range(start, args.steps):
+                for micro in range(args.grad_accum):
+                    batch = to_device(train_data.train_batch(step * args.grad_accum + micro, args.batch_size,
+                                                             args.seq_len, args.seed, rank, world), accelerator.device)
+                    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 1009 + micro * 31 + rank)
+                    sync = micro == args.grad_accum - 1
+                    with accelerator.no_sync(model) if not sync else contextlib.nullcontext():
+                        with accelerator.autocast():
+                            loss, _ = objective(model, batch, gen)
+                        accelerator.backward(loss / args.grad_accum)
+                    loss_sum += float(loss.detach()) / args.grad_accum
+                    window_tokens += count_tokens(batch) * world
+                if args.clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                if done % args.log_every == 0 or done == args.steps:
+                    n = (done - 1) % args.log_every + 1
+                    elapsed = time.perf_counter() - t0
+                    row = {"step": done, "loss": loss_sum / n, "lr": scheduler.get_last_lr()[0],
+                           "tokens_per_s": window_tokens / elapsed, "tokens": total_tokens + window_tokens}
+                    total_tokens += window_tokens
+                    log(row)
+                    bar.update(task, loss=row["loss"], tps=row["tokens_per_s"])
+                    if status:
+                        status.write(step=done)
+                    t0, window_tokens, loss_sum = time.perf_counter(), 0, 0.0
+                bar.update(task, completed=done)
+                if args.eval_every and done % args.eval_every == 0 and done != args.steps:
+                    run_eval(done)
+                if args.save_every and done % args.save_every == 0 and done != args.steps:
+                    accelerator.wait_for_everyone()
+                    if main:
+                        save_checkpoint(run_dir, done, accelerator.unwrap_model(model), tokenizer, optimizer,
+                                        scheduler, args, total_tokens + window_tokens)
+        summary["val_loss"] = run_eval(args.steps)
+        accelerator.wait_for_everyone()
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            save_checkpoint(run_dir, args.steps, unwrapped, tokenizer, optimizer, scheduler, args,
+                            total_tokens + window_tokens)
+            from slmkit.models import save_pretrained_atomic
 
-        if args.grad_checkpointing:
-            unwrapped.gradient_checkpointing_disable()
-        if hasattr(unwrapped, "merge_and_unload"):  # LoRA: keep the adapter, save the merged model
-            save_pretrained_atomic(unwrapped, tokenizer, run_dir / "adapter")
-            unwrapped = merge_adapter(unwrapped, run_dir / "adapter")
-        save_pretrained_atomic(unwrapped, tokenizer, run_dir / "model")
-        metrics.close()
-        if board:
-            board.close()
-        plot_metrics(run_dir)
+            if args.grad_checkpointing:
+                unwrapped.gradient_checkpointing_disable()
+            if hasattr(unwrapped, "merge_and_unload"):  # LoRA: keep the adapter, save the merged model
+                save_pretrained_atomic(unwrapped, tokenizer, run_dir / "adapter")
+                unwrapped = merge_adapter(unwrapped, run_dir / "adapter")
+            save_pretrained_atomic(unwrapped, tokenizer, run_dir / "model")
+            metrics.close()
+            if board:
+                board.close()
+            plot_metrics(run_dir)
+    except BaseException as e:  # Ctrl-C, SIGTERM or an error: status.json says which, then it propagates
+        if status:
+            status.end(e)
+        raise
+    if status:
+        status.end(None)
     summary["val_ppl"] = math.exp(min(summary["val_loss"], 50))
     return summary
 

@@ -236,15 +236,37 @@ def train_group(workflow: Workflow):
     return next(a for a in typing.get_args(hint) or (hint,) if a is not type(None))
 
 
-def run(workflow: Workflow, kwargs: dict, console=None) -> dict:
-    """Call the workflow (its training group's seed is also its own `seed`), then print its report."""
+def run(workflow: Workflow, kwargs: dict, console=None, *, argv: list[str] | None = None,
+        resume_args: list[str] | None = None) -> dict:
+    """Call the workflow (its training group's seed is also its own `seed`), then print its report.
+
+    A workflow that writes a run directory (it takes `run` and `runs_dir`) has its start and end recorded there
+    (`runs.record_workflow`): the command line `argv` it was given, and whether `argv + resume_args` resumes it.
+    """
+    from slmkit.runs import record_workflow
+
     signature = inspect.signature(workflow.fn)
     train_args = kwargs.get("train_args")
     if train_args is not None and "seed" in signature.parameters and "seed" not in kwargs:
         kwargs = {**kwargs, "seed": train_args.seed}
-    result = workflow.fn(**kwargs)
+    bound = signature.bind(**kwargs)
+    bound.apply_defaults()
+    run_dir = None
+    if {"run", "runs_dir"} <= set(signature.parameters):
+        run_dir = Path(bound.arguments["runs_dir"]) / bound.arguments["run"]
+        resumable = "resume" in signature.parameters
+        record_workflow(run_dir, {"event": "start", "command": workflow.command, "argv": argv,
+                                  "resume_args": resume_args if resumable else None})
+    try:
+        result = workflow.fn(**kwargs)
+    except BaseException as e:
+        if run_dir is not None:
+            interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
+            record_workflow(run_dir, {"event": "end", "state": "interrupted" if interrupted else "failed",
+                                      "error": None if interrupted else f"{type(e).__name__}: {e}"[:2000]})
+        raise
+    if run_dir is not None:
+        record_workflow(run_dir, {"event": "end", "state": "finished"})
     if console is not None and workflow.report:
-        bound = signature.bind(**kwargs)
-        bound.apply_defaults()
         resolve(workflow.report)(result, bound.arguments, console)
     return result

@@ -28,6 +28,11 @@ class WorkflowGroup(TyperGroup):
     def list_commands(self, ctx) -> list[str]:
         return [*self.commands, *(name for name in self.workflows() if name not in self.commands)]
 
+    def parse_args(self, ctx, args):
+        if ctx.parent is None:  # the command line as typed, for a run's record of how to rerun or resume it
+            ctx.meta["argv"] = list(args)
+        return super().parse_args(ctx, args)
+
     def format_help(self, ctx, formatter) -> None:
         self.listing = True
         try:

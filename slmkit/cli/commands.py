@@ -89,13 +89,15 @@ def workflow_command(workflow: Workflow, console):
                                            annotation=Annotated[annotation, info]))
     signature.append(inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
         bool, typer.Option("--json", help="Print the result as one JSON object instead of the report.")]))
+    signature.append(inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context))
     tuples = {p.name: p for p in params if _is_tuple(p.annotation)}
 
-    def command(as_json: bool, **kwargs):
+    def command(as_json: bool, ctx: typer.Context, **kwargs):
         for name, p in tuples.items():
             if isinstance(kwargs[name], str):
                 kwargs[name] = _split(kwargs[name], p.annotation, p.flags[0])
-        result = run(workflow, kwargs, None if as_json else console)
+        result = run(workflow, kwargs, None if as_json else console, argv=ctx.meta.get("argv"),
+                     resume_args=["--resume"])
         if as_json:
             sys.stdout.write(json.dumps(result, default=_plain) + "\n")
 

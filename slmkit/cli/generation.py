@@ -15,6 +15,9 @@ from slmkit.cli.commands import dataclass_options
 from slmkit.data.records import read_prompts
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
+from slmkit.train import RUNS_DIR
+
+RunsDirOpt = Annotated[Path, typer.Option("--runs-dir", help="Runs the dashboard at /runs shows.")]
 
 # --- generate / chat -------------------------------------------------------------------------------------
 
@@ -225,11 +228,13 @@ def serve(
     api_key: Annotated[str | None, typer.Option(envvar="SLMKIT_API_KEY", help="Require this bearer token.")] = None,
     dtype: DtypeOpt = "auto",
     engine: EngineOpt = "auto",
+    runs_dir: RunsDirOpt = RUNS_DIR,
     limits: ServeLimits = None,
 ):
     """OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (both stream with "stream": true),
     /v1/models, /health. Concurrent requests are batched. Use it with any OpenAI client:
-    `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")`, or as a teacher: `http://127.0.0.1:8000/v1#NAME`."""
+    `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")`, or as a teacher: `http://127.0.0.1:8000/v1#NAME`.
+    In a browser: a chat playground at /, the runs dashboard at /runs."""
     from slmkit.serve import serve as run_server
 
     def ready(server):
@@ -238,9 +243,29 @@ def serve(
         how = "one request at a time" if isinstance(server.engine, SerialEngine) else f"max batch {max_batch}"
         err.print(f"serving [bold]{server.name}[/] at {server.url} ({server.engine_name} engine, {how}); "
                   "Ctrl-C stops")
+        err.print(f"in a browser: playground {server.url.removesuffix('/v1')}/, runs "
+                  f"{server.url.removesuffix('/v1')}/runs")
 
     run_server(model, host=host, port=port, max_batch=max_batch, served_name=served_name, api_key=api_key,
-               limits=limits, dtype=dtype, engine=engine, on_ready=ready)
+               limits=limits, dtype=dtype, engine=engine, runs_dir=runs_dir, on_ready=ready)
+    err.print("stopped")
+
+
+@app.command()
+def dashboard(
+    runs_dir: Annotated[Path, typer.Argument(help="The runs directory to show.")] = RUNS_DIR,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for all interfaces).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="SLMKIT_API_KEY", help="Require this bearer token.")] = None,
+):
+    """The runs dashboard without a model: every run under RUNS_DIR with its workflow, state, step and ETA; a run's
+    loss curves drawn as they grow, its config, results and how to resume it; several runs' curves overlaid."""
+    from slmkit.serve import serve as run_server
+
+    def ready(server):
+        err.print(f"runs dashboard for {runs_dir} at {server.url.removesuffix('/v1')}/runs; Ctrl-C stops")
+
+    run_server(host=host, port=port, api_key=api_key, runs_dir=runs_dir, dashboard=True, on_ready=ready)
     err.print("stopped")
 
 

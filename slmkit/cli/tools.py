@@ -12,6 +12,7 @@ from slmkit.cli.app import app, out
 
 @app.command("run")
 def run_recipe(
+    ctx: typer.Context,
     recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see recipes/).")],
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a value: KEY=VALUE, e.g. "
                                                    "train.steps=10 or data=my.jsonl (repeatable).")] = None,
@@ -27,6 +28,7 @@ def run_recipe(
         out.print(f"{recipe}: valid {workflow.recipe_name} recipe")
         return
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun / accelerate launch, one process reports
-    summary = run(workflow, kwargs, out if rank0 else None)
+    summary = run(workflow, kwargs, out if rank0 else None, argv=ctx.meta.get("argv"),
+                  resume_args=["--set", "resume=true"])
     if rank0:
         out.print_json(json.dumps(summary, default=str))
