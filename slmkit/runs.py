@@ -192,10 +192,13 @@ def list_runs(runs_dir: Path) -> list[dict]:
 def run_path(runs_dir: Path, name: str, rel: str = ".") -> Path:
     """RUNS_DIR/NAME/REL, refused unless every segment is a plain name and the result stays inside the run."""
     parts = [] if rel in (".", "") else rel.split("/")
+    missing = SlmError(f"no run {name}" + (f" with {rel}" if parts else ""))
+    if not all(NAME.fullmatch(p) for p in [name, *parts]):
+        raise missing
     root = (Path(runs_dir) / name).resolve()
     path = root.joinpath(*parts).resolve()
-    if not all(NAME.fullmatch(p) for p in [name, *parts]) or not path.is_relative_to(root) or not path.exists():
-        raise SlmError(f"no run {name}" + (f" with {rel}" if parts else ""))
+    if not path.is_relative_to(root) or not path.exists():
+        raise missing
     return path
 
 

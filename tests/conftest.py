@@ -100,3 +100,27 @@ def pytest_sessionstart(session):
     if missing:
         raise pytest.UsageError(f"CI needs every tool the tests use; missing: {', '.join(missing)} "
                                 "(install as the README's second command does)")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium from Debian's packages, driven through Debian's chromedriver (nothing is downloaded).
+    The README's test command installs both; a missing one fails the tests that use it."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.fail("the web tests need Debian's chromium and chromium-driver "
+                    "(apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
+                 "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_script_timeout(30)
+    yield driver
+    driver.quit()

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+from slmkit import runs
 from slmkit.data.packing import PackedTokens
 from slmkit.data.prepare import prepare_corpus, resolve_tokenizer
 from slmkit.errors import SlmError
@@ -56,9 +58,16 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, bpe):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "model").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run([*common, "--name", "killed", "--resume", *args], capture_output=True, text=True,
+    # the run's record says it was interrupted (its process is gone) and gives the command that resumes it
+    killed = runs.detail(tmp_path, "killed")
+    assert (killed["state"], killed["workflow"], killed["total"]) == ("interrupted", "pretrain", 30)
+    assert killed["resume"] == "slm " + shlex.join(common[3:] + ["--name", "killed", *args, "--resume"])
+    resumed = subprocess.run([*common[:3], *shlex.split(killed["resume"])[1:]], capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr
+    done = runs.detail(tmp_path, "killed")
+    assert (done["state"], done["step"], done["resume"]) == ("finished", 30, None)
+    assert [f["path"] for f in done["files"]] == ["loss.png"]  # not the model's or checkpoints' files
     a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref") if "loss" in r}
     b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "killed") if "loss" in r}
     assert a.keys() == b.keys() == {5, 10, 15, 20, 25, 30}
@@ -66,6 +75,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, bpe):
     # restarting without --resume refuses to overwrite the run
     again = subprocess.run([*common, "--name", "killed", *args], capture_output=True, text=True, timeout=600)
     assert again.returncode == 1 and "already holds a run" in again.stderr
+    failed = runs.summary(tmp_path / "killed")  # the last workflow started there failed, and says why
+    assert failed["state"] == "failed" and "already holds a run" in failed["error"]
 
 
 def test_roberta_mlm_pretraining_lowers_masked_loss(tmp_path, bpe):
