@@ -3,11 +3,13 @@ read-only JSON the runs dashboard and the proofs page read.
 
     /                    the chat playground (on `slm dashboard`, which has no model: the runs dashboard)
     /runs                the runs dashboard: every run, its state and ETA, live loss curves, results, comparison
+    /proofs              the miniature proofs: each system's commands, its claims measured here, the committed ones
     /web/FILE            the pages' scripts, styles and vendored libraries
     /api/runs            every run under the runs directory (runs.list_runs)
     /api/runs/NAME       one run (runs.detail)
     /api/runs/NAME/metrics?stage=PATH&offset=BYTES   a stage's metrics.jsonl lines from a byte offset
     /api/runs/NAME/files/PATH                        a result JSON or plot the run wrote
+    /api/proofs          every proof's status (proofs.proof_status)
 
 Page files load without the API key (they hold no data); the `/api/` routes need it when the server has one.
 Nothing outside `slmkit/web` and the runs directory is ever read, and nothing is written.
@@ -25,7 +27,7 @@ from slmkit import runs
 from slmkit.errors import ApiError, SlmError
 
 WEB = Path(__file__).parent / "web"
-PAGES = {"/": "index.html", "/runs": "runs.html"}
+PAGES = {"/": "index.html", "/runs": "runs.html", "/proofs": "proofs.html"}
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
          ".css": "text/css; charset=utf-8", ".json": "application/json", ".png": "image/png"}
 HEADERS = {  # model output is rendered as text or markdown; even so, the pages may run only their own scripts
@@ -61,6 +63,10 @@ def respond(url: str, runs_dir: Path, *, model: bool = True) -> tuple[bytes, str
         return _file(WEB / (PAGES[path] if model or path != "/" else PAGES["/runs"]))
     if parts.path.startswith("/web/"):
         return _file(web_file(url))
+    if path == "/api/proofs":
+        from slmkit.proofs import proof_status
+
+        return _json(proof_status(runs_dir))
     if path != "/api/runs" and not path.startswith("/api/runs/"):
         return None
     segments = [unquote(s) for s in path.split("/")[3:]]

@@ -78,6 +78,7 @@ WORKFLOWS = [
     Workflow("eval", "slmkit.evaluate:evaluate_model", "slmkit.evaluate:report", flags={"text": "--perplexity"},
              arguments=("model",)),
     Workflow("export", "slmkit.export:export", "slmkit.export:report", arguments=("model",)),
+    Workflow("proofs", "slmkit.proofs:proof_status", "slmkit.proofs:report"),
     # data
     Workflow("data list", "slmkit.data.corpora:list_corpora", "slmkit.data.corpora:report"),
     Workflow("data prepare", "slmkit.data.prepare:prepare_data", "slmkit.data.prepare:report", arguments=("data",)),

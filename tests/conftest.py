@@ -124,3 +124,18 @@ def browser():
     driver.set_script_timeout(30)
     yield driver
     driver.quit()
+
+
+def proof_claims(key: str, path) -> list[dict]:
+    """The claims the proofs page reads from a result file a workflow wrote (slmkit.proofs): each with its arms,
+    a verdict and, where there is one, an interval of better - baseline."""
+    import json
+    from pathlib import Path
+
+    from slmkit.proofs import PROOFS
+
+    proof = next(p for p in PROOFS if p.key == key)
+    claims = proof.claims(json.loads(Path(path).read_text()), Path(path))
+    for c in claims:
+        assert set(c["arms"]) == {c["better"], c["baseline"]} and c["holds"] in (True, False, None)
+    return claims

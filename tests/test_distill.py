@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import proof_claims
 
 from slmkit.errors import SlmError
 from slmkit.methods import length_adaptive as lad
@@ -155,6 +156,8 @@ def test_length_adaptive_distillation_workflow(tmp_path, minilm_tokenizer):
     assert r["student_parameters"] < r["teacher_parameters"]
     chosen = r["chosen_lengths"]
     assert len(chosen) == 3 and chosen[0] == 1.0 and r["lad"]["flops_ratio"] >= 1.0
+    [c] = proof_claims("lad", tmp_path / "lad" / "distill.json")
+    assert c["arms"]["pruned"] == r["lad"]["pruned"]["accuracy"]
     for f in ("distill.json", "frontier.png", "search.json", "general/loss.png", "lad/model/length_config.json",
               "kd/model/config.json", "teacher/model/config.json"):
         assert (run / f).is_file(), f

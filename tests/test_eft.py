@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import proof_claims
 
 from slmkit.errors import SlmError
 from slmkit.generate import SamplingParams
@@ -132,5 +133,7 @@ def test_eft_cli_generate_and_eval(trio, tmp_path):
     result = json.loads((tmp_path / "eval" / "eft_eval.json").read_text())
     assert result["held_out"] == 3 and set(result["nll"]) >= {"large_base", "eft_beta_0", "eft_beta_1"}
     assert (tmp_path / "eval" / "eft_beta.png").stat().st_size > 1000
+    [c] = proof_claims("eft", tmp_path / "eval" / "eft_eval.json")
+    assert c["arms"]["large base"] == result["nll"]["large_base"] and c["lower_is_better"]
     r = slm("eft", "Hello", "--large", "llama2-nope", "--small-ft", dirs[1], "--small-base", dirs[2])
     assert r.returncode == 1 and "Traceback" not in r.stderr

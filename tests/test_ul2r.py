@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import proof_claims
 
 from slmkit.errors import SlmError
 from slmkit.methods import ul2r as u
@@ -77,6 +78,8 @@ def test_ul2r_continued_training_learns_to_infill(tiny_causal, tmp_path):
     assert "l2r_ppl_change" in r
     saved = json.loads((tmp_path / "u" / "ul2r.json").read_text())
     assert saved["steps"] == 30
+    [c] = proof_claims("ul2r", tmp_path / "u" / "ul2r.json")
+    assert c["arms"] == {"after": r["after"]["infilling_loss"], "before": r["before"]["infilling_loss"]}
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "u" / "model")

@@ -11,13 +11,14 @@ vocabulary size, or a checkpoint to continue), a tokenizer, a corpus; tokenise o
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import replace
 from pathlib import Path
 
 from slmkit.errors import SlmError
-from slmkit.train import RUNS_DIR, TrainArgs, train
+from slmkit.train import RUNS_DIR, TrainArgs, train, write_atomic
 
 
 def causal_lm_objective(model, batch, generator):
@@ -155,6 +156,8 @@ def pretrain(
     summary["unigram_ppl"] = unigram_perplexity(train_data, val_data, len(tok))
     summary.update(run_dir=str(Path(runs_dir) / run), parameters=net.num_parameters(),
                    val_ppl=math.exp(min(summary["val_loss"], 50)))
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_atomic(Path(runs_dir) / run / "pretrain.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
