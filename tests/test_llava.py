@@ -351,3 +351,52 @@ def test_images_over_the_openai_api_and_in_slm_chat(tiny_llava, tmp_path, smol):
     assert r.returncode == 0, r.stderr
     r = slm("chat", "--engine", "torch", "--image", str(tmp_path / "p.png"), stdin="hi\n")
     assert r.returncode != 0 and "does not take images" in r.stderr
+
+
+def test_a_picture_attached_in_the_playground_reaches_the_model(tiny_llava, browser, tmp_path):
+    """In headless Chromium: the playground offers Picture for a vision model; a picture attached to a question is
+    what the model answers about - the reply equals the API's reply for that picture, not for another."""
+    import base64
+    import io
+
+    from openai import OpenAI
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from test_web import set_field
+
+    from slmkit.engines import open_model
+    from slmkit.serve import Server
+
+    server = Server(open_model(str(tiny_llava), "torch"), port=0).start()
+    try:
+        browser.get(server.url.removesuffix("/v1") + "/")
+        browser.execute_script("localStorage.clear()")
+        browser.get(server.url.removesuffix("/v1") + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda d: d.find_element(By.ID, "attach-label").is_displayed())
+        set_field(browser, "temperature", 0)
+        set_field(browser, "max_tokens", 8)
+        Image.new("RGB", (32, 32), (220, 40, 40)).save(tmp_path / "red.png")
+        browser.find_element(By.ID, "attach").send_keys(str(tmp_path / "red.png"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments img"))
+        browser.find_element(By.ID, "prompt").send_keys("What colour is it?")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#messages .stats"))
+        saved = browser.execute_script("return JSON.parse(localStorage.getItem('slmkit.conversations'))")
+        question, answer = saved[0]["messages"]
+        assert question["images"][0].startswith("data:image/png;base64,") and answer["content"]
+
+        client = OpenAI(base_url=server.url, api_key="-", max_retries=0)
+
+        def api_reply(url):
+            parts = [{"type": "text", "text": "What colour is it?"}, {"type": "image_url", "image_url": {"url": url}}]
+            return client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": parts}],
+                                                  max_tokens=8, temperature=0).choices[0].message.content
+
+        blue = io.BytesIO()
+        Image.new("RGB", (32, 32), (40, 80, 220)).save(blue, format="PNG")
+        assert answer["content"] == api_reply(question["images"][0])
+        assert answer["content"] != api_reply("data:image/png;base64," + base64.b64encode(blue.getvalue()).decode())
+    finally:
+        server.close()
