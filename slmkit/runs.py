@@ -106,6 +106,22 @@ def _lines(path: Path) -> list[dict]:
     return rows
 
 
+def _last_step(path: Path) -> int:
+    """The step of the last complete line of a metrics file, reading only its end (a long run's file is large)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            tail = f.read()
+    except OSError:
+        return 0
+    for line in reversed(tail.splitlines()):
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError, TypeError):
+            continue
+    return 0
+
+
 def stage_state(record: dict) -> str:
     state = record.get("state")
     if state == "running" and not _alive(record):
@@ -156,11 +172,10 @@ def summary(run_dir: Path) -> dict:
     records = []
     for stage in stages(run_dir):
         record = _json(stage / "status.json")
-        if not record:  # a run from before status files, or a library call: its metrics say how far it got
-            rows = _lines(stage / "metrics.jsonl")
+        if not record:  # a run from before status files: its last metrics line says how far it got
             total = _json(stage / "config.json").get("train", {}).get("steps")
-            step = max((r.get("step", 0) for r in rows), default=0)
-            record = {"state": "finished" if (stage / "model").is_dir() else "unknown", "step": step, "total": total,
+            record = {"state": "finished" if (stage / "model").is_dir() else "unknown",
+                      "step": _last_step(stage / "metrics.jsonl"), "total": total,
                       "updated": (stage / "metrics.jsonl").stat().st_mtime}
         records.append({**record, "state": stage_state(record), "stage": _rel(stage, run_dir)})
     current = max(records, key=lambda r: (r["state"] == "running", r.get("updated", 0)), default={})

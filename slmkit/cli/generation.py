@@ -264,6 +264,8 @@ def dashboard(
 
     def ready(server):
         err.print(f"runs dashboard for {runs_dir} at {server.url.removesuffix('/v1')}/runs; Ctrl-C stops")
+        if not runs_dir.is_dir():
+            err.print(f"{runs_dir} does not exist yet: runs appear as workflows write them there")
 
     run_server(host=host, port=port, api_key=api_key, runs_dir=runs_dir, dashboard=True, on_ready=ready)
     err.print("stopped")
