@@ -113,7 +113,18 @@ def speed_table() -> str:
     return "\n".join(lines)
 
 
-TABLES = {"engines": engines_table, "limits": limits_table, "load": load_table, "speed": speed_table}
+def int8_table() -> str:
+    data = json.loads((RESULTS / "int8.json").read_text())
+    p = data["perplexity"]
+    return (f"Quality of the torch dtypes (`{data['command']}`: `slm eval --perplexity {data['data']} --tokens "
+            f"{data['tokens']} --dtype D` on {data['model']}, 512-token windows): fp32 **{p['fp32']:.2f}**, bf16 "
+            f"{p['bf16']:.2f}, int8 weights **{p['int8']:.2f}** ({100 * (p['int8'] / p['fp32'] - 1):+.1f}%); "
+            f"torch's dynamic quantisation, int8 activations too: **{p['dynamic int8']:.2f}** "
+            f"({100 * (p['dynamic int8'] / p['fp32'] - 1):+.0f}%).")
+
+
+TABLES = {"engines": engines_table, "limits": limits_table, "load": load_table, "speed": speed_table,
+          "evalnums": int8_table}
 
 
 def render(text: str) -> str:

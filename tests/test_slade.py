@@ -183,6 +183,28 @@ def test_divisions_by_constants_are_marked_with_their_divisor(level):
     assert slade.divisor_of(123456789) is None and slade.divisor_of(1_000_000) is None
 
 
+def test_every_division_by_a_constant_up_to_1100_is_marked_with_its_odd_divisor():
+    """What docs/slade.md says: gcc's magic numbers for dividing by every constant 2..1,100, in 32- and 64-bit,
+    signed and unsigned, are marked with the odd divisor - but for unsigned divisions by 224, 448 and 896."""
+    kinds = {"i": "int", "u": "unsigned", "l": "long", "ul": "unsigned long"}
+    source = "".join(f"{t} f_{k}_{d}({t} a)\n{{\n    return a / {d};\n}}\n" for d in range(2, 1101)
+                     for k, t in kinds.items())
+    asm = slade.compile_asm(source, "O0")
+    chunks = re.split(r"^(?=f_\w+:$)", asm, flags=re.M)  # one piece per function: normalising each is quick
+    marks = {}
+    for chunk in chunks[1:]:
+        name = chunk.split(":", 1)[0]
+        marks[name] = re.findall(r"# div (\d+)", slade.normalise_asm(chunk, name))
+    assert len(marks) == 4 * 1099
+    missed = []
+    for d in range(2, 1101):
+        odd = d >> (d & -d).bit_length() - 1  # the divisor without its factors of two
+        for k in kinds:
+            if marks[f"f_{k}_{d}"] != ([str(odd)] if odd > 1 else []):
+                missed.append((k, d, marks[f"f_{k}_{d}"]))
+    assert [(k, d) for k, d, _ in missed] == [(k, d) for d in (224, 448, 896) for k in ("u", "ul")], missed
+
+
 def test_choose_keeps_the_candidate_gcc_compiles_back_nearest_the_input():
     asm = slade.normalise_asm(slade.compile_asm("int twice(int x)\n{\n    return 2 * x;\n}\n", "O3"), "twice")
     plus = "int f(int x)\n{\n    return x + 1;\n}\n"
