@@ -70,7 +70,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, bpe):
     assert resumed.returncode == 0, resumed.stderr
     done = runs.detail(tmp_path, "killed")
     assert (done["state"], done["step"], done["resume"]) == ("finished", 30, None)
-    assert [f["path"] for f in done["files"]] == ["loss.png"]  # not the model's or checkpoints' files
+    assert [f["path"] for f in done["files"]] == ["loss.png", "pretrain.json"]  # not the model's or checkpoints' files
     a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref") if "loss" in r}
     b = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "killed") if "loss" in r}
     assert a.keys() == b.keys() == {5, 10, 15, 20, 25, 30}
