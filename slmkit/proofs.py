@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmkit.errors import SlmError
 from slmkit.train import RUNS_DIR
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "results"  # committed figures, in a source checkout
@@ -38,14 +39,24 @@ def seed_interval(better: list[float], baseline: list[float]) -> list[float] | N
     return [statistics.mean(diffs) - half, statistics.mean(diffs) + half]
 
 
-def bootstrap_interval(better: list[float], baseline: list[float], *, rounds: int = 2000,
-                       seed: int = 0) -> list[float] | None:
-    """95% paired bootstrap interval of the mean difference over test items (each item's score in both arms)."""
-    diffs = [a - b for a, b in zip(better, baseline, strict=True)]
-    if len(diffs) < 2:
+def bootstrap_interval(better: list[float] | dict[str, list[float]], baseline: list[float] | dict[str, list[float]],
+                       *, weights: list[float] | None = None, rounds: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% paired bootstrap interval of the mean difference over test items (each item's score in both arms).
+    Given per-task lists ({task: scores}), items are resampled within each task and the difference is of the
+    mean of task means, as the accuracies it qualifies are; given `weights` (e.g. each record's tokens), of the
+    weighted mean, as a per-token figure is."""
+    if isinstance(better, dict):
+        groups = [[(a - b, 1.0) for a, b in zip(better[t], baseline[t], strict=True)] for t in better]
+    else:
+        groups = [[(a - b, w) for a, b, w in zip(better, baseline, weights or [1.0] * len(better), strict=True)]]
+    if sum(map(len, groups)) < 2 or not all(groups):
         return None
     rng = random.Random(seed)
-    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(rounds))
+
+    def mean(sample: list[tuple[float, float]]) -> float:
+        return sum(d * w for d, w in sample) / sum(w for _, w in sample)
+
+    means = sorted(sum(mean(rng.choices(g, k=len(g))) for g in groups) / len(groups) for _ in range(rounds))
     return [means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]]
 
 
@@ -71,10 +82,13 @@ def pretraining(r: dict, path: Path) -> list[dict]:
 
 
 def eft(r: dict, path: Path) -> list[dict]:
+    best = f"eft_beta_{r['best_beta']:g}"
     up = f"up-scaled, β = {r['best_beta']:g}"
+    per = r.get("per_record")
+    interval = bootstrap_interval(per[best], per["large_base"], weights=per["tokens"]) if per else None
     return [claim("the small pair's fine-tuning helps the large base", "held-out answer NLL",
-                  {up: r["nll"][f"eft_beta_{r['best_beta']:g}"], "large base": r["nll"]["large_base"]}, up,
-                  "large base", lower_is_better=True, over=f"{r['held_out']} held-out answers")]
+                  {up: r["nll"][best], "large base": r["nll"]["large_base"]}, up, "large base",
+                  lower_is_better=True, interval=interval, over=f"{r['held_out']} held-out answers")]
 
 
 def supericl(r: dict, path: Path) -> list[dict]:
@@ -90,23 +104,35 @@ def supericl(r: dict, path: Path) -> list[dict]:
     return out
 
 
+def _items_interval(better: dict, baseline: dict) -> list[float] | None:
+    """A bootstrap interval from two accuracy results that kept each item's outcome (`items`), else None."""
+    if "items" not in better or "items" not in baseline:
+        return None
+    return bootstrap_interval(better["items"], baseline["items"])
+
+
 def flan(r: dict, path: Path) -> list[dict]:
     return [claim(f"instruction tuning raises zero-shot accuracy on the held-out {r['held_out']} cluster",
                   "zero-shot accuracy", {"tuned": r["after"]["mean"], "untuned": r["before"]["mean"]}, "tuned",
-                  "untuned", over=f"{r['eval_per_task']} items x {len(r['held_out_tasks'])} tasks")]
+                  "untuned", interval=_items_interval(r["after"], r["before"]),
+                  over=f"{r['eval_per_task']} items x {len(r['held_out_tasks'])} tasks")]
 
 
 def ul2r(r: dict, path: Path) -> list[dict]:
-    out = [claim("UL2R teaches infilling", "infilling loss", {"after": r["after"]["infilling_loss"],
-                                                                "before": r["before"]["infilling_loss"]},
-                 "after", "before", lower_is_better=True, over=f"{r['steps']} steps")]
-    return out
+    after, before = r["after"].get("per_window"), r["before"].get("per_window")
+    interval = bootstrap_interval(after["infilling_loss"], before["infilling_loss"], weights=after["tokens"]) \
+        if after and before else None
+    return [claim("UL2R teaches infilling", "infilling loss", {"after": r["after"]["infilling_loss"],
+                                                               "before": r["before"]["infilling_loss"]},
+                  "after", "before", lower_is_better=True, interval=interval,
+                  over=f"{len(after['tokens']) if after else '?'} windows, {r['steps']} steps")]
 
 
 def orca(r: dict, path: Path) -> list[dict]:
     acc = r["accuracy"]
     return [claim("prompt erasure beats training on direct answers", "held-out accuracy",
                   {"erasure": acc["erasure"]["mean"], "direct": acc["direct"]["mean"]}, "erasure", "direct",
+                  interval=_items_interval(acc["erasure"], acc["direct"]),
                   over=f"{sum(r['held_out_per_task'].values())} held-out items")]
 
 
@@ -134,33 +160,45 @@ def length_adaptive(r: dict, path: Path) -> list[dict]:
 
 def tinygsm(r: dict, path: Path) -> list[dict]:
     n = max(r["majority"], key=int)
+    per = r.get("per_problem")
+    arms = {"verifier": r["verifier"].get(n), "majority": r["majority"][n], "pass@1": r["pass@1"]}
+    outcomes = {"verifier": per["verifier"].get(n), "majority": per["majority"][n], "pass@1": per["pass@1"]} \
+        if per else {}
     out = []
-    if r.get("verifier"):
-        out.append(claim(f"verifier best-of-{n} beats majority vote", "accuracy",
-                         {"verifier": r["verifier"][n], "majority": r["majority"][n]}, "verifier", "majority",
-                         over=f"{r['problems']} problems"))
-    out.append(claim(f"majority vote over {n} beats one sample", "accuracy",
-                     {"majority": r["majority"][n], "pass@1": r["pass@1"]}, "majority", "pass@1",
-                     over=f"{r['problems']} problems"))
+    for better, baseline, text in (("verifier", "majority", f"verifier best-of-{n} beats majority vote"),
+                                   ("majority", "pass@1", f"majority vote over {n} beats one sample")):
+        if arms[better] is None:
+            continue
+        interval = bootstrap_interval(outcomes[better], outcomes[baseline]) if outcomes.get(better) else None
+        out.append(claim(text, "accuracy", {better: arms[better], baseline: arms[baseline]}, better, baseline,
+                         interval=interval, over=f"{r['problems']} problems"))
     return out
 
 
 def flame(r: dict, path: Path) -> list[dict]:
+    per = r.get("per_pair")
     return [claim("the model repairs broken formulas better than copying them", "exact repair",
                   {"model": r["repair_exact"], "copy the input": r["copy_exact"]}, "model", "copy the input",
+                  interval=bootstrap_interval(per["model"], per["copy"]) if per else None,
                   over=f"{r['repairs']} held-out pairs")]
 
 
 def slade(r: dict, path: Path) -> list[dict]:
+    def interval(v: dict) -> list[float] | None:
+        io = v.get("io_per_function")
+        return bootstrap_interval(io, [0] * len(io)) if io else None
+
     return [claim(f"decompiled {level} functions pass their IO tests", "IO accuracy",
-                  {"model": v["io_accuracy"], "none": 0.0}, "model", "none", over=f"{v['functions']} functions")
-            for level, v in sorted(r["levels"].items())]
+                  {"model": v["io_accuracy"], "none": 0.0}, "model", "none", interval=interval(v),
+                  over=f"{v['functions']} functions") for level, v in sorted(r["levels"].items())]
 
 
 def llava(r: dict, path: Path) -> list[dict]:
+    per = r.get("per_question")
     return [claim("answers with the image beat the question prior", "accuracy",
                   {"with the image": r["accuracy"], "question prior": r["prior_accuracy"]}, "with the image",
-                  "question prior", over=f"{r['questions']} questions")]
+                  "question prior", interval=bootstrap_interval(per["image"], per["prior"]) if per else None,
+                  over=f"{r['questions']} questions")]
 
 
 @dataclass(frozen=True)
@@ -224,9 +262,9 @@ PROOFS = [  # key, system, docs page, the effect; the commands, the result file 
 ]
 
 
-def reference(proof: Proof) -> list[dict]:
+def reference(proof: Proof, results_dir: Path = REFERENCE) -> list[dict]:
     """The claims committed in docs/results/<key>.json (a source checkout), or none."""
-    path = REFERENCE / f"{proof.key}.json"
+    path = results_dir / f"{proof.key}.json"
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -235,12 +273,12 @@ def reference(proof: Proof) -> list[dict]:
     return [c for c in claims if isinstance(c, dict)] if isinstance(claims, list) else []
 
 
-def status(proof: Proof, runs_dir: Path = RUNS_DIR) -> dict:
+def status(proof: Proof, runs_dir: Path = RUNS_DIR, results_dir: Path = REFERENCE) -> dict:
     """One proof as `slm proofs` and the page show it: its commands, whether its result is on this machine, the
     claims read from it (or why they could not be), and the reference claims committed in docs/results/."""
     out = {"key": proof.key, "system": proof.system, "doc": proof.doc, "effect": proof.effect,
            "commands": list(proof.commands), "result": proof.result, "run": proof.result.split("/")[0],
-           "measured": None, "claims": [], "error": None, "reference": reference(proof)}
+           "measured": None, "claims": [], "error": None, "reference": reference(proof, results_dir)}
     path = Path(runs_dir) / proof.result
     if not path.is_file():
         return out
@@ -252,14 +290,60 @@ def status(proof: Proof, runs_dir: Path = RUNS_DIR) -> dict:
     return out
 
 
-def proof_status(runs_dir: Path = RUNS_DIR) -> list[dict]:
+def proof_status(runs_dir: Path = RUNS_DIR, record: tuple[str, ...] = (), results_dir: Path = REFERENCE) -> list[dict]:
     """The miniature proofs: for each seed system, the commands that measure the paper's effect here, whether they
     have run on this machine, and the claims read from their result files beside those committed in docs/results/.
 
     Args:
         runs_dir: Where the proofs' commands wrote their runs.
+        record: Proofs whose figures measured here become the committed ones: written to RESULTS_DIR/<key>.json
+            with the command line, the source commit and the machine (e.g. pet,eft; `all` for every measured one).
+        results_dir: Where the committed figures live.
     """
-    return [status(p, runs_dir) for p in PROOFS]
+    rows = [status(p, runs_dir, Path(results_dir)) for p in PROOFS]
+    keys = {r["key"] for r in rows if r["measured"]} if "all" in record else set(record)
+    unknown = keys - {p.key for p in PROOFS}
+    if unknown:
+        raise SlmError(f"no proof {sorted(unknown)[0]} (proofs: {', '.join(p.key for p in PROOFS)})")
+    for r in rows:
+        if r["key"] in keys:
+            write_reference(r, Path(runs_dir), Path(results_dir))
+            r["reference"] = reference(next(p for p in PROOFS if p.key == r["key"]), Path(results_dir))
+    return rows
+
+
+def write_reference(row: dict, runs_dir: Path, results_dir: Path) -> Path:
+    """RESULTS_DIR/<key>.json from a proof measured here: its claims, the command line and source commit of the
+    workflow that wrote the result (from the run's workflow.jsonl), when and on what machine."""
+    import datetime
+
+    from slmkit.runs import last_workflow
+    from slmkit.train import write_atomic
+
+    if row["error"] or not row["measured"] or not row["claims"]:
+        raise SlmError(f"proof {row['key']}: nothing to record ({row['error'] or 'not measured here: run '}"
+                       f"{'' if row['error'] else ' && '.join(row['commands'])})")
+    run = last_workflow(runs_dir / row["run"])
+    record = {"system": row["system"], "key": row["key"], "effect": row["effect"], "commands": row["commands"],
+              "ran": "slm " + " ".join(run["argv"]) if run.get("argv") else None, "source": run.get("source"),
+              "measured": datetime.datetime.fromtimestamp(row["measured"], datetime.UTC).isoformat(timespec="seconds"),
+              "machine": machine(), "claims": row["claims"]}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{row['key']}.json"
+    write_atomic(path, json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def machine() -> dict:
+    """This machine as the committed figures name it: the CPU model, its cores, and whether it has AVX-512."""
+    import os
+
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), None)
+    return {"cpu": model, "cores": os.cpu_count(), "avx512": " avx512f" in info}
 
 
 def verdict(c: dict) -> str:

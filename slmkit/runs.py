@@ -71,6 +71,24 @@ class StageStatus:
             self.write(state="failed", error=f"{type(error).__name__}: {error}"[:2000])
 
 
+def source_version() -> dict:
+    """The git commit of the slmkit source that is running, and whether it had uncommitted changes (an installed
+    package that is not a checkout has none)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode:
+            return {"commit": None}
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "slmkit"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
 def record_workflow(run_dir: Path, event: dict) -> None:
     """Append one line to RUN/workflow.jsonl (the directory is made if the workflow has not made it yet)."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -141,7 +159,7 @@ def _visible(path: Path, root: Path) -> bool:
     return all(NAME.fullmatch(part) for part in path.relative_to(root).parts)
 
 
-def _workflow(run_dir: Path) -> dict:
+def last_workflow(run_dir: Path) -> dict:
     """The last workflow started in the run directory, with its state."""
     events = _lines(run_dir / "workflow.jsonl")
     starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
@@ -151,6 +169,7 @@ def _workflow(run_dir: Path) -> dict:
     ended = [e for e in events[starts[-1] + 1:] if e.get("event") == "end"]
     state = ended[0].get("state", "unknown") if ended else ("running" if _alive(start) else "interrupted")
     out = {"command": start.get("command"), "argv": start.get("argv"), "started": start.get("time"),
+           "source": start.get("source"),
            "resume_args": start.get("resume_args"), "state": state}
     if ended:
         out.update(ended=ended[0].get("time"), error=ended[0].get("error"))
@@ -168,7 +187,7 @@ def _eta(record: dict) -> float | None:
 def summary(run_dir: Path) -> dict:
     """One run as the dashboard's list shows it: workflow, state, the current stage's step / total, ETA."""
     run_dir = Path(run_dir)
-    workflow = _workflow(run_dir)
+    workflow = last_workflow(run_dir)
     records = []
     for stage in stages(run_dir):
         record = _json(stage / "status.json")
@@ -221,7 +240,7 @@ def detail(runs_dir: Path, name: str) -> dict:
     """A run's page: its summary, the last workflow's command line and how to resume it, each stage's config
     and status, and the result files (JSON) and plots (PNG) it wrote."""
     run_dir = run_path(runs_dir, name)
-    workflow = _workflow(run_dir)
+    workflow = last_workflow(run_dir)
     out = {**summary(run_dir), "command": workflow.get("argv"), "resume": resume_hint(workflow), "stages": []}
     for stage in stages(run_dir):
         status = _json(stage / "status.json")

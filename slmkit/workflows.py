@@ -244,7 +244,7 @@ def run(workflow: Workflow, kwargs: dict, console=None, *, argv: list[str] | Non
     A workflow that writes a run directory (it takes `run` and `runs_dir`) has its start and end recorded there
     (`runs.record_workflow`): the command line `argv` it was given, and whether `argv + resume_args` resumes it.
     """
-    from slmkit.runs import record_workflow
+    from slmkit.runs import record_workflow, source_version
 
     signature = inspect.signature(workflow.fn)
     train_args = kwargs.get("train_args")
@@ -257,7 +257,7 @@ def run(workflow: Workflow, kwargs: dict, console=None, *, argv: list[str] | Non
         run_dir = Path(bound.arguments["runs_dir"]) / bound.arguments["run"]
         resumable = "resume" in signature.parameters
         record_workflow(run_dir, {"event": "start", "command": workflow.command, "argv": argv,
-                                  "resume_args": resume_args if resumable else None})
+                                  "resume_args": resume_args if resumable else None, "source": source_version()})
     try:
         result = workflow.fn(**kwargs)
     except BaseException as e:

@@ -126,9 +126,10 @@ def browser():
     driver.quit()
 
 
-def proof_claims(key: str, path) -> list[dict]:
+def proof_claims(key: str, path, intervals: bool | None = None) -> list[dict]:
     """The claims the proofs page reads from a result file a workflow wrote (slmkit.proofs): each with its arms,
-    a verdict and, where there is one, an interval of better - baseline."""
+    a verdict and, where the file keeps each item's (or seed's) outcome, an interval of better - baseline that
+    holds the observed difference. `intervals=True` requires every claim to have one, False none."""
     import json
     from pathlib import Path
 
@@ -136,6 +137,12 @@ def proof_claims(key: str, path) -> list[dict]:
 
     proof = next(p for p in PROOFS if p.key == key)
     claims = proof.claims(json.loads(Path(path).read_text()), Path(path))
+    assert claims
     for c in claims:
         assert set(c["arms"]) == {c["better"], c["baseline"]} and c["holds"] in (True, False, None)
+        if intervals is not None:
+            assert (c["difference_interval"] is not None) == intervals, c
+        if c["difference_interval"]:
+            low, high = c["difference_interval"]
+            assert low - 1e-9 <= c["arms"][c["better"]] - c["arms"][c["baseline"]] <= high + 1e-9, c
     return claims

@@ -105,7 +105,12 @@ def test_answer_nll_sweep(trio):
     scores = eft.answer_nll(trio, records, [0.0, 1.0], progress=False)
     assert scores["answer_tokens"] > 4
     assert scores["eft_beta_0"] == pytest.approx(scores["large_base"], rel=1e-5)
+    per = scores.pop("per_record")
     assert all(0 < v < 20 for k, v in scores.items() if k != "answer_tokens")
+    assert sum(per["tokens"]) == scores["answer_tokens"] and len(per["tokens"]) == 2
+    for name in ("large_base", "eft_beta_1"):  # the per-record figures weighted by tokens give the mean
+        weighted = sum(t * v for t, v in zip(per["tokens"], per[name], strict=True)) / scores["answer_tokens"]
+        assert weighted == pytest.approx(scores[name])
 
 
 def test_eft_cli_generate_and_eval(trio, tmp_path):
@@ -133,7 +138,7 @@ def test_eft_cli_generate_and_eval(trio, tmp_path):
     result = json.loads((tmp_path / "eval" / "eft_eval.json").read_text())
     assert result["held_out"] == 3 and set(result["nll"]) >= {"large_base", "eft_beta_0", "eft_beta_1"}
     assert (tmp_path / "eval" / "eft_beta.png").stat().st_size > 1000
-    [c] = proof_claims("eft", tmp_path / "eval" / "eft_eval.json")
+    [c] = proof_claims("eft", tmp_path / "eval" / "eft_eval.json", intervals=True)
     assert c["arms"]["large base"] == result["nll"]["large_base"] and c["lower_is_better"]
     r = slm("eft", "Hello", "--large", "llama2-nope", "--small-ft", dirs[1], "--small-base", dirs[2])
     assert r.returncode == 1 and "Traceback" not in r.stderr

@@ -130,7 +130,7 @@ def test_flame_train_eval_and_commands_end_to_end(tmp_path):
     model = tmp_path / "f" / "tune" / "model"
     r = flame.flame_eval(str(model), data, limit=8, out=tmp_path / "eval.json")
     assert r["repairs"] == 8 and sum(k["count"] for k in r["per_kind"].values()) == 8
-    [c] = proof_claims("flame", tmp_path / "eval.json")
+    [c] = proof_claims("flame", tmp_path / "eval.json", intervals=True)
     assert c["arms"] == {"model": r["repair_exact"], "copy the input": r["copy_exact"]}
     assert r["copy_exact"] == 0 and len(r["examples"]) == 8  # every test pair is broken; the examples are all 8
     right = [flame.normalise(e["model"]) == flame.normalise(e["fixed"]) for e in r["examples"]]

@@ -118,7 +118,7 @@ def test_flan_eval_end_to_end_on_a_tiny_model(tiny_causal, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "f" / "mixture.jsonl").read_text().splitlines()]
     assert rows and all(r["messages"][1]["role"] == "assistant" for r in rows)  # a chat model gets chat turns
     assert json.loads((tmp_path / "f" / "flan_eval.json").read_text())["held_out"] == "logic"
-    [c] = proof_claims("flan", tmp_path / "f" / "flan_eval.json")
+    [c] = proof_claims("flan", tmp_path / "f" / "flan_eval.json", intervals=True)
     assert c["arms"] == {"tuned": r["after"]["mean"], "untuned": r["before"]["mean"]}
 
 

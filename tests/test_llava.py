@@ -193,7 +193,7 @@ def test_two_stage_training_and_eval_end_to_end(tmp_path, tiny_causal):
     assert any("vision_tower" in k for k in changed(after, tuned))
     r = L.llava_eval(str(tmp_path / "v" / "stage2" / "model"), data, limit=10, batch_size=5, progress=False)
     assert r["questions"] == len(r["examples"]) == 10  # every question is an example: the figures are theirs
-    [c] = proof_claims("llava-phi", tmp_path / "v" / "stage2" / "model" / "llava_eval.json")
+    [c] = proof_claims("llava-phi", tmp_path / "v" / "stage2" / "model" / "llava_eval.json", intervals=True)
     assert c["arms"] == {"with the image": r["accuracy"], "question prior": r["prior_accuracy"]}
     assert r["accuracy"] == sum(L.answered(e["with_image"], e["answer"]) for e in r["examples"]) / 10
     assert r["text_only_accuracy"] == sum(L.answered(e["text_only"], e["answer"]) for e in r["examples"]) / 10

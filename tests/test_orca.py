@@ -82,7 +82,7 @@ def test_orca_eval_end_to_end(tiny_causal, tmp_path):
     assert direct and {row["strategy"] for row in direct} == {"direct-answer"}
     assert all(row["messages"][0]["content"] == orca.GENERIC_SYSTEM for row in direct)
     assert set(r["accuracy"]) == {"untuned", "direct", "erasure", "teacher_with_strategy"}
-    [c] = proof_claims("orca", tmp_path / "o" / "orca_eval.json")
+    [c] = proof_claims("orca", tmp_path / "o" / "orca_eval.json", intervals=True)
     assert c["arms"] == {"erasure": r["accuracy"]["erasure"]["mean"], "direct": r["accuracy"]["direct"]["mean"]}
     assert all(0 <= r["accuracy"][k]["mean"] <= 1 for k in r["accuracy"])
     assert (tmp_path / "o" / "erasure" / "model").is_dir() and (tmp_path / "o" / "orca_eval.json").is_file()

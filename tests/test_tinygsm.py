@@ -189,7 +189,7 @@ def test_verifier_trains_scores_and_drives_best_of_n(tiny_causal, tmp_path):
     assert (tmp_path / "ev" / "best_of_n.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "ev" / "gsm_eval.json").read_text())
     assert saved["verifier_model"] == str(run / "model")
-    verifier, majority = proof_claims("tinygsm", tmp_path / "ev" / "gsm_eval.json")  # at the largest N
+    verifier, majority = proof_claims("tinygsm", tmp_path / "ev" / "gsm_eval.json", intervals=True)  # at the largest N
     assert verifier["arms"] == {"verifier": e["verifier"][2], "majority": e["majority"][2]}
     assert majority["arms"] == {"majority": e["majority"][2], "pass@1": e["pass@1"]}
     with pytest.raises(SlmError, match="unknown test set"):

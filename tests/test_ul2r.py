@@ -78,7 +78,7 @@ def test_ul2r_continued_training_learns_to_infill(tiny_causal, tmp_path):
     assert "l2r_ppl_change" in r
     saved = json.loads((tmp_path / "u" / "ul2r.json").read_text())
     assert saved["steps"] == 30
-    [c] = proof_claims("ul2r", tmp_path / "u" / "ul2r.json")
+    [c] = proof_claims("ul2r", tmp_path / "u" / "ul2r.json", intervals=True)
     assert c["arms"] == {"after": r["after"]["infilling_loss"], "before": r["before"]["infilling_loss"]}
     from transformers import AutoTokenizer
 

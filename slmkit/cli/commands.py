@@ -58,7 +58,7 @@ def _split(value: str, annotation, flag: str) -> tuple:
     item = next(typing.get_args(a)[0] for a in (annotation, *typing.get_args(annotation))
                 if typing.get_origin(a) is tuple)
     try:
-        return tuple(item(v) for v in value.split(","))
+        return tuple(item(v) for v in value.split(",")) if value.strip() else ()  # an empty default: none
     except ValueError as e:
         raise SlmError(f"{flag}: expected comma-separated {item.__name__} values, got {value!r}") from e
 

@@ -198,7 +198,8 @@ def eft_generate(models: EFTModels, prompts: list, params: SamplingParams | None
 def answer_nll(models: EFTModels, records, betas: list[float], *, progress: bool = True) -> dict:
     """Mean negative log-likelihood per answer token on held-out chat or prompt/completion records, for the
     large base, the small fine-tuned and small base models alone, and the EFT combination at each β.
-    One teacher-forced forward per model and example; every β reuses them."""
+    One teacher-forced forward per model and example; every β reuses them. `per_record` keeps each scored
+    record's answer tokens and NLL per token in every arm, for intervals over records."""
     import torch
 
     from slmkit.data.sft import chat_example, completion_example
@@ -207,6 +208,7 @@ def answer_nll(models: EFTModels, records, betas: list[float], *, progress: bool
     tok = models.small_ft.tokenizer
     totals = {"large_base": 0.0, "small_ft": 0.0, "small_base": 0.0, **{f"eft_beta_{b:g}": 0.0 for b in betas}}
     count = 0
+    per_record: dict[str, list] = {"tokens": [], **{name: [] for name in totals}}
     with Progress(disable=not progress) as bar, torch.inference_mode():
         task = bar.add_task("scoring held-out answers", total=len(records))
         for r in records:
@@ -220,17 +222,21 @@ def answer_nll(models: EFTModels, records, betas: list[float], *, progress: bool
                              ("small_base", models.small_base)):
                 logits = ld.model(input_ids=ids).logits[0, :-1, :models.vocab][keep]
                 lp[name] = logits.float().log_softmax(-1)
-            target = labels[keep][:, None]
-            for name in ("large_base", "small_ft", "small_base"):
-                totals[name] -= float(lp[name].gather(1, target).sum())
+            target, n = labels[keep][:, None], int(keep.sum())
+            nll = {name: -float(lp[name].gather(1, target).sum()) for name in ("large_base", "small_ft", "small_base")}
             for b in betas:
                 mixed = (lp["large_base"] + b * (lp["small_ft"] - lp["small_base"])).log_softmax(-1)
-                totals[f"eft_beta_{b:g}"] -= float(mixed.gather(1, target).sum())
-            count += int(keep.sum())
+                nll[f"eft_beta_{b:g}"] = -float(mixed.gather(1, target).sum())
+            for name, value in nll.items():
+                totals[name] += value
+                per_record[name].append(value / n)
+            per_record["tokens"].append(n)
+            count += n
             bar.advance(task)
     if not count:
         raise SlmError("no held-out record has answer tokens to score")
-    return {name: total / count for name, total in totals.items()} | {"answer_tokens": count}
+    return {name: total / count for name, total in totals.items()} | {"answer_tokens": count,
+                                                                       "per_record": per_record}
 
 
 def eft_eval(small_ft: str, small_base: str, large_base: str | None = None, *, data: str = "chatterbot-en",
@@ -265,9 +271,11 @@ def eft_eval(small_ft: str, small_base: str, large_base: str | None = None, *, d
     _, held_out = split(load_records(data), val_fraction, seed)
     held_out = held_out[:limit] if limit else held_out
     scores = answer_nll(models, held_out, list(betas), progress=progress)
+    per_record = scores.pop("per_record")
     best = min(betas, key=lambda b: scores[f"eft_beta_{b:g}"])
     result = {"large_base": models.large_base.name, "small_ft": models.small_ft.name,
               "small_base": models.small_base.name, "data": data, "held_out": len(held_out), "nll": scores,
+              "per_record": per_record,
               "best_beta": best, "ppl_large_base": math.exp(scores["large_base"]),
               "ppl_best_eft": math.exp(scores[f"eft_beta_{best:g}"])}
     out_dir = Path(out_dir)

@@ -292,7 +292,8 @@ def rank_choice(loaded, prompt: str, options: list[str]) -> str:
 def zero_shot_accuracy(loaded, items: list[Item], collection: Collection, *, batch_size: int = 16,
                        max_new_tokens: int = 32, rank: bool = False, progress: bool = True) -> dict:
     """Zero-shot accuracy per task with the first template: greedy generation, or with `rank` the likeliest
-    option for tasks that have OPTIONS (FLAN's rank classification). Returns {"tasks", "mean"}."""
+    option for tasks that have OPTIONS (FLAN's rank classification). Returns {"tasks", "mean", "items"}: each
+    task's accuracy, their mean, and each item's 0/1 outcome per task (in the order given)."""
     from slmkit.generate import SamplingParams, generate
     from slmkit.progress import Progress
 
@@ -311,7 +312,7 @@ def zero_shot_accuracy(loaded, items: list[Item], collection: Collection, *, bat
                 correct.setdefault(it.task.name, []).append(int(is_correct(it, reply)))
             bar.advance(job, len(batch))
     tasks = {name: sum(v) / len(v) for name, v in correct.items()}
-    return {"tasks": tasks, "mean": sum(tasks.values()) / len(tasks)}
+    return {"tasks": tasks, "mean": sum(tasks.values()) / len(tasks), "items": correct}
 
 
 # --- workflows -------------------------------------------------------------------------------------------

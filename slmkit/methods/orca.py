@@ -229,14 +229,14 @@ def chatml_records(data: Path, model: str | None, run_dir: Path) -> Path:
 def accuracy(lm, items: dict[str, list[Item]], collection: Collection, *, system: str = GENERIC_SYSTEM,
              max_new_tokens: int = 320, progress: bool = True) -> dict:
     """Greedy accuracy per task of a model (`client.open_lm`) under `system` (ChatML text for local models
-    without a chat template)."""
+    without a chat template): {"tasks", "mean", "items"}, the last each item's 0/1 outcome per task."""
     from slmkit.client import LocalLM
     from slmkit.generate import SamplingParams, is_chat_model
     from slmkit.progress import Progress
 
     params = SamplingParams(max_new_tokens=max_new_tokens, stop=["<|im_end|>"])
     chat = not isinstance(lm, LocalLM) or (lm.loaded.tokenizer is not None and is_chat_model(lm.loaded.tokenizer))
-    result = {}
+    result, outcomes = {}, {}
     with Progress(disable=not progress) as bar:
         job = bar.add_task(f"held-out accuracy of {lm.name}", total=sum(map(len, items.values())))
         for task, its in items.items():
@@ -246,9 +246,10 @@ def accuracy(lm, items: dict[str, list[Item]], collection: Collection, *, system
                 prompts = [to_chatml([{"role": "system", "content": system},
                                       {"role": "user", "content": question(it, collection)}], True) for it in its]
                 replies = lm.generate(prompts, params, chat=False)
-            result[task] = sum(map(is_correct, its, replies)) / len(its)
+            outcomes[task] = [int(is_correct(it, reply)) for it, reply in zip(its, replies, strict=True)]
+            result[task] = sum(outcomes[task]) / len(its)
             bar.advance(job, len(its))
-    return {"tasks": result, "mean": sum(result.values()) / len(result)}
+    return {"tasks": result, "mean": sum(result.values()) / len(result), "items": outcomes}
 
 
 

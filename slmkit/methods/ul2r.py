@@ -180,13 +180,14 @@ def _dtype(model):
 def measure(model, objective: UL2Objective, windows, *, batch_size: int = 8) -> dict:
     """On `windows`: infilling loss (R denoiser: mean span 3, 15%, a fixed corruption) over all target tokens
     and over the hidden text tokens alone (without the sentinel and end tokens a model must also learn to
-    emit), and left-to-right perplexity."""
+    emit), and left-to-right perplexity; `per_window` keeps each window's scored tokens and infilling loss."""
     import torch
     import torch.nn.functional as F
 
     rng = np.random.default_rng(1234)
     special = torch.tensor(objective.sentinels + [objective.eos])
     sums = {"infilling_loss": [0.0, 0], "infilling_text_loss": [0.0, 0], "lm": [0.0, 0]}
+    per_window: dict[str, list] = {"tokens": [], "infilling_loss": []}  # for intervals over windows
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -203,6 +204,10 @@ def measure(model, objective: UL2Objective, windows, *, batch_size: int = 8) -> 
             for key, keep in (("infilling_loss", scored), ("infilling_text_loss", text)):
                 sums[key][0] += float(losses[keep].sum())
                 sums[key][1] += int(keep.sum())
+            for row_losses, row_scored in zip(losses, scored, strict=True):
+                n = int(row_scored.sum())
+                per_window["tokens"].append(n)
+                per_window["infilling_loss"].append(float(row_losses[row_scored].sum()) / max(1, n))
             if not objective.encoder_decoder:
                 out = model(input_ids=chunk, labels=chunk)
                 n = chunk.numel() - chunk.shape[0]
@@ -210,6 +215,7 @@ def measure(model, objective: UL2Objective, windows, *, batch_size: int = 8) -> 
                 sums["lm"][1] += n
     model.train(was_training)
     result = {key: total / count for key, (total, count) in sums.items() if key != "lm" and count}
+    result["per_window"] = per_window
     if sums["lm"][1]:
         result["l2r_ppl"] = math.exp(sums["lm"][0] / sums["lm"][1])
     return result

@@ -285,18 +285,21 @@ def flame_eval(model: str = TRAINED, data: Path = Path("data/flame"), limit: int
     found = [row.index(where[r["formula"]]) if where[r["formula"]] in row else None
              for r, row in zip(held_out, top, strict=True)]
     per_kind: dict = {}
+    per_pair: dict[str, list[int]] = {"model": [], "copy": []}  # each held-out pair's outcome, in order
     for t, y in zip(tests, fixed, strict=True):
         k = per_kind.setdefault(t["kind"], {"count": 0, "model": 0, "copy": 0})
         k["count"] += 1
-        k["model"] += normalise(y) == normalise(t["fixed"])
-        k["copy"] += normalise(t["broken"]) == normalise(t["fixed"])
+        for arm, guess in (("model", y), ("copy", t["broken"])):
+            ok = normalise(guess) == normalise(t["fixed"])
+            k[arm] += ok
+            per_pair[arm].append(int(ok))
     for k in per_kind.values():
         k["model"], k["copy"] = k["model"] / k["count"], k["copy"] / k["count"]
     n = len(tests)
     tokens = token_accuracy(loaded, [(p, t["fixed"]) for p, t in zip(prompts, tests, strict=True)], batch_size)
     result = {"model": model, "repairs": n, "repair_token_accuracy": tokens,
-              "repair_exact": sum(normalise(y) == normalise(t["fixed"]) for t, y in zip(tests, fixed, strict=True)) / n,
-              "copy_exact": sum(normalise(t["broken"]) == normalise(t["fixed"]) for t in tests) / n,
+              "repair_exact": sum(per_pair["model"]) / n, "copy_exact": sum(per_pair["copy"]) / n,
+              "per_pair": per_pair,
               "parse_rate": sum(check_formula(y) is None for y in fixed) / n,
               "broken_parse_rate": sum(check_formula(t["broken"]) is None for t in tests) / n,
               "per_kind": per_kind, **_equivalence(tests, fixed), "completions": len(held_out),

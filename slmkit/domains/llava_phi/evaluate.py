@@ -91,6 +91,7 @@ def llava_eval(model: str = TRAINED, data: Path = Path("data/llava"), limit: int
     tok = processor.tokenizer
     per_type: dict[str, dict] = {}
     examples = []
+    outcomes: dict[str, list[int]] = {"image": [], "text_only": [], "prior": []}  # per question, in order
     with Progress(disable=not progress) as bar:
         task = bar.add_task("answering", total=len(tests))
         for i in range(0, len(tests), batch_size):
@@ -106,11 +107,12 @@ def llava_eval(model: str = TRAINED, data: Path = Path("data/llava"), limit: int
                                                     "mistakes": Counter()})
                 t["count"] += 1
                 right = answered(a, q["answer"])
-                t["image"] += right
                 if not right:
                     t["mistakes"][q["answer"], " ".join(normalise_answer(a).split()[:3])] += 1
-                t["text_only"] += answered(b, q["answer"])
-                t["prior"] += answered(prior.get(q["question"], ""), q["answer"])
+                for key, ok in (("image", right), ("text_only", answered(b, q["answer"])),
+                                ("prior", answered(prior.get(q["question"], ""), q["answer"]))):
+                    t[key] += ok
+                    outcomes[key].append(int(ok))
                 if len(examples) < 12:
                     examples.append({**q, "with_image": a, "text_only": b})
             bar.advance(task, len(batch))
@@ -123,7 +125,7 @@ def llava_eval(model: str = TRAINED, data: Path = Path("data/llava"), limit: int
                                "text_only": t["text_only"] / t["count"], "prior": t["prior"] / t["count"],
                                "mistakes": [[want, got, k] for (want, got), k in t["mistakes"].most_common(5)]}
                            for k, t in sorted(per_type.items())},
-              "examples": examples}
+              "per_question": outcomes, "examples": examples}
     out = Path(out) if out else Path(model) / "llava_eval.json"
     from slmkit.train import write_atomic
 

@@ -280,6 +280,7 @@ def slade_eval(model: str = TRAINED, data: Path = Path("data/slade"), limit: int
                                      **{k: v for k, v in check.items() if k in ("builds", "io", "error")}})
             n = max(len(rows), 1)
             level = {"functions": len(rows), "io_accuracy": stats["io"] / n, "compile_rate": stats["compiles"] / n,
+                     "io_per_function": [int(c["io"]) for c in checks],
                      "compile_rate_without_inference": stats["compiles_raw"] / n,
                      "edit_similarity": stats["edit_similarity"] / n}
             if candidates > 1:

@@ -18,17 +18,20 @@ from slmkit.train import RUNS_DIR
 def best_of_n(problems: list[dict], solved: list[list[Sample]], scores: list[list[float]] | None,
               ns: list[int]) -> dict:
     """pass@1 (the mean correctness of single samples), and per N: majority vote over the first N samples'
-    executed answers, and the verifier's top-scored sample among them."""
+    executed answers, and the verifier's top-scored sample among them; `per_problem` keeps each problem's
+    outcome in every arm, for intervals over problems."""
     correct = [[matches(s.answer(), p["answer"]) for s in sols] for p, sols in zip(problems, solved, strict=True)]
-    result = {"problems": len(problems), "pass@1": sum(map(sum, correct)) / sum(map(len, correct)),
-              "majority": {}, "verifier": {}}
+    per = {"pass@1": [sum(c) / len(c) for c in correct], "majority": {}, "verifier": {}}
     for n in ns:
-        result["majority"][n] = sum(matches(majority(sols[:n]), p["answer"])
-                                    for p, sols in zip(problems, solved, strict=True)) / len(problems)
+        per["majority"][n] = [int(matches(majority(sols[:n]), p["answer"]))
+                              for p, sols in zip(problems, solved, strict=True)]
         if scores is not None:
             picks = [max(range(min(n, len(sc))), key=sc.__getitem__) for sc in scores]
-            result["verifier"][n] = sum(c[i] for c, i in zip(correct, picks, strict=True)) / len(problems)
-    return result
+            per["verifier"][n] = [int(c[i]) for c, i in zip(correct, picks, strict=True)]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"problems": len(problems), "pass@1": mean(per["pass@1"]),
+            "majority": {n: mean(v) for n, v in per["majority"].items()},
+            "verifier": {n: mean(v) for n, v in per["verifier"].items()}, "per_problem": per}
 
 
 def plot_best_of_n(result: dict, out: Path, title: str) -> Path | None:
