@@ -241,8 +241,9 @@ def run(workflow: Workflow, kwargs: dict, console=None, *, argv: list[str] | Non
         resume_args: list[str] | None = None) -> dict:
     """Call the workflow (its training group's seed is also its own `seed`), then print its report.
 
-    A workflow that writes a run directory (it takes `run` and `runs_dir`) has its start and end recorded there
-    (`runs.record_workflow`): the command line `argv` it was given, and whether `argv + resume_args` resumes it.
+    A workflow that writes a run directory (it takes `run` and `runs_dir`, or `out_dir`) has its start and end
+    recorded there (`runs.record_workflow`): the command line `argv` it was given, whether `argv + resume_args`
+    resumes it, and the source commit.
     """
     from slmkit.runs import record_workflow, source_version
 
@@ -252,9 +253,12 @@ def run(workflow: Workflow, kwargs: dict, console=None, *, argv: list[str] | Non
         kwargs = {**kwargs, "seed": train_args.seed}
     bound = signature.bind(**kwargs)
     bound.apply_defaults()
-    run_dir = None
+    run_dir = None  # the run directory the workflow writes: RUNS_DIR/RUN, or its OUT_DIR (eft-eval, supericl)
     if {"run", "runs_dir"} <= set(signature.parameters):
         run_dir = Path(bound.arguments["runs_dir"]) / bound.arguments["run"]
+    elif "out_dir" in signature.parameters:
+        run_dir = Path(bound.arguments["out_dir"])
+    if run_dir is not None:
         resumable = "resume" in signature.parameters
         record_workflow(run_dir, {"event": "start", "command": workflow.command, "argv": argv,
                                   "resume_args": resume_args if resumable else None, "source": source_version()})
