@@ -4,7 +4,7 @@
     python benchmarks/tables.py --check   # exit 1 if a doc differs from its sources (a test runs this)
 
 A table lives between `<!-- NAME:start -->` and `<!-- NAME:end -->`; its source is a JSON file in
-benchmarks/results/ or a dataclass of defaults.
+benchmarks/results/, a proof's committed figures in docs/results/ (`proof-KEY`), or a dataclass of defaults.
 """
 
 from __future__ import annotations
@@ -123,8 +123,29 @@ def int8_table() -> str:
             f"({100 * (p['dynamic int8'] / p['fp32'] - 1):+.0f}%).")
 
 
+def proof_table(key: str) -> str:
+    """A proof's committed claims (docs/results/KEY.json, written by `slm proofs --record KEY`)."""
+    from slmkit.proofs import verdict
+
+    data = json.loads((ROOT / "docs" / "results" / f"{key}.json").read_text())
+    source = data.get("source") or {}
+    commit = (source.get("commit") or "?")[:10] + (" with uncommitted changes" if source.get("dirty") else "")
+    lines = [f"Measured by `{data['ran'] or data['commands'][-1]}` on {data['machine']['cpu']} "
+             f"({data['machine']['cores']} cores), {data['measured'][:10]}, source {commit}; "
+             f"[docs/results/{key}.json](results/{key}.json):", "",
+             "| claim | measured | difference, 95% interval | verdict | over |", "|---|---|---|---|---|"]
+    for c in data["claims"]:
+        arms = " vs ".join(f"{name} {value:.3f}" for name, value in c["arms"].items())
+        low_high = c["difference_interval"]
+        interval = f"[{low_high[0]:+.3f}, {low_high[1]:+.3f}]" if low_high else "–"
+        lines.append(f"| {c['claim']} | {arms} | {interval} | {verdict(c)} | {c['over']} |")
+    return "\n".join(lines)
+
+
 TABLES = {"engines": engines_table, "limits": limits_table, "load": load_table, "speed": speed_table,
-          "evalnums": int8_table}
+          "evalnums": int8_table,
+          **{f"proof-{p.stem}": (lambda key=p.stem: proof_table(key))
+             for p in sorted((ROOT / "docs" / "results").glob("*.json"))}}
 
 
 def render(text: str) -> str:
