@@ -241,7 +241,8 @@ def detail(runs_dir: Path, name: str) -> dict:
     and status, and the result files (JSON) and plots (PNG) it wrote."""
     run_dir = run_path(runs_dir, name)
     workflow = last_workflow(run_dir)
-    out = {**summary(run_dir), "command": workflow.get("argv"), "resume": resume_hint(workflow), "stages": []}
+    out = {**summary(run_dir), "name": name, "command": workflow.get("argv"), "resume": resume_hint(workflow),
+           "stages": []}  # the name asked for: a run directory may be a symlink to one named otherwise
     for stage in stages(run_dir):
         status = _json(stage / "status.json")
         out["stages"].append({"path": _rel(stage, run_dir), "config": _json(stage / "config.json"),

@@ -76,6 +76,7 @@ def dashboard(tmp_path_factory):
     (root / "one" / "big.json").write_bytes(b" " * (runs.RESULT_LIMIT + 1))
     (root / "one" / "leak.json").symlink_to("/etc/hostname")
     (root / "secret.json").write_text("{}")  # beside the runs, not in one
+    (root / "alias").symlink_to(root / "one")  # a run directory linked under another name
     server = Server(None, port=0, runs_dir=root, api_key="k3y").start()
     yield server
     server.close()
@@ -95,9 +96,10 @@ def get(server, path, key="k3y", method="GET"):
 def test_dashboard_api_lists_and_serves_a_run(dashboard):
     status, kind, body = get(dashboard, "/api/runs")
     listing = json.loads(body)
-    assert status == 200 and [r["name"] for r in listing["runs"]] == ["one"]
-    assert (listing["runs"][0]["state"], listing["runs"][0]["step"], listing["runs"][0]["total"]) == \
-        ("unknown", 10, 20)
+    assert status == 200 and sorted(r["name"] for r in listing["runs"]) == ["alias", "one"]
+    one = next(r for r in listing["runs"] if r["name"] == "one")
+    assert (one["state"], one["step"], one["total"]) == ("unknown", 10, 20)
+    assert json.loads(get(dashboard, "/api/runs/alias")[2])["name"] == "alias"
     detail = json.loads(get(dashboard, "/api/runs/one")[2])
     assert sorted(f["path"] for f in detail["files"]) == ["big.json", "leak.json", "result.json"]
     metrics = json.loads(get(dashboard, "/api/runs/one/metrics?offset=0")[2])  # NaN arrives as null
