@@ -58,6 +58,7 @@ GROUPS = {
 }
 
 M = "slmkit.methods."
+FLAN = M + "flan.workflows:"
 D = "slmkit.domains."
 WORKFLOWS = [
     Workflow("zoo", "slmkit.zoo:zoo", "slmkit.zoo:report", arguments=("name",)),
@@ -89,10 +90,12 @@ WORKFLOWS = [
     Workflow("data synthesize", "slmkit.data.synthesize:synthesize", "slmkit.data.synthesize:report",
              flags={"kinds": "--kind"}, arguments=("topics",)),
     # FLAN, Orca 2, TinyGSM
-    Workflow("flan list", M + "flan:flan_list", M + "flan:report_list"),
-    Workflow("flan build", M + "flan:flan_build", M + "flan:report_build", flags={"clusters": "--cluster"}),
-    Workflow("flan train", M + "flan:flan_train", M + "flan:report_train", flags={"clusters": "--cluster"}),
-    Workflow("flan eval", M + "flan:flan_eval", M + "flan:report_eval"),
+    Workflow("flan list", FLAN + "flan_list", FLAN + "report_list"),
+    Workflow("flan build", FLAN + "flan_build", FLAN + "report_build", flags={"clusters": "--cluster"}),
+    Workflow("flan train", FLAN + "flan_train", FLAN + "report_train", flags={"clusters": "--cluster"}),
+    Workflow("flan eval", FLAN + "flan_eval", FLAN + "report_eval"),
+    Workflow("flan proof", M + "flan.heldout:flan_proof", M + "flan.heldout:report",
+             flags={"held_out": "--held-out"}, train_defaults=M + "flan.heldout:PROOF_TRAIN"),
     Workflow("orca data", M + "orca:orca_data", M + "orca:report_data",
              flags={"tasks": "--task", "strategies": "--strategy"}),
     Workflow("orca train", M + "orca:orca_train", M + "orca:report_train"),

