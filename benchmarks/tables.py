@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+PROOF_RESULTS = ROOT / "docs" / "results"  # the proofs' committed figures (`slm proofs --record`)
 
 
 def engines_table() -> str:
@@ -125,9 +126,9 @@ def int8_table() -> str:
 
 def proof_table(key: str) -> str:
     """A proof's committed claims (docs/results/KEY.json, written by `slm proofs --record KEY`)."""
-    from slmkit.proofs import verdict
+    from slmkit.proofs import arms_text, interval_text, verdict
 
-    data = json.loads((ROOT / "docs" / "results" / f"{key}.json").read_text())
+    data = json.loads((PROOF_RESULTS / f"{key}.json").read_text())
     source = data.get("source") or {}
     commit = (source.get("commit") or "?")[:10] + (" with uncommitted changes" if source.get("dirty") else "")
     lines = [f"Measured by `{data['ran'] or data['commands'][-1]}` on {data['machine']['cpu']} "
@@ -135,17 +136,35 @@ def proof_table(key: str) -> str:
              f"[docs/results/{key}.json](results/{key}.json):", "",
              "| claim | measured | difference, 95% interval | verdict | over |", "|---|---|---|---|---|"]
     for c in data["claims"]:
-        arms = " vs ".join(f"{name} {value:.3f}" for name, value in c["arms"].items())
-        low_high = c["difference_interval"]
-        interval = f"[{low_high[0]:+.3f}, {low_high[1]:+.3f}]" if low_high else "–"
-        lines.append(f"| {c['claim']} | {arms} | {interval} | {verdict(c)} | {c['over']} |")
+        lines.append(f"| {c['claim']} | {arms_text(c)} | {interval_text(c) or '–'} | {verdict(c)} | {c['over']} |")
+    return "\n".join(lines)
+
+
+def proofs_table() -> str:
+    """The README's table of every miniature proof (slmkit.proofs.PROOFS) with its committed claims."""
+    from slmkit.proofs import PROOFS, arms_text, interval_text, reference, verdict
+
+    lines = ["| system | the effect, at laptop scale | committed figures (95% interval of the difference) | verdict |",
+             "|---|---|---|---|"]
+    for p in PROOFS:
+        claims = reference(p, PROOF_RESULTS)
+        if not claims:
+            lines.append(f"| [{p.system}]({p.doc}) | {p.effect} | not recorded yet (earlier single runs, without "
+                         f"intervals: [{p.doc.split('/')[-1]}]({p.doc})) | – |")
+            continue
+        figures = "<br>".join(f"{c['claim']}: {arms_text(c)}"
+                              + (f", {interval_text(c)}" if c["difference_interval"] else "") + f" ({c['over']})"
+                              for c in claims)
+        verdicts = "<br>".join(verdict(c) for c in claims)
+        lines.append(f"| [{p.system}]({p.doc}) | {p.effect} | {figures}; [docs/results/{p.key}.json]"
+                     f"(docs/results/{p.key}.json) | {verdicts} |")
     return "\n".join(lines)
 
 
 TABLES = {"engines": engines_table, "limits": limits_table, "load": load_table, "speed": speed_table,
-          "evalnums": int8_table,
+          "evalnums": int8_table, "proofs": proofs_table,
           **{f"proof-{p.stem}": (lambda key=p.stem: proof_table(key))
-             for p in sorted((ROOT / "docs" / "results").glob("*.json"))}}
+             for p in sorted(PROOF_RESULTS.glob("*.json"))}}
 
 
 def render(text: str) -> str:

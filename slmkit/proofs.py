@@ -393,10 +393,17 @@ def verdict(c: dict) -> str:
             "no interval yet"}[c["holds"]]
 
 
-def figures(c: dict) -> str:
-    arms = " vs ".join(f"{name} {value:.3f}" for name, value in c["arms"].items())
+def arms_text(c: dict) -> str:
+    return " vs ".join(f"{name} {value:.3f}" for name, value in c["arms"].items())
+
+
+def interval_text(c: dict) -> str | None:
     interval = c["difference_interval"]
-    return arms + (f" (difference [{interval[0]:+.3f}, {interval[1]:+.3f}])" if interval else "")
+    return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]" if interval else None
+
+
+def figures(c: dict) -> str:
+    return arms_text(c) + (f" (difference {interval_text(c)})" if c["difference_interval"] else "")
 
 
 def report(rows: list[dict], args: dict, out) -> None:

@@ -186,8 +186,11 @@ def _eta(record: dict) -> float | None:
 
 def summary(run_dir: Path) -> dict:
     """One run as the dashboard's list shows it: workflow, state, the current stage's step / total, ETA."""
-    run_dir = Path(run_dir)
-    workflow = last_workflow(run_dir)
+    return _summary(Path(run_dir), last_workflow(Path(run_dir)), stage_records(Path(run_dir)))
+
+
+def stage_records(run_dir: Path) -> list[dict]:
+    """Each training stage's status (state, step, total, updated...) with its path ("stage") in the run."""
     records = []
     for stage in stages(run_dir):
         record = _json(stage / "status.json")
@@ -197,6 +200,10 @@ def summary(run_dir: Path) -> dict:
                       "step": _last_step(stage / "metrics.jsonl"), "total": total,
                       "updated": (stage / "metrics.jsonl").stat().st_mtime}
         records.append({**record, "state": stage_state(record), "stage": _rel(stage, run_dir)})
+    return records
+
+
+def _summary(run_dir: Path, workflow: dict, records: list[dict]) -> dict:
     current = max(records, key=lambda r: (r["state"] == "running", r.get("updated", 0)), default={})
     state = workflow.get("state") or current.get("state") or "unknown"
     if state == "running" and workflow and not records:
@@ -240,14 +247,11 @@ def detail(runs_dir: Path, name: str) -> dict:
     """A run's page: its summary, the last workflow's command line and how to resume it, each stage's config
     and status, and the result files (JSON) and plots (PNG) it wrote."""
     run_dir = run_path(runs_dir, name)
-    workflow = last_workflow(run_dir)
-    out = {**summary(run_dir), "name": name, "command": workflow.get("argv"), "resume": resume_hint(workflow),
-           "stages": []}  # the name asked for: a run directory may be a symlink to one named otherwise
-    for stage in stages(run_dir):
-        status = _json(stage / "status.json")
-        out["stages"].append({"path": _rel(stage, run_dir), "config": _json(stage / "config.json"),
-                              "state": stage_state(status) if status else None, "step": status.get("step"),
-                              "total": status.get("total")})
+    workflow, records = last_workflow(run_dir), stage_records(run_dir)
+    out = {**_summary(run_dir, workflow, records), "name": name, "command": workflow.get("argv"),
+           "resume": resume_hint(workflow)}  # the name asked for: a run directory may be a symlink to another name
+    out["stages"] = [{"path": r["stage"], "config": _json(run_dir / r["stage"] / "config.json"), "state": r["state"],
+                      "step": r.get("step"), "total": r.get("total")} for r in records]
     files = [p for pattern in ("*.json", "*/*.json", "*/*/*.json", "*.png", "*/*.png", "*/*/*.png")
              for p in run_dir.glob(pattern) if _result_file(p, run_dir)]
     out["files"] = [{"path": _rel(p, run_dir), "kind": p.suffix[1:], "bytes": p.stat().st_size}

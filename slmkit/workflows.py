@@ -71,7 +71,7 @@ WORKFLOWS = [
              arguments=("model",)),
     Workflow("classify", M + "length_adaptive:classify", M + "length_adaptive:report_labels",
              arguments=("model", "texts")),
-    Workflow("pet", M + "pet:pet", M + "pet:report"),
+    Workflow("pet", M + "pet.workflow:pet", M + "pet.workflow:report"),
     # combining a large and a small model
     Workflow("eft-eval", M + "eft:eft_eval", M + "eft:report", flags={"large_base": "--large", "out_dir": "--out"}),
     Workflow("supericl", M + "supericl:supericl", M + "supericl:report", flags={"out_dir": "--out"}),

@@ -9,6 +9,7 @@ import torch
 from conftest import proof_claims
 
 from slmkit.client import LocalLM, match_option
+from slmkit.errors import SlmError
 from slmkit.evaluate import option_logprobs
 from slmkit.methods.supericl import Prediction, build_prompt, pick_demonstrations, supericl
 
@@ -68,3 +69,20 @@ def test_supericl_end_to_end(tmp_path):
     again = supericl("chatterbot-topics", plugin=str(tmp_path / "plugin" / "model"), shots=4, limit=4,
                      retrieval="random", out_dir=tmp_path / "again", progress=False)
     assert again["test_examples"] == 4
+
+
+def test_supericl_cross_fitting_tests_each_fold_with_a_plugin_that_never_saw_it(tmp_path):
+    r = supericl("chatterbot-topics", plugin_steps=10, shots=2, limit=3, folds=2, out_dir=tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert r["test_examples"] == 6 and r["folds"] == 2 and [row["fold"] for row in rows] == [0, 0, 0, 1, 1, 1]
+    for f in (0, 1):
+        trained = {json.loads(line)["text"] for line in (tmp_path / f"fold{f}" / "plugin_train.jsonl").open()}
+        tested = {row["text"] for row in rows if row["fold"] == f}
+        assert tested and not tested & trained  # the fold's plug-in never saw its test questions
+        assert (tmp_path / f"fold{f}" / "plugin" / "model" / "config.json").is_file()
+    assert r["train_examples"] == len((tmp_path / "fold0" / "plugin_train.jsonl").read_text().splitlines())
+    assert [c["over"] for c in proof_claims("supericl", tmp_path / "supericl.json", intervals=True)] == [
+        "6 test questions"] * 2
+    for bad, message in (({"folds": 1}, "at least 2"), ({"folds": 3, "plugin": "x"}, "neither --test-data")):
+        with pytest.raises(SlmError, match=message):
+            supericl("chatterbot-topics", out_dir=tmp_path / "bad", progress=False, **bad)

@@ -8,7 +8,7 @@ those answers under one generic system prompt: **prompt erasure** — it sees wh
 the instruction that made the teacher write it, so it must learn when to reason which way. Loss on the
 answer tokens only, in ChatML (chat models use their template; others get ChatML text).
 
-Tasks and scorers come from the FLAN collection (`slmkit/methods/flan.py`: reasoning-gym generators and the
+Tasks and scorers come from the FLAN collection (`slmkit/methods/flan/collection.py`: reasoning-gym generators and the
 packaged classification set, plus users' YAML). The teacher is a local model or an OpenAI-compatible
 endpoint (`http://host:port/v1#model`).
 
@@ -40,7 +40,7 @@ STRATEGIES = {
 }
 GENERIC_SYSTEM = "You are a careful assistant. Read the question closely and answer it correctly."
 ORCA_TASKS = Path(__file__).resolve().parents[1] / "data" / "orca" / "tasks.yaml"
-TRAIN_SEED, EVAL_SEED = 17, 99991  # item seeds of training and held-out items (as in flan.py)
+TRAIN_SEED, EVAL_SEED = 17, 99991  # item seeds of training and held-out items (as in flan/heldout.py)
 DEFAULT_TASKS = ("syllogism", "isomorphic_strings", "letter_counting", "number_sequence", "sum_small")
 HELP = {  # the help of arguments several workflows here share (see slmkit.workflows)
     "teacher": "Teacher: a model (zoo name, directory, .gguf; default the embedded one) or an endpoint "

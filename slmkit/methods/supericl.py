@@ -13,7 +13,8 @@ Demonstrations are sampled at random or retrieved by nearest neighbour (MiniLM s
 model is local (labels scored by log-likelihood) or an OpenAI-compatible endpoint (labels read from its reply).
 
 `supericl()` reports the accuracy of the plug-in alone, in-context learning alone (the same demonstrations
-without plug-in lines) and SuperICL on a held-out labelled set, and writes every prediction.
+without plug-in lines) and SuperICL on a held-out labelled set, and writes every prediction. With `folds` it
+cross-fits: each fold is tested with a plug-in fine-tuned on the other folds, so every example is a test item.
 """
 
 from __future__ import annotations
@@ -118,6 +119,41 @@ def pick_demonstrations(train_vecs, test_vec, k: int, retrieval: str, rng: np.ra
 # --- the workflow ----------------------------------------------------------------------------------------
 
 
+def predict_fold(train: list[dict], test: list[dict], plug: PlugIn, lm, embed, *, shots: int, retrieval: str,
+                 explain: bool, seed: int, progress: bool = True) -> list[dict]:
+    """Plug-in, ICL and SuperICL predictions for each test row, demonstrations drawn from `train`."""
+    from slmkit.generate import SamplingParams
+    from slmkit.progress import Progress
+
+    labels = plug.labels
+    train_vecs, test_vecs = embed([r["text"] for r in train]), embed([r["text"] for r in test])
+    train_preds = plug.predict([r["text"] for r in train])
+    test_preds = plug.predict([r["text"] for r in test])
+    rng = np.random.default_rng(seed)
+    options = [" " + label for label in labels]
+    records = []
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"SuperICL with {lm.name}", total=len(test))
+        for i, row in enumerate(test):
+            idx = pick_demonstrations(train_vecs, test_vecs[i], shots, retrieval, rng)
+            demos = [(train[j]["text"], train[j]["label"], train_preds[j]) for j in idx]
+            prompts = [build_prompt(demos, row["text"], None, labels),
+                       build_prompt(demos, row["text"], test_preds[i], labels)]
+            icl, sup = lm.choose(prompts, options)
+            rec = {"text": row["text"], "label": row["label"], "plugin": test_preds[i].label,
+                   "plugin_confidence": round(test_preds[i].confidence, 4),
+                   "icl": labels[icl] if icl is not None else None,
+                   "supericl": labels[sup] if sup is not None else test_preds[i].label}
+            rec["overrode_plugin"] = rec["supericl"] != rec["plugin"]
+            if explain and rec["overrode_plugin"]:
+                why = prompts[1] + f" {rec['supericl']}\nExplanation for overriding the prediction:"
+                rec["explanation"] = lm.generate([why], SamplingParams(max_new_tokens=48, stop=["\n\n"]),
+                                                 chat=False)[0].strip()
+            records.append(rec)
+            bar.advance(task)
+    return records
+
+
 def supericl(
     data: str = "chatterbot-topics",
     test_data: str | None = None,
@@ -130,6 +166,7 @@ def supericl(
     retrieval: str = "knn",
     explain: bool = False,
     limit: int | None = None,
+    folds: int = 0,
     seed: int = 0,
     out_dir: Path = Path("runs/supericl"),
     progress: bool = True,
@@ -155,64 +192,52 @@ def supericl(
         shots: Demonstrations per prompt.
         retrieval: knn (MiniLM nearest neighbours) or random demonstrations.
         explain: Ask the large model to explain when it overrides the plug-in.
-        limit: Evaluate at most this many held-out examples.
+        limit: Evaluate at most this many held-out examples (per fold).
+        folds: Cross-fitting: split --data into this many folds; each fold is tested with a plug-in fine-tuned on
+            the others, so every example is a test item once (0: one --test-fraction split).
         seed: Split, sampling and training seed.
         out_dir: Where supericl.json and predictions.jsonl go.
     """
     from slmkit.client import open_lm
     from slmkit.data.quality import Embedder
     from slmkit.data.sft import load_classification, split
-    from slmkit.generate import SamplingParams
-    from slmkit.progress import Progress
 
     if shots < 1:
         raise SlmError(f"--shots must be >= 1 (got {shots})")
+    if folds < 0 or folds == 1:
+        raise SlmError(f"--folds must be 0 (one split) or at least 2 (got {folds})")
+    if folds and (test_data or plugin):
+        raise SlmError("--folds fine-tunes one plug-in per fold on --data: it takes neither --test-data nor --plugin")
     rows = load_classification(data)
-    train, test = (rows, load_classification(test_data)) if test_data else split(rows, test_fraction, seed)
-    test = test[:limit] if limit else test
+    if folds:
+        order = np.random.default_rng(seed).permutation(len(rows))
+        parts = [([rows[i] for k, i in enumerate(order) if k % folds != f], [rows[i] for i in order[f::folds]])
+                 for f in range(folds)]
+    else:
+        parts = [(rows, load_classification(test_data)) if test_data else split(rows, test_fraction, seed)]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plug = PlugIn.load(plugin) if plugin else PlugIn.load(train_plugin(train, out_dir, base=plugin_base,
-                                                                        steps=plugin_steps, seed=seed,
-                                                                        progress=progress))
-    labels = plug.labels
-    unknown = sorted({r["label"] for r in train + test} - set(labels))
-    if unknown:
-        raise SlmError(f"label '{unknown[0]}' is not one the plug-in predicts ({', '.join(labels)})")
     lm = open_lm(large)
     embed = Embedder()
-    train_vecs, test_vecs = embed([r["text"] for r in train]), embed([r["text"] for r in test])
-    train_preds = plug.predict([r["text"] for r in train])
-    test_preds = plug.predict([r["text"] for r in test])
-    rng = np.random.default_rng(seed)
-    options = [" " + label for label in labels]
-    records, correct = [], {"plugin": 0, "icl": 0, "supericl": 0}
-    with Progress(disable=not progress) as bar:
-        task = bar.add_task(f"SuperICL with {lm.name}", total=len(test))
-        for i, row in enumerate(test):
-            idx = pick_demonstrations(train_vecs, test_vecs[i], shots, retrieval, rng)
-            demos = [(train[j]["text"], train[j]["label"], train_preds[j]) for j in idx]
-            prompts = [build_prompt(demos, row["text"], None, labels),
-                       build_prompt(demos, row["text"], test_preds[i], labels)]
-            icl, sup = lm.choose(prompts, options)
-            rec = {"text": row["text"], "label": row["label"], "plugin": test_preds[i].label,
-                   "plugin_confidence": round(test_preds[i].confidence, 4),
-                   "icl": labels[icl] if icl is not None else None,
-                   "supericl": labels[sup] if sup is not None else test_preds[i].label}
-            rec["overrode_plugin"] = rec["supericl"] != rec["plugin"]
-            if explain and rec["overrode_plugin"]:
-                why = prompts[1] + f" {rec['supericl']}\nExplanation for overriding the prediction:"
-                rec["explanation"] = lm.generate([why], SamplingParams(max_new_tokens=48, stop=["\n\n"]),
-                                                 chat=False)[0].strip()
-            for name in correct:
-                correct[name] += rec[name] == row["label"]
-            records.append(rec)
-            bar.advance(task)
+    records, labels = [], None
+    for f, (train, test) in enumerate(parts):
+        test = test[:limit] if limit else test
+        plug = PlugIn.load(plugin) if plugin else PlugIn.load(train_plugin(
+            train, out_dir / f"fold{f}" if folds else out_dir, base=plugin_base, steps=plugin_steps, seed=seed + f,
+            progress=progress))
+        labels = plug.labels
+        unknown = sorted({r["label"] for r in train + test} - set(labels))
+        if unknown:
+            raise SlmError(f"label '{unknown[0]}' is not one the plug-in predicts ({', '.join(labels)})")
+        fold = predict_fold(train, test, plug, lm, embed, shots=shots, retrieval=retrieval, explain=explain,
+                            seed=seed + f, progress=progress)
+        records += [{**r, "fold": f} for r in fold] if folds else fold
     n = len(records)
     overrides = [r for r in records if r["overrode_plugin"]]
-    result = {"data": data, "test_examples": n, "train_examples": len(train), "labels": labels, "large": lm.name,
-              "shots": shots, "retrieval": retrieval,
-              "accuracy": {name: correct[name] / n for name in correct},
+    result = {"data": data, "test_examples": n, "train_examples": len(parts[0][0]), "folds": folds, "labels": labels,
+              "large": lm.name, "shots": shots, "retrieval": retrieval,
+              "accuracy": {name: sum(r[name] == r["label"] for r in records) / n
+                           for name in ("plugin", "icl", "supericl")},
               "overrides": len(overrides), "overrides_correct": sum(r["supericl"] == r["label"] for r in overrides),
               "overrides_plugin_was_correct": sum(r["plugin"] == r["label"] for r in overrides)}
     write_jsonl(records, out_dir / "predictions.jsonl")
