@@ -142,6 +142,22 @@ def test_generator_trains_and_samples_programs(tiny_causal, tmp_path, sandbox):
     assert all(s.value != 42 for s in other[0]) and len(partial.read_text().splitlines()) == 1 + 3
 
 
+def test_gsm_eval_samples_on_the_llamacpp_engine(tmp_path, sandbox):
+    """`--engine llamacpp`: the embedded model's GGUF samples the programs (continuous batching in llama.cpp); each
+    is executed and scored like a torch sample, and the samples are cached under a key naming the engine."""
+    r = g.gsm_eval("smollm2-135m", test="heldout-templates", problems=2, n=[1, 2], temperature=0.7,
+                   max_new_tokens=48, run="ev", runs_dir=tmp_path, engine="llamacpp", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    assert r["engine"] == "llamacpp" and [len(row["samples"]) for row in rows] == [2, 2]
+    for row in rows:
+        for s in row["samples"]:
+            assert s["program"].startswith(g.program_prompt(row["question"]))
+            again = sandbox.run(s["program"])
+            assert s["status"] == again.status
+    assert r["pass@1"] == sum(g.matches(g.Sample(**s).answer(), row["answer"]) for row in rows
+                              for s in row["samples"]) / 4
+
+
 def test_majority_vote():
     s = [g.Sample("", "ok", 3), g.Sample("", "error"), g.Sample("", "ok", 5), g.Sample("", "ok", 5.0)]
     assert g.majority(s) == 5.0 and g.majority([g.Sample("", "timeout")]) is None

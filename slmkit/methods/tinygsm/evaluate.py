@@ -72,6 +72,7 @@ def gsm_eval(
     run: str = "gsm-eval",
     runs_dir: Path = RUNS_DIR,
     seed: int = 0,
+    engine: str = "torch",
     unsandboxed: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -92,7 +93,7 @@ def gsm_eval(
         max_new_tokens: Longest program in tokens.
         seed: Sampling seed.
     """
-    from slmkit.models import load
+    from slmkit.engines import open_model
     from slmkit.sandbox import Sandbox
 
     ns = sorted(n or [1, 4, 16, 48])
@@ -100,14 +101,14 @@ def gsm_eval(
     run_dir.mkdir(parents=True, exist_ok=True)
     items = test_problems(test, problems)
     key = {"generator": generator, "test": test, "problems": problems, "samples": ns[-1], "temperature": temperature,
-           "seed": seed}
+           "seed": seed} | ({"engine": engine} if engine != "torch" else {})
     cache = run_dir / "samples.jsonl"
     rows = [row for _, row in read_jsonl(cache)] if cache.is_file() else []
     if rows and rows[0].get("key") == key:
         solved = [[Sample(**s) for s in row["samples"]] for row in rows]
     else:
         with Sandbox(2, unsandboxed=unsandboxed) as sandbox:
-            solved = solve(load(generator, dtype="auto", progress=progress), [p["question"] for p in items], sandbox,
+            solved = solve(open_model(generator, engine, progress=progress), [p["question"] for p in items], sandbox,
                            samples=ns[-1], temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                            progress=progress, partial=run_dir / "samples.partial.jsonl")
         write_jsonl([{"key": key, **p, "samples": [s.__dict__ for s in sols]} for p, sols in zip(items, solved,

@@ -123,6 +123,7 @@ def verify_train(
     runs_dir: Path = RUNS_DIR,
     resume: bool = False,
     seed: int = 0,
+    engine: str = "torch",
     unsandboxed: bool = False,
     train_args: FinetuneArgs | None = None,
     progress: bool = True,
@@ -149,9 +150,9 @@ def verify_train(
         train_layers: Fine-tune only the top N layers, final norm and head; the rest stay frozen.
     """
     from slmkit.data.sft import split_rows
+    from slmkit.engines import open_model
     from slmkit.methods.finetune import FinetuneArgs, add_lora
     from slmkit.methods.kd import keep_layers, layers_of
-    from slmkit.models import load
     from slmkit.sandbox import Sandbox
     from slmkit.train import evaluate, train
 
@@ -163,7 +164,7 @@ def verify_train(
     else:
         rows = training_problems(str(data), problems)
         with Sandbox(2, unsandboxed=unsandboxed) as sandbox:
-            labelled = sample_labelled(load(generator, dtype="auto", progress=progress), rows, sandbox,
+            labelled = sample_labelled(open_model(generator, engine, progress=progress), rows, sandbox,
                                        samples=samples, temperature=temperature, seed=seed, progress=progress,
                                        partial=run_dir / "samples.partial.jsonl")
         write_jsonl(labelled, cache)
