@@ -80,9 +80,16 @@ def claim(text: str, metric: str, arms: dict[str, float], better: str, baseline:
 
 
 def pretraining(r: dict, path: Path) -> list[dict]:
-    return [claim("pretraining beats the unigram baseline", "validation perplexity",
-                  {"model": r["val_ppl"], "unigram": r["unigram_ppl"]}, "model", "unigram", lower_is_better=True,
-                  over="the validation split")]
+    per = r.get("per_window")
+    if not per:  # masked / span objectives: the perplexities alone
+        return [claim("pretraining beats the unigram baseline", "validation perplexity",
+                      {"model": r["val_ppl"], "unigram": r["unigram_ppl"]}, "model", "unigram", lower_is_better=True,
+                      over="the validation split")]
+    mean = {arm: sum(v * n for v, n in zip(per[arm], per["tokens"], strict=True)) / sum(per["tokens"])
+            for arm in ("model", "unigram")}
+    return [claim("pretraining beats the unigram baseline", "validation NLL per token (nats)", mean, "model",
+                  "unigram", lower_is_better=True, over=f"{len(per['tokens'])} validation windows",
+                  interval=bootstrap_interval(per["model"], per["unigram"], weights=per["tokens"]))]
 
 
 def eft(r: dict, path: Path) -> list[dict]:
@@ -195,8 +202,8 @@ def length_adaptive(r: dict, path: Path) -> list[dict]:
         return []
     lad = r["lad"]
     return [claim(f"the pruned student runs {lad['flops_ratio']:.2f}x fewer FLOPs within 1 point of its accuracy",
-                  "test accuracy", {"pruned": lad["pruned"]["accuracy"], "unpruned - 1 point":
-                                    lad["full"]["accuracy"] - 0.01}, "pruned", "unpruned - 1 point",
+                  "test accuracy", {"pruned": lad["pruned"]["accuracy"], "unpruned": lad["full"]["accuracy"]},
+                  "pruned", "unpruned", margin=0.01, interval=_items_interval(lad["pruned"], lad["full"]),
                   over=f"{r['examples']['test']} test examples")]
 
 

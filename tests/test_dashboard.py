@@ -15,6 +15,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from slmkit.methods.pretrain import pretrain
+from slmkit.proofs import pretraining
+from slmkit.proofs import verdict as proof_verdict
 from slmkit.serve import Server
 from slmkit.train import TrainArgs
 
@@ -88,9 +90,11 @@ def test_proofs_page_shows_the_figure_a_run_wrote(browser, tmp_path):
         WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} tr.claim"))
         figures = browser.find_element(By.CSS_SELECTOR, f"{card} td.figures").text
         model, unigram = (float(x) for x in re.findall(r"\d+\.\d+|\d+", figures)[:2])
-        assert model == pytest.approx(s["val_ppl"], rel=1e-3) and unigram == pytest.approx(s["unigram_ppl"], rel=1e-3)
+        [c] = pretraining(s, tmp_path / "tinyllama-nano" / "pretrain.json")  # the per-token NLLs and their interval
+        assert model == pytest.approx(c["arms"]["model"], abs=1e-3) and unigram == pytest.approx(c["arms"]["unigram"],
+                                                                                                   abs=1e-3)
         verdict = browser.find_element(By.CSS_SELECTOR, f"{card} tr.claim .state").text
-        assert verdict == ("no interval yet" if s["val_ppl"] < s["unigram_ppl"] else "does not hold")
+        assert verdict == proof_verdict(c) and c["difference_interval"] is not None
         assert browser.find_element(By.CSS_SELECTOR, f"{card} a").get_attribute("href").endswith(
             "/runs#run=tinyllama-nano")
         others = browser.find_element(By.CSS_SELECTOR, '#proofs section[data-key="flame"]').text

@@ -156,8 +156,9 @@ def test_length_adaptive_distillation_workflow(tmp_path, minilm_tokenizer):
     assert r["student_parameters"] < r["teacher_parameters"]
     chosen = r["chosen_lengths"]
     assert len(chosen) == 3 and chosen[0] == 1.0 and r["lad"]["flops_ratio"] >= 1.0
-    [c] = proof_claims("lad", tmp_path / "lad" / "distill.json")
-    assert c["arms"]["pruned"] == r["lad"]["pruned"]["accuracy"]
+    [c] = proof_claims("lad", tmp_path / "lad" / "distill.json", intervals=True)  # a bootstrap over test examples
+    assert c["arms"] == {"pruned": r["lad"]["pruned"]["accuracy"], "unpruned": r["lad"]["full"]["accuracy"]}
+    assert c["margin"] == 0.01 and len(r["lad"]["pruned"]["items"]) == r["examples"]["test"]
     for f in ("distill.json", "frontier.png", "search.json", "general/loss.png", "lad/model/length_config.json",
               "kd/model/config.json", "teacher/model/config.json"):
         assert (run / f).is_file(), f

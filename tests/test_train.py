@@ -39,8 +39,10 @@ def test_causal_pretraining_lowers_loss_and_writes_a_run(tmp_path, bpe):
     assert s["val_loss"] < math.log(s["unigram_ppl"]) - 0.2  # beats the unigram baseline after 150 steps
     assert train_losses[-1] < train_losses[0] - 0.8
     assert (run / "loss.png").stat().st_size > 1000 and (run / "config.json").is_file()
-    [c] = proof_claims("tinyllama", run / "pretrain.json")  # what the proofs page shows for this run
-    assert c["arms"] == {"model": s["val_ppl"], "unigram": s["unigram_ppl"]} and c["lower_is_better"]
+    [c] = proof_claims("tinyllama", run / "pretrain.json", intervals=True)  # what the proofs page shows for this run
+    assert c["arms"]["model"] == pytest.approx(s["val_loss"], rel=1e-4) and c["lower_is_better"]
+    assert c["holds"] is True  # a bootstrap over the validation windows: the model's NLL is below the unigram's
+    assert len(s["per_window"]["model"]) == len(s["per_window"]["unigram"]) == len(s["per_window"]["tokens"]) > 20
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-0000075", "step-0000150"]
     trained = load(str(run / "model"), dtype="fp32")  # a plain HF directory with its tokenizer
     assert trained.model.config.vocab_size == 1024 and len(trained.tokenizer) == 1024

@@ -137,10 +137,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return _ORDER_CACHE[key]
 
 
+def unigram_logp(train: PackedTokens, vocab_size: int) -> np.ndarray:
+    """Log-probability of each token id under the training split's token frequencies (add-one)."""
+    counts = np.bincount(np.asarray(train.tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1
+    return np.log(counts / counts.sum())
+
+
 def unigram_perplexity(train: PackedTokens, val: PackedTokens, vocab_size: int) -> float:
     """Perplexity of the validation tokens under the training split's token frequencies (add-one): the
     baseline a language model must beat."""
-    counts = np.bincount(np.asarray(train.tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1
-    logp = np.log(counts / counts.sum())
     val_ids = np.asarray(val.tokens, dtype=np.int64)
-    return float(np.exp(-logp[val_ids].mean()))
+    return float(np.exp(-unigram_logp(train, vocab_size)[val_ids].mean()))

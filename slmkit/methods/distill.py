@@ -226,7 +226,7 @@ def _measure_lad(net, plain, sets: dict, run_dir: Path, *, max_drop: float, cand
     out: dict = {"chosen_lengths": chosen, "student_model": str(run_dir / "lad" / "model")}
     for name, model in models.items():
         evaluate_lengths(model, sets["test"], None)  # warm-up: first calls pay one-off allocation costs
-        full, pruned = (evaluate_lengths(model, sets["test"], lengths) for lengths in (None, chosen))
+        full, pruned = (evaluate_lengths(model, sets["test"], lengths, items=True) for lengths in (None, chosen))
         out[name] = {"full": full, "pruned": pruned, "flops_ratio": full["flops"] / pruned["flops"],
                      "speedup": full["seconds"] / pruned["seconds"],
                      "accuracy_drop_points": 100 * (full["accuracy"] - pruned["accuracy"])}

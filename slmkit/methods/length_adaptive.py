@@ -219,22 +219,23 @@ def task_objective(teacher, temperature: float, alpha: float, max_drop: float, s
 # --- evaluation and the search ---------------------------------------------------------------------------
 
 
-def evaluate_lengths(model, data, lengths, batch_size: int = 32) -> dict:
+def evaluate_lengths(model, data, lengths, batch_size: int = 32, *, items: bool = False) -> dict:
     """Accuracy, mean FLOPs per input and wall time of `model` on `data` (a ClassificationData) under
-    `lengths` (None = unpruned)."""
+    `lengths` (None = unpruned); with `items`, each example's 0/1 outcome too (for intervals)."""
     import torch
 
     model.eval()
-    correct, seconds = 0, 0.0
+    outcomes, seconds = [], 0.0
     with torch.no_grad():
         for batch in data.eval_batches(batch_size, 0, len(data)):
             start = time.perf_counter()
             logits = pruned_forward(model, batch["input_ids"], batch["attention_mask"], lengths).logits
             seconds += time.perf_counter() - start
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            outcomes += (logits.argmax(-1) == batch["labels"]).int().tolist()
     real = [len(ids) for ids, _ in data.examples]
-    return {"lengths": list(lengths) if lengths else None, "accuracy": correct / len(data),
-            "flops": encoder_flops(model.config, lengths, real), "seconds": seconds}
+    return {"lengths": list(lengths) if lengths else None, "accuracy": sum(outcomes) / len(data),
+            "flops": encoder_flops(model.config, lengths, real), "seconds": seconds} | (
+        {"items": outcomes} if items else {})
 
 
 def frontier(points: list[dict]) -> list[dict]:
@@ -381,7 +382,7 @@ def prune_search(
     save_length_config(loaded.path, chosen, {k: search[k] for k in ("full", "chosen", "frontier")})
     plot_frontier(search, loaded.path / "frontier.png")
     evaluate_lengths(net, test, None)  # warm-up
-    full, pruned = evaluate_lengths(net, test, None), evaluate_lengths(net, test, chosen)
+    full, pruned = evaluate_lengths(net, test, None, items=True), evaluate_lengths(net, test, chosen, items=True)
     return {"model": str(loaded.path), "chosen": chosen, "frontier": search["frontier"], "test_full": full,
             "test_pruned": pruned, "flops_ratio": full["flops"] / pruned["flops"],
             "speedup": full["seconds"] / pruned["seconds"]}

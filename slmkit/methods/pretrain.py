@@ -26,6 +26,23 @@ def causal_lm_objective(model, batch, generator):
     return out.loss, batch.numel() - batch.shape[0]
 
 
+def window_nll(model, val_data, logp, args) -> dict:
+    """Per validation window (the windows training validates on): the causal LM's mean NLL of its next tokens and
+    the unigram baseline's on the same tokens, with the token count; for a bootstrap interval of the difference."""
+    import torch
+
+    out: dict = {"model": [], "unigram": [], "tokens": []}
+    model.eval()
+    with torch.no_grad():
+        for batch in val_data.eval_batches(args.batch_size, args.seq_len, args.eval_batches):
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+            out["model"] += nll.mean(1).tolist()
+            out["unigram"] += (-logp[batch[:, 1:].numpy()]).mean(1).tolist()
+            out["tokens"] += [batch.shape[1] - 1] * batch.shape[0]
+    return out
+
+
 def mask_tokens(ids, tokenizer, generator, prob: float = 0.15):
     """RoBERTa dynamic masking. Returns (inputs, labels) with labels = -100 where nothing is predicted."""
     import torch
@@ -124,7 +141,7 @@ def pretrain(
         objective: clm (causal LM), mlm (RoBERTa masking) or span (T5 span corruption); default from the model.
     """
     from slmkit import zoo
-    from slmkit.data.packing import PackedTokens, unigram_perplexity
+    from slmkit.data.packing import PackedTokens, unigram_logp, unigram_perplexity
     from slmkit.data.prepare import prepare_corpus, resolve_tokenizer, source_key
 
     args = (train_args or TrainArgs()).validate()
@@ -154,6 +171,8 @@ def pretrain(
                     config=config, progress=progress)
     # the baseline to beat: token frequencies alone (for MLM, predicting each masked token by its frequency)
     summary["unigram_ppl"] = unigram_perplexity(train_data, val_data, len(tok))
+    if objective == "clm":  # each validation window's NLL, model and unigram, for an interval of the difference
+        summary["per_window"] = window_nll(net, val_data, unigram_logp(train_data, len(tok)), args)
     summary.update(run_dir=str(Path(runs_dir) / run), parameters=net.num_parameters(),
                    val_ppl=math.exp(min(summary["val_loss"], 50)))
     if int(os.environ.get("RANK", "0")) == 0:
