@@ -137,6 +137,8 @@ def proof_table(key: str) -> str:
              "| claim | measured | difference, 95% interval | verdict | over |", "|---|---|---|---|---|"]
     for c in data["claims"]:
         lines.append(f"| {c['claim']} | {arms_text(c)} | {interval_text(c) or '–'} | {verdict(c)} | {c['over']} |")
+    if data.get("plot"):
+        lines += ["", f"![{data['system']}: the committed figures' plot](results/{data['plot']})"]
     return "\n".join(lines)
 
 

@@ -259,6 +259,7 @@ class Proof:
     commands: tuple[str, ...]  # run in this order from the project directory
     result: str  # the result file the last command writes, under the runs directory
     claims: Callable[[dict, Path], list[dict]]
+    plot: str | None = None  # the plot beside it (under the runs directory), committed with the figures
 
 
 PROOFS = [  # key, system, docs page, the effect; the commands, the result file they leave, the claims read from it
@@ -277,12 +278,12 @@ PROOFS = [  # key, system, docs page, the effect; the commands, the result file 
           "flan-t5-nano/pretrain.json", pretraining),
     Proof("eft", "EFT / up-scaling", "docs/eft.md", "a small pair's fine-tuning added to a large base helps it",
           ("slm run recipes/eft-small-base.yaml", "slm run recipes/eft-small-ft.yaml",
-           "slm run recipes/eft-upscale.yaml"), "eft-upscale/eft_eval.json", eft),
+           "slm run recipes/eft-upscale.yaml"), "eft-upscale/eft_eval.json", eft, "eft-upscale/eft_beta.png"),
     Proof("supericl", "SuperICL", "docs/supericl.md", "SuperICL beats both the plug-in and in-context learning",
           ("slm run recipes/supericl-topics.yaml",), "supericl-topics/supericl.json", supericl),
     Proof("flan", "FLAN", "docs/flan.md",
           "tuning a plain base on other clusters raises zero-shot accuracy on held-out ones",
-          ("slm run recipes/flan-proof.yaml",), "flan-proof/flan_proof.json", flan),
+          ("slm run recipes/flan-proof.yaml",), "flan-proof/flan_proof.json", flan, "flan-proof/scaling.png"),
     Proof("flan-t5-cot", "Flan-T5 CoT mixture", "docs/flan.md", "chain-of-thought data in the mixture keeps reasoning",
           ("slm run recipes/flan-proof.yaml",), "flan-proof/flan_proof.json", flan_cot),
     Proof("ul2r", "UL2R", "docs/ul2r.md", "a few hundred denoising steps teach infilling, left-to-right quality kept",
@@ -290,14 +291,15 @@ PROOFS = [  # key, system, docs page, the effect; the commands, the result file 
     Proof("orca", "Orca 2", "docs/orca.md", "prompt erasure beats training on direct answers",
           ("slm run recipes/orca-smollm2.yaml",), "orca-smollm2/orca_eval.json", orca),
     Proof("pet", "PET / iPET", "docs/pet.md", "with 32 labels, cloze patterns beat plain fine-tuning; iPET beats PET",
-          ("slm run recipes/pet-spam-smollm2.yaml",), "pet-spam-smollm2/pet.json", pet),
+          ("slm run recipes/pet-spam-smollm2.yaml",), "pet-spam-smollm2/pet.json", pet, "pet-spam-smollm2/pet.png"),
     Proof("lad", "Length-Adaptive Distillation", "docs/distillation.md",
           "the pruned student runs 2x fewer FLOPs within 1 point of its accuracy",
-          ("slm run recipes/lad-brown-minilm6.yaml",), "lad-brown-minilm6/distill.json", length_adaptive),
+          ("slm run recipes/lad-brown-minilm6.yaml",), "lad-brown-minilm6/distill.json", length_adaptive,
+          "lad-brown-minilm6/frontier.png"),
     Proof("tinygsm", "TinyGSM", "docs/tinygsm.md", "verifier best-of-N beats majority vote beats one sample",
           ("slm run recipes/tinygsm-data.yaml", "slm run recipes/tinygsm-generator.yaml",
            "slm run recipes/tinygsm-verifier.yaml", "slm run recipes/tinygsm-eval.yaml"),
-          "tinygsm-eval/gsm_eval.json", tinygsm),
+          "tinygsm-eval/gsm_eval.json", tinygsm, "tinygsm-eval/best_of_n.png"),
     Proof("flame", "FLAME", "docs/flame.md", "a nano formula model repairs broken formulas better than copying them",
           ("slm flame data --out data/flame", "slm run recipes/flame-nano.yaml", "slm flame eval"),
           "flame/tune/model/flame_eval.json", flame),
@@ -378,6 +380,14 @@ def write_reference(row: dict, runs_dir: Path, results_dir: Path) -> Path:
               "measured": datetime.datetime.fromtimestamp(row["measured"], datetime.UTC).isoformat(timespec="seconds"),
               "machine": machine(), "claims": row["claims"]}
     results_dir.mkdir(parents=True, exist_ok=True)
+    proof = next(p for p in PROOFS if p.key == row["key"])
+    if proof.plot and (runs_dir / proof.plot).is_file():  # the plot of these figures, beside them
+        import shutil
+
+        tmp = results_dir / f".{row['key']}.png.tmp"
+        shutil.copyfile(runs_dir / proof.plot, tmp)
+        tmp.replace(results_dir / f"{row['key']}.png")
+        record["plot"] = f"{row['key']}.png"
     path = results_dir / f"{row['key']}.json"
     write_atomic(path, json.dumps(record, indent=2) + "\n")
     return path

@@ -99,6 +99,7 @@ def test_recording_a_proof_commits_its_claims_with_their_provenance(tmp_path):
     record_workflow(run, {"event": "start", "command": "pet", "argv": ["run", "recipes/pet-spam-smollm2.yaml"],
                           "source": {"commit": "abc123", "dirty": False}})
     record_workflow(run, {"event": "end", "state": "finished"})
+    (run / "pet.png").write_bytes(b"\x89PNG\r\n\x1a\nthe plot")
 
     def slm(*args):
         return subprocess.run([sys.executable, "-m", "slmkit.cli", "proofs", "--runs-dir", str(tmp_path / "runs"),
@@ -110,6 +111,7 @@ def test_recording_a_proof_commits_its_claims_with_their_provenance(tmp_path):
     saved = json.loads((tmp_path / "results" / "pet.json").read_text())
     assert saved["ran"] == "slm run recipes/pet-spam-smollm2.yaml" and saved["source"]["commit"] == "abc123"
     assert saved["machine"]["cores"] >= 1 and saved["claims"][0]["arms"] == {"pet": 0.91, "fine-tuning": 0.8}
+    assert saved["plot"] == "pet.png" and (tmp_path / "results" / "pet.png").read_bytes().endswith(b"the plot")
     rows = {row["key"]: row for row in json.loads(slm("--json").stdout)}
     assert rows["pet"]["reference"] == saved["claims"] == rows["pet"]["claims"]  # shown beside the measured ones
     for bad, message in (("flame", "proof flame: nothing to record (not measured here: run slm flame data"),
