@@ -156,6 +156,8 @@ def test_flan_proof_arms_resume_claims_and_plot(tiny_causal, tmp_path):
         assert all(row["prompt"].endswith("\n") for row in rows)  # plain model: the answer on the next line
         assert arm["cot_data"] or not any(row["format"] == "cot" for row in rows)
     assert (run / "scaling.png").stat().st_size > 0
+    assert flan.heldout.scaling_points(r) == [(0, [r["base"]["heldout"]["mean"]]), (1, [r["arms"]["k1-s0"]["heldout"][
+        "mean"]]), (7, [r["arms"][f"all-s{i}"]["heldout"]["mean"] for i in (0, 1)])]
     kept = {n: (run / "arms" / n / "heldout.json").stat().st_mtime_ns for n in r["arms"]}
     (run / "arms" / "all-s1" / "heldout.json").unlink()
     again = proof()

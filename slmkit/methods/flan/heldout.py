@@ -117,10 +117,13 @@ def flan_proof(
     cot_items = [it for t in collection.tasks if t.cluster in training and t.cot
                  for it in make_items(t, cot_eval_per_task, seed=EVAL_SEED)] if cot_arms else []
 
+    setup = dict(model=model, held_out=held_out, training=training, eval_per_task=eval_per_task, rank=rank,
+                 task_clusters={t.name: t.cluster for t in collection.tasks if t.cluster in held_out})
     base_file = run_dir / "base.json"
     if not base_file.is_file():
         _write(base_file, _score(load(model, dtype="auto", progress=progress), held_items, cot_items, collection,
                                  rank=rank, progress=progress))
+    result = gather(run_dir, **setup)
     for name, arm in arms.items():
         arm_dir = run_dir / "arms" / name
         if (arm_dir / "heldout.json").is_file():
@@ -140,42 +143,45 @@ def flan_proof(
                         progress=progress)
         _write(arm_dir / "heldout.json", {**arm, **scores, "val_loss": summary.get("val_loss"),
                                           "mixture_examples": summary["mixture_examples"]})
-    result = gather(run_dir, model=model, held_out=held_out, training=training, eval_per_task=eval_per_task,
-                    rank=rank, task_clusters={t.name: t.cluster for t in collection.tasks if t.cluster in held_out})
-    plot_scaling(result, run_dir / "scaling.png")
+        result = gather(run_dir, **setup)
     return result
 
 
 def gather(run_dir: Path, **setup) -> dict:
-    """flan_proof.json from base.json and every finished arm's heldout.json (written atomically)."""
+    """flan_proof.json from base.json and every finished arm's heldout.json, and scaling.png (both written
+    atomically after each arm, so an unfinished proof shows what it has)."""
     arms = {}
     for path in sorted((run_dir / "arms").glob("*/heldout.json")):
         arms[path.parent.name] = json.loads(path.read_text())
     result = {**setup, "base": json.loads((run_dir / "base.json").read_text()), "arms": arms}
     _write(run_dir / "flan_proof.json", result)
+    plot_scaling(result, run_dir / "scaling.png")
     return result
 
 
-def seed_means(result: dict, prefix: str, score: str = "heldout") -> list[float]:
-    """The mean accuracy of each seed's arm named PREFIX-s{i}, in seed order."""
-    arms = result["arms"]
-    return [arms[n][score]["mean"] for n in sorted(arms, key=lambda n: int(n.rsplit("-s", 1)[1]))
-            if n.rsplit("-s", 1)[0] == prefix and score in arms[n]]
+def _accuracy(scores: dict, tasks: list[str] | None) -> float:
+    """The mean over `tasks` (default: all) of an accuracy result's task accuracies."""
+    return sum(scores["tasks"][t] for t in tasks) / len(tasks) if tasks else scores["mean"]
 
 
-def scaling_points(result: dict) -> list[tuple[int, list[float]]]:
-    """(number of training clusters, held-out accuracies) from the untuned base (0) to all clusters (seeds)."""
-    points = [(0, [result["base"]["heldout"]["mean"]])]
+def scaling_points(result: dict, tasks: list[str] | None = None) -> list[tuple[int, list[float]]]:
+    """(number of training clusters, held-out accuracies over `tasks`) from the untuned base (0) through the k-cluster
+    arms to all clusters (one value per seed)."""
+    points = [(0, [_accuracy(result["base"]["heldout"], tasks)])]
+    everything: list[float] = []
     for name, arm in sorted(result["arms"].items()):
         if name.startswith("k"):
-            points.append((len(arm["clusters"]), [arm["heldout"]["mean"]]))
-    if seed_means(result, "all"):
-        points.append((len(result["training"]), seed_means(result, "all")))
+            points.append((len(arm["clusters"]), [_accuracy(arm["heldout"], tasks)]))
+        elif name.startswith("all-"):
+            everything.append(_accuracy(arm["heldout"], tasks))
+    if everything:
+        points.append((len(result["training"]), everything))
     return sorted(points)
 
 
 def plot_scaling(result: dict, out: Path) -> Path | None:
-    """FLAN's scaling view: held-out zero-shot accuracy against the number of clusters tuned on."""
+    """FLAN's scaling view: held-out zero-shot accuracy against the number of clusters tuned on, for both held-out
+    clusters together (seeds as dots) and for each."""
     try:
         import matplotlib
 
@@ -183,18 +189,24 @@ def plot_scaling(result: dict, out: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
     points = scaling_points(result)
-    fig, ax = plt.subplots(figsize=(6, 4))
     xs = [k for k, _ in points]
-    ax.plot(xs, [sum(v) / len(v) for _, v in points], "o-", label="mean over seeds")
+    ax.plot(xs, [sum(v) / len(v) for _, v in points], "o-", lw=2, label="held-out clusters (mean over seeds)")
     for k, values in points:
         ax.scatter([k] * len(values), values, color="gray", s=12, zorder=3)
+    for cluster in result["held_out"]:
+        tasks = sorted(t for t, c in result["task_clusters"].items() if c == cluster)
+        cluster_points = scaling_points(result, tasks)
+        ax.plot([k for k, _ in cluster_points], [sum(v) / len(v) for _, v in cluster_points], "s--", lw=1, ms=4,
+                label=cluster)
     ax.set_xticks(xs)
+    ax.set_ylim(0, 1)
     ax.set_xlabel("task clusters in instruction tuning (0 = untuned base)")
-    ax.set_ylabel(f"held-out zero-shot accuracy\n({', '.join(result['held_out'])})")
-    ax.set_title(f"FLAN: {result['model']}")
+    ax.set_ylabel("held-out zero-shot accuracy")
+    ax.set_title(f"FLAN: {result['model']}, {result['eval_per_task']} items per held-out task")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=100)
