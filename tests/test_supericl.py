@@ -83,6 +83,7 @@ def test_supericl_cross_fitting_tests_each_fold_with_a_plugin_that_never_saw_it(
     assert r["train_examples"] == len((tmp_path / "fold0" / "plugin_train.jsonl").read_text().splitlines())
     assert [c["over"] for c in proof_claims("supericl", tmp_path / "supericl.json", intervals=True)] == [
         "6 test questions"] * 2
-    for bad, message in (({"folds": 1}, "at least 2"), ({"folds": 3, "plugin": "x"}, "neither --test-data")):
+    for bad, message in (({"folds": 1}, "at least 2"), ({"folds": 3, "plugin": "x"}, "neither --test-data"),
+                         ({"folds": 1000}, "too few for 1000 folds")):
         with pytest.raises(SlmError, match=message):
             supericl("chatterbot-topics", out_dir=tmp_path / "bad", progress=False, **bad)

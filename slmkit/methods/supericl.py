@@ -209,6 +209,8 @@ def supericl(
     if folds and (test_data or plugin):
         raise SlmError("--folds fine-tunes one plug-in per fold on --data: it takes neither --test-data nor --plugin")
     rows = load_classification(data)
+    if folds > len(rows) // 2:
+        raise SlmError(f"{data}: {len(rows)} examples are too few for {folds} folds")
     if folds:
         order = np.random.default_rng(seed).permutation(len(rows))
         parts = [([rows[i] for k, i in enumerate(order) if k % folds != f], [rows[i] for i in order[f::folds]])
