@@ -25,7 +25,7 @@ from slmkit.errors import SlmError
 from slmkit.methods.flan.collection import load_collection, make_items
 from slmkit.methods.flan.scoring import zero_shot_accuracy
 from slmkit.methods.flan.workflows import HELP, flan_train  # noqa: F401 (HELP: the help of shared arguments)
-from slmkit.train import RUNS_DIR, FinetuneArgs
+from slmkit.train import RUNS_DIR, FinetuneArgs, write_atomic
 
 EVAL_SEED = 99991  # the item seed of held-out examples (training mixtures use seed * 1000 + 17)
 # Each arm's tuning: ~12 min for the 270M base on 2 CPU cores (LoRA; the answers are short)
@@ -55,9 +55,7 @@ def _score(loaded, held_items, cot_items, collection, *, rank: bool, progress: b
 
 
 def _write(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def flan_proof(
